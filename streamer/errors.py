@@ -1,0 +1,31 @@
+"""One exception root for everything streamer raises on purpose."""
+
+from __future__ import annotations
+
+
+class StreamerError(Exception):
+    """Root of every error streamer raises deliberately."""
+
+
+class ConfigError(StreamerError):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+class DataError(StreamerError):
+    """Input data (a CSV file, a window batch) is unusable; the message says which value."""
+
+
+class CheckpointError(StreamerError):
+    """A model checkpoint is missing, tampered with, pickled or incompatible."""
+
+
+class InferenceError(StreamerError):
+    """The inference worker failed; the original exception is chained as the cause."""
+
+
+class KafkaError(StreamerError):
+    """A Kafka operation failed in a way the daemon cannot recover from."""
+
+
+class StateError(StreamerError):
+    """A persisted state record is unknown or corrupt."""
