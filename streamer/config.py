@@ -1,0 +1,325 @@
+"""Configuration: one frozen pydantic model per section, loaded and validated once.
+
+Every component receives its own section, never the whole config. Errors name the
+offending key as a dotted path (``stream.window``) and say why, so a bad file stops
+start-up with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from streamer.errors import ConfigError
+
+__all__ = [
+    "AlertsConfig",
+    "Config",
+    "CsvConfig",
+    "InferenceConfig",
+    "KafkaConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "StreamConfig",
+    "ThresholdConfig",
+    "TopicsConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_config",
+]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    """Base of every section: immutable, unknown keys rejected (typos fail loudly)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# librdkafka keys whose values are secrets: never logged, never printed.
+SECRET_CLIENT_KEYS = frozenset(
+    {
+        "sasl.password",
+        "sasl.oauthbearer.client.secret",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "ssl.key.pem",
+        "ssl.truststore.password",
+    }
+)
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_FILE_REF = "file:"
+
+
+def _resolve_secret(key: str, raw: str) -> str:
+    """Resolve ``${ENV}`` and ``file:/path`` references so secrets stay out of the YAML."""
+    match = _ENV_REF.match(raw)
+    if match:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"kafka.client.{key}: environment variable {name} is not set")
+        return os.environ[name]
+    if raw.startswith(_FILE_REF):
+        path = Path(raw[len(_FILE_REF) :])
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"kafka.client.{key}: cannot read secret file {path}: {exc.strerror}") from exc
+    return raw
+
+
+class KafkaConfig(_Section):
+    """Where the cluster is and how to talk to it."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "streamer"
+    # librdkafka settings passed through verbatim (security.protocol, sasl.*, ssl.*, ...).
+    # Values of secret keys may be ``${ENV_VAR}`` or ``file:/path``; they are held as SecretStr.
+    client: dict[str, str | int | float | bool | SecretStr] = Field(default_factory=dict)
+    create_topics: bool = False
+    topic_partitions: PositiveInt = 1
+    consume_batch: PositiveInt = 2000
+    poll_timeout_ms: PositiveInt = 100
+
+    @field_validator("client", mode="before")
+    @classmethod
+    def _secrets(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        out: dict[str, Any] = {}
+        for key, raw in value.items():
+            if key in {"bootstrap.servers", "group.id", "enable.auto.offset.store"}:
+                raise ValueError(f"{key!r} is managed by streamer; set it elsewhere or not at all")
+            if key in SECRET_CLIENT_KEYS and isinstance(raw, str):
+                out[key] = SecretStr(_resolve_secret(key, raw))
+            else:
+                out[key] = raw
+        return out
+
+    def librdkafka(self) -> dict[str, Any]:
+        """The client settings with secrets revealed, for handing to confluent-kafka only."""
+        return {
+            key: (val.get_secret_value() if isinstance(val, SecretStr) else val)
+            for key, val in self.client.items()
+        }
+
+
+class TopicsConfig(_Section):
+    """Input and output topic names."""
+
+    input: str = "sensors"
+    scores: str = "sensor-scores"
+    alerts: str = "sensor-alerts"
+    dlq: str = "sensor-dlq"
+
+
+class StreamConfig(_Section):
+    """Shape of the stream: channels, window and stride, and the sample field names."""
+
+    channels: list[str] = Field(default_factory=lambda: ["temp", "pressure", "vibration", "flow", "current"])
+    window: Annotated[int, Field(ge=2, le=65536)] = 64
+    stride: PositiveInt = 8
+    # A gap longer than this between two samples of a sensor resets its window:
+    # a window that spans an outage would mix two regimes and score as an anomaly.
+    max_gap_s: PositiveFloat = 300.0
+    sensor_field: str = "sensor"
+    timestamp_field: str = "ts"
+    values_field: str = "values"
+    max_message_bytes: PositiveInt = 65536
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one channel name")
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate channel names {dupes}")
+        return value
+
+    @model_validator(mode="after")
+    def _stride(self) -> StreamConfig:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        return self
+
+
+Preset = Literal["seed-dense", "dense", "conv1d", "lstm", "gru", "cnn-lstm"]
+
+
+class TrainConfig(_Section):
+    """Model architecture and training loop settings used by ``streamer train``."""
+
+    preset: Preset = "conv1d"
+    fft: bool = False
+    scaler: Literal["standard", "minmax"] = "standard"
+    hidden: PositiveInt = 32
+    latent: PositiveInt = 16
+    epochs: PositiveInt = 60
+    batch_size: PositiveInt = 64
+    learning_rate: PositiveFloat = 1e-3
+    patience: PositiveInt = 8
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    train_stride: PositiveInt = 1
+    seed: int = 0
+    calibration_samples: PositiveInt = 5000
+
+
+class ModelConfig(_Section):
+    """Where the trained model lives and where it runs."""
+
+    path: Path = Path("models/current")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class InferenceConfig(_Section):
+    """Inference worker: queue bound and micro-batching."""
+
+    max_batch: PositiveInt = 512
+    max_wait_ms: Annotated[float, Field(ge=0)] = 5.0
+    queue_size: PositiveInt = 64
+    threads: Annotated[int, Field(ge=0)] = 0  # 0: let torch decide
+
+
+class ThresholdConfig(_Section):
+    """Adaptive threshold per sensor; see streamer.scoring.thresholds."""
+
+    method: Literal["spot", "dspot", "quantile", "fixed"] = "dspot"
+    risk: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    level: Annotated[float, Field(gt=0, lt=1)] = 0.98
+    depth: PositiveInt = 50
+    quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    window: PositiveInt = 1000
+    margin: PositiveFloat = 1.0
+    value: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _fixed_needs_value(self) -> ThresholdConfig:
+        if self.method == "fixed" and self.value is None:
+            raise ValueError("method 'fixed' needs threshold.value")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments for the chosen method."""
+        if self.method == "spot":
+            return {"risk": self.risk, "level": self.level}
+        if self.method == "dspot":
+            return {"risk": self.risk, "level": self.level, "depth": self.depth}
+        if self.method == "quantile":
+            return {"quantile": self.quantile, "window": self.window, "margin": self.margin}
+        return {"value": self.value}
+
+
+class AlertsConfig(_Section):
+    """Alert debounce: open after k anomalous of the last m windows, close after n normal."""
+
+    open_after: PositiveInt = 3
+    open_within: PositiveInt = 5
+    close_after: PositiveInt = 10
+    top_channels: PositiveInt = 3
+
+    @model_validator(mode="after")
+    def _k_of_m(self) -> AlertsConfig:
+        if self.open_within < self.open_after:
+            raise ValueError(
+                f"open_within ({self.open_within}) must be >= open_after ({self.open_after})"
+            )
+        return self
+
+
+class MetricsConfig(_Section):
+    """Prometheus metrics and health endpoints."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    stats_interval_s: PositiveFloat = 30.0
+
+
+class CsvConfig(_Section):
+    """How training and scoring CSV files are read."""
+
+    separator: str = ","
+    timestamp_column: str | None = "timestamp"
+    # Columns to read as channels; default: the stream channels.
+    columns: list[str] | None = None
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    csv: CsvConfig = Field(default_factory=CsvConfig)
+
+    def redacted(self) -> dict[str, Any]:
+        """A JSON-friendly dump with every secret masked, safe to print or log."""
+        data = self.model_dump(mode="json")
+        for key in list(data["kafka"]["client"]):
+            if key in SECRET_CLIENT_KEYS:
+                data["kafka"]["client"][key] = "**********"
+        return data
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config.yaml)"
+        elif "input" in err and err["type"] not in {"missing"}:
+            shown = err["input"]
+            if not isinstance(shown, dict | list):
+                msg = f"{msg} (got {shown!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
+    """Validate a mapping (as read from YAML) into a Config, or raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a YAML config file; ConfigError names the file, key and reason."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, str(path))

@@ -1,0 +1,384 @@
+"""Per-sensor ring buffers on preallocated numpy arrays, emitting batches of windows.
+
+Samples arrive as arrays (sensor slot, timestamp, values, position) covering many
+sensors at once. ``RingWindows.push`` processes a whole batch without a Python loop
+over samples: it sorts the batch by sensor (stably, so arrival order within a
+sensor is kept), works out for every sample how many samples its sensor holds
+after it, and gathers every window that completes inside the batch with one
+fancy-indexing operation.
+
+Policy for irregular input (documented in the README):
+
+* **Out-of-order and duplicate timestamps.** A sample whose timestamp is not
+  strictly greater than the newest accepted timestamp of its sensor is rejected:
+  it is not added to the buffer and is reported in ``PushResult.rejected`` so the
+  caller can dead-letter it. Windows therefore always hold strictly increasing
+  timestamps.
+* **Long gaps.** When a sample arrives more than ``max_gap_s`` after its sensor's
+  previous accepted sample, that sensor's buffer is reset first: the sample starts
+  a fresh window. A window never spans an outage.
+* A window is emitted when a sensor has at least ``window`` samples since its last
+  reset and ``(count - window) % stride == 0``.
+
+This module imports numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from streamer.errors import ConfigError, DataError
+
+__all__ = ["PushResult", "RingWindows", "SensorIndex", "WindowBatch"]
+
+
+class WindowBatch(NamedTuple):
+    """Complete windows: ``data[i]`` is the window of sensor slot ``slots[i]``."""
+
+    slots: NDArray[np.int64]
+    data: NDArray[np.float32]  # (n, window, channels)
+    start_ts: NDArray[np.float64]
+    end_ts: NDArray[np.float64]
+    start_pos: NDArray[np.int64]  # position of the window's first sample
+    end_pos: NDArray[np.int64]  # position of the window's last sample
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return int(self.slots.shape[0])
+
+    def take(self, index: NDArray[np.int64] | slice) -> WindowBatch:
+        """The sub-batch at ``index`` (views where numpy allows)."""
+        return WindowBatch(*(field[index] for field in self))
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """What one ``push`` produced."""
+
+    windows: WindowBatch
+    rejected: NDArray[np.int64]  # indices into the pushed arrays of rejected samples
+    resets: NDArray[np.int64]  # indices of samples that reset their sensor (gap)
+
+
+class SensorIndex:
+    """Maps sensor keys to dense integer slots, reusing slots that were released.
+
+    Lookups are per distinct key in a batch (``np.unique``), not per sample.
+    """
+
+    __slots__ = ("_free", "_keys", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: dict[Hashable, int] = {}
+        self._keys: list[Hashable | None] = []
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots ever allocated (the size arrays indexed by slot need)."""
+        return len(self._keys)
+
+    def slot(self, key: Hashable) -> int:
+        """The slot of ``key``, allocating one if it is new."""
+        found = self._slots.get(key)
+        if found is not None:
+            return found
+        if self._free:
+            slot = self._free.pop()
+            self._keys[slot] = key
+        else:
+            slot = len(self._keys)
+            self._keys.append(key)
+        self._slots[key] = slot
+        return slot
+
+    def slots(self, keys: Sequence[Hashable] | NDArray[np.object_]) -> NDArray[np.int64]:
+        """Slots for an array of keys (one dict lookup per distinct key)."""
+        arr = np.asarray(keys, dtype=object) if not isinstance(keys, np.ndarray) else keys
+        if arr.size == 0:
+            return np.empty(0, dtype=np.int64)
+        uniq, inverse = np.unique(arr, return_inverse=True)
+        table = np.fromiter((self.slot(k) for k in uniq), dtype=np.int64, count=len(uniq))
+        return table[inverse.reshape(-1)]
+
+    def key(self, slot: int) -> Hashable:
+        """The key held by ``slot``."""
+        key = self._keys[slot]
+        if key is None:
+            raise KeyError(slot)
+        return key
+
+    def keys_of(self, slots: NDArray[np.int64]) -> list[Hashable]:
+        """Keys for an array of slots."""
+        keys = self._keys
+        return [keys[int(s)] for s in slots]
+
+    def release(self, keys: Iterable[Hashable]) -> list[int]:
+        """Forget ``keys``; their slots are reused by later keys. Returns the freed slots."""
+        freed = []
+        for key in keys:
+            slot = self._slots.pop(key, None)
+            if slot is not None:
+                self._keys[slot] = None
+                self._free.append(slot)
+                freed.append(slot)
+        return freed
+
+    def items(self) -> list[tuple[Hashable, int]]:
+        """(key, slot) pairs of every live key."""
+        return list(self._slots.items())
+
+
+def _group_ranks(sorted_slots: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """For slots already sorted: the rank of each sample within its slot and the group starts."""
+    n = sorted_slots.shape[0]
+    is_start = np.empty(n, dtype=bool)
+    is_start[0] = True
+    np.not_equal(sorted_slots[1:], sorted_slots[:-1], out=is_start[1:])
+    starts = np.flatnonzero(is_start)
+    idx = np.arange(n, dtype=np.int64)
+    group_start_of = np.maximum.accumulate(np.where(is_start, idx, 0))
+    return idx - group_start_of, starts
+
+
+class RingWindows:
+    """Ring buffers of the last ``window`` samples of every sensor slot.
+
+    Storage is three preallocated arrays indexed by slot (values, timestamps,
+    positions), grown by doubling when a slot beyond capacity appears.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        window: int,
+        stride: int,
+        max_gap_s: float = float("inf"),
+        capacity: int = 64,
+    ) -> None:
+        if channels < 1:
+            raise ConfigError(f"channels must be >= 1, got {channels}")
+        if window < 2:
+            raise ConfigError(f"window must be >= 2, got {window}")
+        if not 1 <= stride <= window:
+            raise ConfigError(f"stride must be in [1, window={window}], got {stride}")
+        if not max_gap_s > 0:
+            raise ConfigError(f"max_gap_s must be > 0, got {max_gap_s}")
+        self.channels = channels
+        self.window = window
+        self.stride = stride
+        self.max_gap_s = float(max_gap_s)
+        capacity = max(1, capacity)
+        self._values = np.zeros((capacity, window, channels), dtype=np.float32)
+        self._ts = np.zeros((capacity, window), dtype=np.float64)
+        self._pos = np.zeros((capacity, window), dtype=np.int64)
+        # Samples accepted since the last reset (the ring index is count % window).
+        self._count = np.zeros(capacity, dtype=np.int64)
+        self._last_ts = np.full(capacity, -np.inf, dtype=np.float64)
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots the arrays currently hold."""
+        return int(self._count.shape[0])
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new = max(needed, cap * 2)
+
+        def grown(arr: NDArray[np.generic], fill: float) -> NDArray[np.generic]:
+            out = np.full((new, *arr.shape[1:]), fill, dtype=arr.dtype)
+            out[:cap] = arr
+            return out
+
+        self._values = grown(self._values, 0.0)  # type: ignore[assignment]
+        self._ts = grown(self._ts, 0.0)  # type: ignore[assignment]
+        self._pos = grown(self._pos, 0)  # type: ignore[assignment]
+        self._count = grown(self._count, 0)  # type: ignore[assignment]
+        self._last_ts = grown(self._last_ts, -np.inf)  # type: ignore[assignment]
+
+    def count(self, slot: int) -> int:
+        """Samples held for ``slot`` since its last reset."""
+        return int(self._count[slot]) if slot < self.capacity else 0
+
+    def last_ts(self, slot: int) -> float:
+        """Timestamp of the newest accepted sample of ``slot`` (-inf if none)."""
+        return float(self._last_ts[slot]) if slot < self.capacity else float("-inf")
+
+    def oldest_position(self, slots: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
+        """Position of the oldest sample held per slot (-1 where a slot holds nothing).
+
+        Replaying from the minimum of these rebuilds every buffer exactly.
+        """
+        if slots is None:
+            slots = np.arange(self.capacity, dtype=np.int64)
+        count = self._count[slots]
+        held = np.minimum(count, self.window)
+        oldest_ring = (count - held) % self.window
+        out = self._pos[slots, oldest_ring]
+        return np.where(count > 0, out, -1)
+
+    def reset(self, slots: NDArray[np.int64] | Sequence[int]) -> None:
+        """Forget everything held for ``slots`` (released or evicted sensors)."""
+        idx = np.asarray(slots, dtype=np.int64)
+        idx = idx[idx < self.capacity]
+        self._count[idx] = 0
+        self._last_ts[idx] = -np.inf
+
+    def _empty(self) -> WindowBatch:
+        w, c = self.window, self.channels
+        return WindowBatch(
+            np.empty(0, np.int64),
+            np.empty((0, w, c), np.float32),
+            np.empty(0, np.float64),
+            np.empty(0, np.float64),
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+        )
+
+    def push(
+        self,
+        slots: NDArray[np.int64],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+    ) -> PushResult:
+        """Add a batch of samples (any mix of sensors, arrival order) and emit complete windows.
+
+        Windows are returned grouped by slot, in order within each slot.
+        """
+        slots = np.asarray(slots, dtype=np.int64)
+        ts = np.asarray(ts, dtype=np.float64)
+        positions = np.asarray(positions, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        n = slots.shape[0]
+        none = np.empty(0, np.int64)
+        if n == 0:
+            return PushResult(self._empty(), none, none)
+        if values.shape != (n, self.channels) or ts.shape != (n,) or positions.shape != (n,):
+            raise DataError(
+                f"push expects values ({n}, {self.channels}), ts ({n},), positions ({n},); "
+                f"got {values.shape}, {ts.shape}, {positions.shape}"
+            )
+        if slots.min() < 0:
+            raise DataError(f"slots must be >= 0, got {int(slots.min())}")
+        self._grow(int(slots.max()) + 1)
+
+        order = np.argsort(slots, kind="stable")
+        s_slots = slots[order]
+        s_ts = ts[order]
+
+        # Accept a sample only if its timestamp is above every earlier timestamp of its
+        # sensor (buffer or batch). Timestamps are replaced by their global ranks so a
+        # per-group running maximum is one exact integer accumulate.
+        ranks_in_group, starts = _group_ranks(s_slots)
+        ts_order = np.argsort(s_ts, kind="stable")
+        ts_rank = np.empty(n, dtype=np.int64)
+        ts_rank[ts_order] = np.arange(n, dtype=np.int64)
+        group_id = np.cumsum(np.r_[0, (s_slots[1:] != s_slots[:-1]).astype(np.int64)])
+        keyed = group_id * (n + 1) + ts_rank + 1
+        running = np.maximum.accumulate(keyed)
+        prev_keyed = np.empty(n, dtype=np.int64)
+        prev_keyed[1:] = running[:-1]
+        prev_keyed[starts] = 0
+        prev_in_batch = prev_keyed - group_id * (n + 1) - 1  # -1: nothing earlier in batch
+        sorted_ts = s_ts[ts_order]
+        prev_batch_ts = np.where(prev_in_batch >= 0, sorted_ts[np.maximum(prev_in_batch, 0)], -np.inf)
+        prev_ts = np.maximum(prev_batch_ts, self._last_ts[s_slots])
+        accept = s_ts > prev_ts
+        if not np.all(accept):
+            rejected = np.sort(order[~accept])
+            keep = np.flatnonzero(accept)
+            order = order[keep]
+            s_slots = s_slots[keep]
+            s_ts = s_ts[keep]
+            n = s_slots.shape[0]
+            if n == 0:
+                return PushResult(self._empty(), rejected, none)
+            ranks_in_group, starts = _group_ranks(s_slots)
+        else:
+            rejected = none
+
+        # Gap detection against the previous accepted sample of the same sensor.
+        prev = np.empty(n, dtype=np.float64)
+        prev[1:] = s_ts[:-1]
+        prev[starts] = self._last_ts[s_slots[starts]]
+        is_reset = (s_ts - prev) > self.max_gap_s  # -inf prev (fresh sensor) gives +inf: fine
+        fresh = np.isneginf(prev)
+        is_reset &= ~fresh
+        idx = np.arange(n, dtype=np.int64)
+        group_first = idx - ranks_in_group
+        # Index of the latest reset at or before each sample within its group (-1: none).
+        reset_mark = np.where(is_reset, idx, -1)
+        latest_reset = np.maximum.accumulate(reset_mark)
+        latest_reset = np.where(latest_reset >= group_first, latest_reset, -1)
+        base = self._count[s_slots]
+        count_after = np.where(
+            latest_reset >= 0, idx - latest_reset + 1, base + ranks_in_group + 1
+        )
+
+        w, stride = self.window, self.stride
+        emit = (count_after >= w) & ((count_after - w) % stride == 0)
+        e_idx = np.flatnonzero(emit)
+        if e_idx.size:
+            # Element j of the window ending at sorted sample e is the sample j-(w-1)
+            # steps back. Steps inside the batch index the sorted arrays; steps before
+            # the batch index the ring (only possible when no reset happened since).
+            back = np.arange(-(w - 1), 1, dtype=np.int64)
+            rel = ranks_in_group[e_idx, None] + back[None, :]  # rank within batch group
+            in_batch = rel >= 0
+            batch_src = np.where(in_batch, group_first[e_idx, None] + rel, 0)
+            e_slots = s_slots[e_idx]
+            ring_src = (base[e_idx, None] + rel) % w
+            src_sorted = order[batch_src]
+            data = np.where(
+                in_batch[:, :, None],
+                values[src_sorted],
+                self._values[e_slots[:, None], ring_src],
+            )
+            win_ts = np.where(in_batch, ts[src_sorted], self._ts[e_slots[:, None], ring_src])
+            win_pos = np.where(
+                in_batch, positions[src_sorted], self._pos[e_slots[:, None], ring_src]
+            )
+            windows = WindowBatch(
+                e_slots,
+                np.ascontiguousarray(data, dtype=np.float32),
+                win_ts[:, 0].copy(),
+                win_ts[:, -1].copy(),
+                win_pos[:, 0].copy(),
+                win_pos[:, -1].copy(),
+            )
+        else:
+            windows = self._empty()
+
+        # Store the last `window` samples per sensor (older ones would be overwritten
+        # anyway; skipping them keeps the fancy assignment free of duplicate targets).
+        group_len = np.empty(n, dtype=np.int64)
+        ends = np.r_[starts[1:], n]
+        group_len[:] = np.repeat(ends - starts, ends - starts)
+        keep = ranks_in_group >= group_len - w
+        k_idx = np.flatnonzero(keep)
+        k_slots = s_slots[k_idx]
+        # Ring index of a sample is (its count after - 1) % w; after a reset the count
+        # restarts so the ring index restarts at 0 too.
+        ring_idx = (count_after[k_idx] - 1) % w
+        src = order[k_idx]
+        self._values[k_slots, ring_idx] = values[src]
+        self._ts[k_slots, ring_idx] = ts[src]
+        self._pos[k_slots, ring_idx] = positions[src]
+        last = ends - 1
+        self._count[s_slots[last]] = count_after[last]
+        self._last_ts[s_slots[last]] = s_ts[last]
+        resets = np.sort(order[np.flatnonzero(is_reset)])
+        return PushResult(windows, rejected, resets)

@@ -1,0 +1,184 @@
+"""Ring-buffer windows against a naive per-sample reference."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.errors import ConfigError, DataError
+from streamer.windows import RingWindows, SensorIndex
+
+
+class NaiveWindows:
+    """The obvious per-sample implementation of the documented policy."""
+
+    def __init__(self, window: int, stride: int, max_gap_s: float) -> None:
+        self.window, self.stride, self.max_gap_s = window, stride, max_gap_s
+        self.buf: dict[int, list[tuple[float, int, np.ndarray]]] = defaultdict(list)
+        self.count: dict[int, int] = defaultdict(int)
+        self.last: dict[int, float] = {}
+
+    def push(self, slot: int, ts: float, pos: int, vals: np.ndarray) -> tuple[str, object]:
+        last = self.last.get(slot)
+        if last is not None and ts <= last:
+            return ("rejected", None)
+        reset = last is not None and ts - last > self.max_gap_s
+        if reset:
+            self.buf[slot].clear()
+            self.count[slot] = 0
+        self.last[slot] = ts
+        self.buf[slot].append((ts, pos, vals))
+        self.buf[slot] = self.buf[slot][-self.window :]
+        self.count[slot] += 1
+        c = self.count[slot]
+        if c >= self.window and (c - self.window) % self.stride == 0:
+            return ("window", list(self.buf[slot]))
+        return ("reset" if reset else "ok", None)
+
+
+samples = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # slot
+        st.integers(-2, 9),  # timestamp increment (<= 0: out of order / duplicate)
+    ),
+    min_size=0,
+    max_size=120,
+)
+
+
+class TestRingWindowsAgainstReference:
+    """Every batch split gives exactly the reference's windows, rejections and resets."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        data=samples,
+        window=st.integers(2, 6),
+        stride_frac=st.integers(1, 6),
+        cuts=st.lists(st.integers(0, 120), max_size=6),
+        max_gap=st.sampled_from([5.0, 8.0, 1e9]),
+    )
+    def test_matches_naive(
+        self,
+        data: list[tuple[int, int]],
+        window: int,
+        stride_frac: int,
+        cuts: list[int],
+        max_gap: float,
+    ) -> None:
+        """Windows, timestamps, positions, rejections and resets equal the naive loop."""
+        stride = min(stride_frac, window)
+        rng = np.random.default_rng(len(data))
+        clock = defaultdict(float)
+        slots, ts = [], []
+        for slot, inc in data:
+            clock[slot] += inc
+            slots.append(slot)
+            ts.append(clock[slot])
+        n = len(slots)
+        vals = rng.normal(size=(n, 2)).astype(np.float32)
+        pos = np.arange(n, dtype=np.int64) * 10
+
+        naive = NaiveWindows(window, stride, max_gap)
+        exp_windows, exp_rejected, exp_resets = [], [], []
+        for i in range(n):
+            kind, payload = naive.push(slots[i], ts[i], int(pos[i]), vals[i])
+            if kind == "rejected":
+                exp_rejected.append(i)
+            if kind == "window":
+                exp_windows.append((slots[i], payload))
+        # Resets from the reference: recompute by replaying the gap rule.
+        last: dict[int, float] = {}
+        for i in range(n):
+            s = slots[i]
+            if s in last and ts[i] <= last[s]:
+                continue
+            if s in last and ts[i] - last[s] > max_gap:
+                exp_resets.append(i)
+            last[s] = ts[i]
+
+        ring = RingWindows(channels=2, window=window, stride=stride, max_gap_s=max_gap, capacity=1)
+        bounds = sorted({0, n, *[min(c, n) for c in cuts]})
+        got_windows, got_rejected, got_resets = [], [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            res = ring.push(
+                np.array(slots[lo:hi], dtype=np.int64),
+                np.array(ts[lo:hi]),
+                vals[lo:hi],
+                pos[lo:hi],
+            )
+            got_rejected += [lo + int(i) for i in res.rejected]
+            got_resets += [lo + int(i) for i in res.resets]
+            wb = res.windows
+            # Batch output is grouped by slot; order windows by their last position.
+            for k in np.argsort(wb.end_pos, kind="stable"):
+                got_windows.append((int(wb.slots[k]), wb, int(k)))
+
+        assert got_rejected == exp_rejected
+        assert got_resets == exp_resets
+        exp_windows.sort(key=lambda item: item[1][-1][1])
+        assert len(got_windows) == len(exp_windows)
+        for (slot, wb, k), (eslot, payload) in zip(got_windows, exp_windows, strict=True):
+            assert slot == eslot
+            np.testing.assert_array_equal(wb.data[k], np.stack([p[2] for p in payload]))
+            assert wb.start_ts[k] == payload[0][0]
+            assert wb.end_ts[k] == payload[-1][0]
+            assert wb.start_pos[k] == payload[0][1]
+            assert wb.end_pos[k] == payload[-1][1]
+
+
+class TestRingWindowsBasics:
+    """Shape, policy and validation behaviour."""
+
+    def test_window_count_for_regular_stream(self) -> None:
+        """N samples give floor((N - W) / S) + 1 windows per sensor."""
+        w, s, n = 8, 3, 50
+        ring = RingWindows(channels=3, window=w, stride=s)
+        slots = np.repeat(np.arange(4), n)
+        ts = np.tile(np.arange(n, dtype=float), 4)
+        res = ring.push(slots, ts, np.zeros((4 * n, 3)), np.arange(4 * n))
+        assert len(res.windows) == 4 * ((n - w) // s + 1)
+        assert res.windows.data.shape[1:] == (w, 3)
+
+    def test_gap_resets_buffer(self) -> None:
+        """After a gap longer than max_gap_s the next window starts after the gap."""
+        ring = RingWindows(channels=1, window=4, stride=4, max_gap_s=10)
+        ts = np.array([0, 1, 2, 100, 101, 102, 103], dtype=float)
+        res = ring.push(np.zeros(7, np.int64), ts, np.arange(7.0)[:, None], np.arange(7))
+        assert list(res.resets) == [3]
+        assert len(res.windows) == 1
+        assert res.windows.start_ts[0] == 100
+
+    def test_oldest_position_rebuilds(self) -> None:
+        """oldest_position is the first sample still held in the ring."""
+        ring = RingWindows(channels=1, window=4, stride=1)
+        ring.push(np.zeros(10, np.int64), np.arange(10.0), np.zeros((10, 1)), np.arange(100, 110))
+        assert ring.oldest_position(np.array([0, 5]))[0] == 106
+        assert ring.oldest_position(np.array([0, 5]))[1] == -1
+
+    def test_bad_arguments(self) -> None:
+        """Invalid construction and mismatched arrays raise errors naming the value."""
+        with pytest.raises(ConfigError, match="stride"):
+            RingWindows(channels=1, window=4, stride=5)
+        with pytest.raises(ConfigError, match="window"):
+            RingWindows(channels=1, window=1, stride=1)
+        ring = RingWindows(channels=2, window=4, stride=1)
+        with pytest.raises(DataError, match="values"):
+            ring.push(np.zeros(3, np.int64), np.arange(3.0), np.zeros((3, 5)), np.arange(3))
+
+
+class TestSensorIndex:
+    """Key-to-slot mapping."""
+
+    def test_slots_are_stable_and_reused(self) -> None:
+        """The same key keeps its slot; released slots are handed to new keys."""
+        idx = SensorIndex()
+        first = idx.slots(np.array(["a", "b", "a", "c"], dtype=object))
+        assert list(first) == [first[0], first[1], first[0], first[3]]
+        assert len(set(first.tolist())) == 3
+        freed = idx.release(["b"])
+        assert idx.slot("d") == freed[0]
+        assert idx.key(int(first[0])) == "a"
