@@ -1,0 +1,200 @@
+"""The ``streamer`` command: run, train, score, eval, demo, check-config, broker.
+
+Exit codes: 0 success, 2 bad configuration or arguments, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from streamer import __version__
+from streamer.errors import CheckpointError, ConfigError, DataError, StreamerError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our exit code for usage errors (2, as argparse does) and no traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=required,
+        default=None,
+        help="path to config.yaml" + ("" if required else " (default: built-in defaults)"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to render --help in the docs)."""
+    parser = _Parser(prog="streamer", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"streamer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("check-config", help="validate a config file and print it with secrets masked")
+    _add_config(p)
+
+    p = sub.add_parser("run", help="run the daemon: consume samples, publish scores and alerts")
+    _add_config(p)
+
+    p = sub.add_parser("train", help="train a model on normal data from CSV files")
+    _add_config(p)
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="CSV files of normal data")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--rows", type=int, default=None, help="use only the first N rows of each file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("score", help="score a CSV file offline with a trained model")
+    _add_config(p)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="CSV file to score")
+    p.add_argument("--out", type=Path, required=True, help="scores CSV to write")
+    p.add_argument("--sensor", default=None, help="sensor name (default: the file name)")
+
+    p = sub.add_parser("eval", help="run a benchmark protocol (skab or nab) and print our figures")
+    p.add_argument("benchmark", choices=["skab", "nab"])
+    _add_config(p, required=False)
+    p.add_argument("--data", type=Path, required=True, help="benchmark folder (SKAB or NAB layout)")
+    p.add_argument("--json", type=Path, default=None, dest="json_out", help="write the figures as JSON")
+    p.add_argument("--scores-out", type=Path, default=None, help="write per-row results here")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N files")
+
+    p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
+    _add_config(p, required=False)
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the plot and model")
+    p.add_argument("--sensors", type=int, default=12)
+    p.add_argument("--minutes", type=float, default=None, help="simulated history length")
+
+    p = sub.add_parser("broker", help="start, stop or inspect the local development Kafka broker")
+    p.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    p.add_argument("--port", type=int, default=None)
+    return parser
+
+
+def _load(path: Path | None) -> Any:
+    from streamer.config import Config, load_config
+
+    return Config() if path is None else load_config(path)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    json.dump(cfg.redacted(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    print(f"{args.config}: ok", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from streamer.data import data_hash, read_csv
+    from streamer.model.checkpoint import save_checkpoint
+    from streamer.model.train import resolve_device, train_model
+
+    cfg = _load(args.config)
+    channels = list(cfg.csv.columns or cfg.stream.channels)
+    segments = []
+    for path in args.data:
+        table = read_csv(path, cfg.csv.separator, cfg.csv.timestamp_column, channels)
+        values = table.values if args.rows is None else table.values[: args.rows]
+        segments.append(values)
+    device = resolve_device(cfg.model.device)
+    result = train_model(
+        segments, channels, cfg.stream.window, cfg.train, device=device, progress=not args.no_progress
+    )
+    info = dict(result.info, data_sha256=data_hash(segments, channels), files=[str(p) for p in args.data])
+    loaded = save_checkpoint(
+        args.out, result.module, result.scaler, channels, cfg.stream.stride, info, result.calibration
+    )
+    print(
+        f"wrote {args.out} (model {loaded.version}, {info['epochs_run']} epochs, "
+        f"best validation loss {info['best_validation_loss']:.6f})"
+    )
+    return EXIT_OK
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from streamer.offline import score_file
+
+    cfg = _load(args.config)
+    n = score_file(cfg, args.model, args.data, args.out, sensor=args.sensor)
+    print(f"wrote {n} windows to {args.out}")
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from streamer.offline import eval_nab, eval_skab
+
+    cfg = _load(args.config)
+    fn = eval_skab if args.benchmark == "skab" else eval_nab
+    figures = fn(cfg, args.data, scores_out=args.scores_out, limit=args.limit)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(figures, indent=2) + "\n")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamer.daemon import run_daemon
+
+    cfg = _load(args.config)
+    return run_daemon(cfg)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamer.demo import run_demo
+
+    cfg = _load(args.config)
+    return run_demo(cfg, out_dir=args.out, sensors=args.sensors, minutes=args.minutes)
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from streamer.kafka.localbroker import main as broker_main
+
+    argv = [args.action] + (["--port", str(args.port)] if args.port else [])
+    return broker_main(argv)
+
+
+COMMANDS = {
+    "check-config": _cmd_check_config,
+    "train": _cmd_train,
+    "score": _cmd_score,
+    "eval": _cmd_eval,
+    "run": _cmd_run,
+    "demo": _cmd_demo,
+    "broker": _cmd_broker,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamer`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"streamer: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, CheckpointError) as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except StreamerError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

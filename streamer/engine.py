@@ -1,0 +1,173 @@
+"""The detection engine: windows -> inference -> thresholds -> alerts, as one unit.
+
+The daemon feeds it from Kafka, ``streamer score`` and ``streamer eval`` feed it
+from files: one engine, two sources. Work is split in two steps so a caller can
+keep consuming while the worker scores: ``submit`` pushes samples into the ring
+buffers and queues complete windows for inference, ``complete`` waits for a
+batch's scores and runs thresholds and alerts on them, in submission order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig
+from streamer.errors import ConfigError
+from streamer.inference import InferenceResult, InferenceWorker
+from streamer.model.checkpoint import LoadedModel
+from streamer.scoring.alerts import AlertBank, AlertEvent
+from streamer.scoring.thresholds import Threshold, ThresholdBank, make_threshold
+from streamer.windows import PushResult, RingWindows, SensorIndex, WindowBatch
+
+__all__ = ["Engine", "PendingBatch", "ScoredBatch", "calibrated_threshold"]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBatch:
+    """Windows queued for inference, with what the push rejected."""
+
+    windows: WindowBatch
+    sensors: list[Hashable]
+    future: Future[InferenceResult]
+    push: PushResult
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredBatch:
+    """Everything the engine decided about one batch of windows."""
+
+    windows: WindowBatch
+    sensors: list[Hashable]
+    scores: NDArray[np.float64]
+    channel_errors: NDArray[np.float64]
+    thresholds: NDArray[np.float64]
+    anomalous: NDArray[np.bool_]
+    likelihood: NDArray[np.float64]
+    alert_open: NDArray[np.bool_]
+    events: list[AlertEvent]
+    model_version: str
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
+def calibrated_threshold(cfg: ThresholdConfig, calibration: NDArray[np.float64]) -> Threshold:
+    """A threshold prototype calibrated on the model's training residual scores."""
+    proto = make_threshold(cfg.method, **cfg.params())
+    if calibration.size == 0 and cfg.method != "fixed":
+        raise ConfigError(
+            f"threshold.method {cfg.method!r} needs calibration scores, and the model has none"
+        )
+    proto.calibrate(calibration)
+    return proto
+
+
+class Engine:
+    """Ring buffers, the inference worker, per-sensor thresholds and alerts."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_gap_s: float,
+        threshold: ThresholdConfig,
+        alerts: AlertsConfig,
+        inference: InferenceConfig,
+        device: str = "cpu",
+        stride: int | None = None,
+    ) -> None:
+        self.model = model
+        self.channels = list(model.channels)
+        self.index = SensorIndex()
+        self.windows = RingWindows(
+            channels=len(self.channels),
+            window=model.window,
+            stride=stride if stride is not None else model.stride,
+            max_gap_s=max_gap_s,
+        )
+        self.thresholds = ThresholdBank(calibrated_threshold(threshold, model.calibration))
+        self.alerts = AlertBank(
+            self.channels,
+            open_after=alerts.open_after,
+            open_within=alerts.open_within,
+            close_after=alerts.close_after,
+            top_k=alerts.top_channels,
+        )
+        self.worker = InferenceWorker(model, inference, device).start()
+
+    def close(self) -> None:
+        """Stop the inference worker after it scores what is queued."""
+        self.worker.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def push(
+        self,
+        keys: Sequence[Hashable] | NDArray[np.object_],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+    ) -> tuple[PushResult, list[Hashable]]:
+        """Add samples to the ring buffers; returns the windows they completed and their sensors."""
+        slots = self.index.slots(keys)
+        res = self.windows.push(slots, ts, values, positions)
+        return res, self.index.keys_of(res.windows.slots)
+
+    def submit(
+        self,
+        keys: Sequence[Hashable] | NDArray[np.object_],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+        keep: Callable[[WindowBatch], NDArray[np.bool_]] | None = None,
+    ) -> PendingBatch:
+        """Push samples and queue the completed windows (``keep`` filters them) for scoring."""
+        res, sensors = self.push(keys, ts, values, positions)
+        wins = res.windows
+        if keep is not None:
+            idx = np.flatnonzero(keep(wins))
+            wins = wins.take(idx)
+            sensors = [sensors[i] for i in idx]
+        fut = self.worker.submit(wins.data)
+        return PendingBatch(wins, sensors, fut, res)
+
+    def complete(self, pending: PendingBatch, timeout_s: float | None = None) -> ScoredBatch:
+        """Wait for a batch's scores, then run thresholds and alerts (call in submit order)."""
+        result = pending.future.result(timeout=timeout_s)
+        return self.decide(pending.windows, pending.sensors, result)
+
+    def decide(self, wins: WindowBatch, sensors: list[Hashable], result: InferenceResult) -> ScoredBatch:
+        """Thresholds and alerts for scored windows."""
+        names = [str(s) for s in sensors]
+        th = self.thresholds.step(names, result.scores)
+        positions = [str(int(p)) for p in wins.end_pos]
+        events, is_open = self.alerts.update(
+            names,
+            positions,
+            wins.end_ts,
+            result.scores,
+            th.threshold,
+            th.anomalous,
+            result.channel_errors,
+        )
+        return ScoredBatch(
+            windows=wins,
+            sensors=sensors,
+            scores=result.scores,
+            channel_errors=result.channel_errors,
+            thresholds=th.threshold,
+            anomalous=th.anomalous,
+            likelihood=th.likelihood,
+            alert_open=is_open,
+            events=events,
+            model_version=result.model_version,
+        )

@@ -1,0 +1,1 @@
+"""Benchmark scoring: SKAB point-wise metrics and the Numenta Anomaly Benchmark scorer."""

@@ -1,0 +1,599 @@
+"""The Numenta Anomaly Benchmark (NAB) scorer, reimplemented in numpy.
+
+Semantics follow NAB v1.1 (github numenta/NAB: ``nab/sweeper.py``,
+``nab/optimizer.py``, ``nab/scorer.py``, ``nab/runner.py``, ``nab/labeler.py``,
+``nab/util.py``):
+
+* **Probation.** The first ``min(floor(0.15 * n), 0.15 * 5000)`` rows of a file
+  (at most 750) are dropped before scoring: detections there count for nothing,
+  window rows there cannot earn credit, and a window lying wholly inside probation
+  is neither rewarded nor charged as missed.
+* **Windows.** Window limits in ``combined_windows.json`` must each match exactly
+  one timestamp of the file. A window covers the rows from its start row to its
+  end row inclusive (by position; NAB files may repeat or step back timestamps).
+* **Per-row weights.** For a row ``i`` inside a window ``[L, R]`` of width
+  ``W = R - L + 1`` the weight is ``tpWeight * S(-(R - i + 1) / W) / S(-1)``, with
+  ``S(x) = 2 * sigmoid(-5x) - 1`` (``S(x) = -1`` for ``x > 3``): ``tpWeight`` at
+  the left edge, about 0 at the right edge. A row outside every window weighs
+  ``fpWeight * S((i - R') / (W' - 1))`` where ``[L', R']`` is the nearest window
+  before it (width ``W'``), or ``-fpWeight`` when no window precedes it.
+* **Score at a threshold.** A row is a detection when its anomaly score is
+  ``>= threshold``. Each window contributes ``max(-fnWeight, max weight of its
+  detected rows)`` (its earliest detection in practice; ``-fnWeight`` when missed),
+  and each detection outside windows adds its (negative) weight.
+* **Threshold optimisation.** One threshold per profile is chosen over the whole
+  corpus: NAB's sweep sorts every scorable row of every file by anomaly score and
+  evaluates the score at each distinct score value, plus the start threshold 1.1
+  (no detections). The best is the highest score; among equal scores the highest
+  threshold wins (NAB sorts the sweep by score with a stable sort). This module
+  evaluates exactly the same candidate set, so it reproduces NAB's optimiser.
+* **Normalisation.** ``100 * (S - S_null) / (S_perfect - S_null)``, where
+  ``S_null`` is the optimised score of NAB's null detector (a constant 0.5; its
+  best is almost always "never alarm", i.e. ``-fnWeight`` per scorable window)
+  and ``S_perfect = tpWeight * (number of windows in the label file)``.
+
+Differences from NAB, all in cases NAB does not handle: a row after a window one
+row wide weighs ``-fpWeight`` (NAB divides by zero there), and anomaly scores
+outside ``[0, 1]`` or NaN after probation are rejected rather than sorted
+arbitrarily.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from numpy.typing import NDArray
+
+from streamer.errors import ConfigError, DataError
+
+__all__ = [
+    "PROFILE_KEYS",
+    "STANDARD_PROFILES",
+    "CostProfile",
+    "NabFile",
+    "ProfileResult",
+    "load_nab_corpus",
+    "load_nab_profiles",
+    "probation_length",
+    "scaled_sigmoid",
+    "score_at_threshold",
+    "score_corpus",
+    "threshold_curve",
+    "write_nab_results",
+]
+
+PROBATION_PERCENT = 0.15
+"""NAB's probationary fraction of each file."""
+
+# NAB caps probation at probationPercent * 5000 rows (750 for the default 15 %).
+_PROBATION_CAP_ROWS = 5000
+
+# NAB's sweep starts above every possible score, which records the "no detection" score.
+_START_THRESHOLD = 1.1
+
+# The null detector's constant output (nab/detectors/null/null_detector.py).
+_NULL_SCORE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class CostProfile:
+    """One NAB application profile: the weights of its cost matrix."""
+
+    tp_weight: float
+    fp_weight: float
+    fn_weight: float
+
+
+STANDARD_PROFILES: Mapping[str, CostProfile] = {
+    "standard": CostProfile(tp_weight=1.0, fp_weight=0.11, fn_weight=1.0),
+    "reward_low_FP_rate": CostProfile(tp_weight=1.0, fp_weight=0.22, fn_weight=1.0),
+    "reward_low_FN_rate": CostProfile(tp_weight=1.0, fp_weight=0.11, fn_weight=2.0),
+}
+"""NAB's three profiles (``config/profiles.json``), used when no profiles file exists."""
+
+PROFILE_KEYS: Mapping[str, str] = {
+    "standard": "standard",
+    "reward_low_FP_rate": "reward_low_FP",
+    "reward_low_FN_rate": "reward_low_FN",
+}
+"""NAB profile name -> key in ``score_corpus`` output; other names are kept as they are."""
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class NabFile:
+    """One data file of a NAB-layout corpus.
+
+    ``windows`` holds inclusive row-index ranges ``(start, end)``, sorted and
+    disjoint; ``probation`` is the number of leading rows NAB does not score.
+    """
+
+    name: str  # "category/file.csv", the key in combined_windows.json
+    timestamps: NDArray[np.datetime64]  # datetime64[ns]
+    values: NDArray[np.float64]
+    windows: tuple[tuple[int, int], ...]
+    probation: int
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    """Outcome of one profile's threshold sweep over a corpus.
+
+    ``score`` is NAB's raw score at ``threshold`` and ``normalized`` the reported
+    0-100 figure. The counts are NAB's row counts over scorable rows at that
+    threshold (a detection inside a window is a TP row, outside an FP row).
+    """
+
+    threshold: float
+    score: float
+    normalized: float
+    null_score: float
+    perfect_score: float
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+
+def probation_length(n_rows: int, percent: float = PROBATION_PERCENT) -> int:
+    """Rows at the start of a file that NAB leaves unscored (``nab/util.py``)."""
+    return int(min(math.floor(percent * n_rows), percent * _PROBATION_CAP_ROWS))
+
+
+def scaled_sigmoid(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """NAB's ``scaledSigmoid``: ``2 * sigmoid(-5x) - 1``, and ``-1`` beyond ``x > 3``."""
+    x = np.asarray(x, dtype=np.float64)
+    # Clip only to keep exp() finite; those positions are replaced by -1 anyway.
+    sig = 1.0 / (1.0 + np.exp(5.0 * np.minimum(x, 3.0)))
+    out: NDArray[np.float64] = np.where(x > 3.0, -1.0, 2.0 * sig - 1.0)
+    return out
+
+
+_MAX_TP = float(scaled_sigmoid(np.array([-1.0]))[0])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_timestamps(where: str, texts: Sequence[str]) -> NDArray[np.datetime64]:
+    try:
+        return np.array(texts, dtype="datetime64[ns]")
+    except ValueError:
+        # Find the offending entry for the message; this path is rare.
+        for i, text in enumerate(texts):
+            try:
+                np.datetime64(text, "ns")
+            except ValueError:
+                raise DataError(f"{where}: unparseable timestamp {text!r} (row {i})") from None
+        raise
+
+
+def _read_csv(path: Path, name: str) -> tuple[NDArray[np.datetime64], NDArray[np.float64]]:
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{name}: cannot read {path}: {exc}") from exc
+    if not rows:
+        raise DataError(f"{name}: empty file")
+    header = [h.strip() for h in rows[0]]
+    try:
+        t_col, v_col = header.index("timestamp"), header.index("value")
+    except ValueError:
+        raise DataError(f"{name}: header must name 'timestamp' and 'value', got {header}") from None
+    body = rows[1:]
+    if not body:
+        raise DataError(f"{name}: no data rows")
+    width = max(t_col, v_col) + 1
+    stamps: list[str] = []
+    values = np.empty(len(body), dtype=np.float64)
+    for i, row in enumerate(body):
+        if len(row) < width:
+            raise DataError(f"{name}: line {i + 2} has {len(row)} fields, expected {len(header)}")
+        stamps.append(row[t_col])
+        try:
+            values[i] = float(row[v_col])
+        except ValueError:
+            raise DataError(f"{name}: line {i + 2}: value {row[v_col]!r} is not a number") from None
+    return _parse_timestamps(name, stamps), values
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with path.open() as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def _window_rows(
+    name: str, timestamps: NDArray[np.datetime64], raw: object
+) -> tuple[tuple[int, int], ...]:
+    if not isinstance(raw, list):
+        raise DataError(f"combined_windows.json[{name!r}] must be a list of [start, end] pairs")
+    out: list[tuple[int, int]] = []
+    for k, pair in enumerate(raw):
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+        ):
+            raise DataError(f"combined_windows.json[{name!r}][{k}] must be [start, end] strings")
+        rows: list[int] = []
+        for text in pair:
+            stamp = _parse_timestamps(f"combined_windows.json[{name!r}][{k}]", [text])[0]
+            hits = np.flatnonzero(timestamps == stamp)
+            # NAB's labeler insists on exactly one matching row per window limit.
+            if hits.size != 1:
+                raise DataError(
+                    f"combined_windows.json[{name!r}][{k}]: timestamp {text!r} matches "
+                    f"{hits.size} rows of the file, expected exactly 1"
+                )
+            rows.append(int(hits[0]))
+        start, end = rows
+        if end < start:
+            raise DataError(f"combined_windows.json[{name!r}][{k}]: window ends before it starts")
+        if out and start <= out[-1][1]:
+            raise DataError(
+                f"combined_windows.json[{name!r}][{k}]: windows must be sorted and disjoint"
+            )
+        out.append((start, end))
+    return tuple(out)
+
+
+def load_nab_profiles(data_dir: Path) -> dict[str, CostProfile]:
+    """Profiles from ``<data_dir>/profiles.json``, or NAB's three standard ones if absent."""
+    path = Path(data_dir) / "profiles.json"
+    if not path.exists():
+        return dict(STANDARD_PROFILES)
+    raw = _load_json(path)
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: expected a non-empty object of profiles")
+    out: dict[str, CostProfile] = {}
+    for pname, body in raw.items():
+        matrix = body.get("CostMatrix") if isinstance(body, dict) else None
+        if not isinstance(matrix, dict):
+            raise DataError(f"{path}: profile {pname!r} has no 'CostMatrix' object")
+        weights: list[float] = []
+        for key in ("tpWeight", "fpWeight", "fnWeight"):
+            value = matrix.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise DataError(f"{path}: profile {pname!r} CostMatrix.{key} must be a number")
+            weights.append(float(value))
+        out[pname] = CostProfile(*weights)
+    return out
+
+
+def load_nab_corpus(data_dir: Path) -> list[NabFile]:
+    """Load a NAB-layout folder: ``data/**/*.csv`` plus ``labels/combined_windows.json``.
+
+    Every data file must have an entry in the label file and every entry a data
+    file (NAB's perfect score counts every labelled window). Files come back
+    sorted by name. Raises ``DataError`` naming the file or label key at fault.
+    """
+    root = Path(data_dir)
+    data_root = root / "data"
+    label_path = root / "labels" / "combined_windows.json"
+    if not data_root.is_dir():
+        raise DataError(f"{data_root} is not a directory")
+    if not label_path.is_file():
+        raise DataError(f"{label_path} does not exist")
+    labels = _load_json(label_path)
+    if not isinstance(labels, dict):
+        raise DataError(f"{label_path}: expected an object mapping file names to windows")
+
+    paths = {p.relative_to(data_root).as_posix(): p for p in sorted(data_root.rglob("*.csv"))}
+    if not paths:
+        raise DataError(f"{data_root} holds no .csv files")
+    unlabelled = sorted(set(paths) - set(labels))
+    if unlabelled:
+        raise DataError(f"{label_path} has no entry for data file {unlabelled[0]!r}")
+    orphans = sorted(set(labels) - set(paths))
+    if orphans:
+        raise DataError(f"{label_path}: key {orphans[0]!r} has no data file under {data_root}")
+
+    files: list[NabFile] = []
+    for name, path in paths.items():
+        timestamps, values = _read_csv(path, name)
+        files.append(
+            NabFile(
+                name=name,
+                timestamps=timestamps,
+                values=values,
+                windows=_window_rows(name, timestamps, labels[name]),
+                probation=probation_length(values.shape[0]),
+            )
+        )
+    return files
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _row_geometry(f: NabFile) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
+    """Unweighted sigmoid value and window index (-1 outside) of every row of ``f``.
+
+    Inside windows the value still lacks the ``tpWeight / S(-1)`` factor and outside
+    the ``fpWeight`` factor, so one geometry serves every profile.
+    """
+    n = len(f)
+    idx = np.arange(n, dtype=np.float64)
+    # Rows before the first window: "really far away from the nearest window".
+    raw = np.full(n, -1.0)
+    window = np.full(n, -1, dtype=np.intp)
+    for k, (start, end) in enumerate(f.windows):
+        width = float(end - start + 1)
+        raw[start : end + 1] = scaled_sigmoid(-(end - idx[start : end + 1] + 1.0) / width)
+        window[start : end + 1] = k
+        stop = f.windows[k + 1][0] if k + 1 < len(f.windows) else n
+        if width > 1:
+            raw[end + 1 : stop] = scaled_sigmoid(np.abs(end - idx[end + 1 : stop]) / (width - 1.0))
+        else:
+            raw[end + 1 : stop] = -1.0  # NAB would divide by zero here.
+    return raw, window
+
+
+def _weights(
+    raw: NDArray[np.float64], window: NDArray[np.intp], profile: CostProfile
+) -> NDArray[np.float64]:
+    out: NDArray[np.float64] = np.where(
+        window >= 0, raw * profile.tp_weight / _MAX_TP, raw * profile.fp_weight
+    )
+    return out
+
+
+def _checked_scores(f: NabFile, anomaly_scores: Mapping[str, npt.ArrayLike]) -> NDArray[np.float64]:
+    if f.name not in anomaly_scores:
+        raise DataError(f"no anomaly scores for {f.name!r}")
+    try:
+        scores = np.asarray(anomaly_scores[f.name], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"anomaly scores for {f.name!r} are not numeric: {exc}") from exc
+    if scores.shape != (len(f),):
+        raise DataError(
+            f"anomaly scores for {f.name!r} have shape {scores.shape}, expected ({len(f)},)"
+        )
+    tail = scores[f.probation :]
+    bad = np.flatnonzero(~((tail >= 0.0) & (tail <= 1.0)))  # also catches NaN
+    if bad.size:
+        i = int(bad[0]) + f.probation
+        raise DataError(
+            f"anomaly score of {f.name!r} row {i} is {scores[i]!r}; "
+            "after probation scores must lie in [0, 1]"
+        )
+    return scores
+
+
+@dataclass(frozen=True, slots=True)
+class _Scorable:
+    """Every scorable (post-probation) row of a corpus, concatenated."""
+
+    score: NDArray[np.float64]
+    raw: NDArray[np.float64]
+    window: NDArray[np.intp]  # corpus-wide window id, -1 outside windows
+    n_windows: int  # windows with at least one scorable row
+
+
+def _scorable(files: Sequence[NabFile], scores: Sequence[NDArray[np.float64]]) -> _Scorable:
+    s_parts, r_parts, w_parts = [], [], []
+    offset = 0
+    for f, s in zip(files, scores, strict=True):
+        raw, window = _row_geometry(f)
+        keep = slice(f.probation, None)
+        s_parts.append(s[keep])
+        r_parts.append(raw[keep])
+        w_parts.append(np.where(window[keep] >= 0, window[keep] + offset, -1))
+        offset += len(f.windows)
+    window = np.concatenate(w_parts).astype(np.intp)
+    return _Scorable(
+        score=np.concatenate(s_parts),
+        raw=np.concatenate(r_parts),
+        window=window,
+        n_windows=int(np.unique(window[window >= 0]).size),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Curve:
+    thresholds: NDArray[np.float64]  # descending, starting with 1.1
+    scores: NDArray[np.float64]
+    tp: NDArray[np.int64]
+    fp: NDArray[np.int64]
+    n_in: int
+    n_out: int
+
+
+def _sweep(rows: _Scorable, profile: CostProfile) -> _Curve:
+    """NAB's ``calcScoreByThreshold`` over the whole corpus, vectorised.
+
+    Rows are sorted by descending anomaly score; lowering the threshold past a row
+    adds its FP weight, or raises its window's part from the previous running
+    maximum (starting at ``-fnWeight``) to the new one. The cumulative sum of those
+    per-row changes, read at the last row of each run of equal scores, is the
+    score at that threshold.
+    """
+    weight = _weights(rows.raw, rows.window, profile)
+    order = np.argsort(-rows.score, kind="stable")
+    s = rows.score[order]
+    g = rows.window[order]
+    w = weight[order]
+
+    delta = np.where(g < 0, w, 0.0)
+    floor = -profile.fn_weight
+    in_window = np.flatnonzero(g >= 0)
+    # Group window rows by window, keeping descending-score order within each.
+    grouped = in_window[np.argsort(g[in_window], kind="stable")]
+    if grouped.size:
+        gid = g[grouped]
+        starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], grouped.size], strict=True):
+            pos = grouped[a:b]
+            running = np.maximum.accumulate(np.maximum(w[pos], floor))
+            delta[pos] = running - np.r_[floor, running[:-1]]
+
+    base = floor * rows.n_windows
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True]) if s.size else np.empty(0, np.intp)
+    cum = np.cumsum(delta)
+    is_in = g >= 0
+    return _Curve(
+        thresholds=np.r_[_START_THRESHOLD, s[last]],
+        scores=np.r_[base, base + cum[last]],
+        tp=np.r_[0, np.cumsum(is_in, dtype=np.int64)[last]],
+        fp=np.r_[0, np.cumsum(~is_in, dtype=np.int64)[last]],
+        n_in=int(np.count_nonzero(is_in)),
+        n_out=int(np.count_nonzero(~is_in)),
+    )
+
+
+def _prepare(
+    files: Sequence[NabFile], anomaly_scores: Mapping[str, npt.ArrayLike]
+) -> list[NDArray[np.float64]]:
+    if not files:
+        raise DataError("the NAB corpus is empty")
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise DataError("the NAB corpus lists a file twice")
+    return [_checked_scores(f, anomaly_scores) for f in files]
+
+
+def threshold_curve(
+    files: Sequence[NabFile],
+    anomaly_scores: Mapping[str, npt.ArrayLike],
+    profile: CostProfile,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Every threshold NAB's sweep considers (descending, from 1.1) and the raw score at each."""
+    curve = _sweep(_scorable(files, _prepare(files, anomaly_scores)), profile)
+    return curve.thresholds, curve.scores
+
+
+def score_at_threshold(
+    files: Sequence[NabFile],
+    anomaly_scores: Mapping[str, npt.ArrayLike],
+    profile: CostProfile,
+    threshold: float,
+) -> float:
+    """Raw NAB score of the corpus when rows scoring ``>= threshold`` are detections.
+
+    This is NAB's scoring step (``Sweeper.scoreDataSet`` summed over files), written
+    independently of the sweep.
+    """
+    total = 0.0
+    for f, s in zip(files, _prepare(files, anomaly_scores), strict=True):
+        raw, window = _row_geometry(f)
+        keep = slice(f.probation, None)
+        weight = _weights(raw[keep], window[keep], profile)
+        win = window[keep]
+        detected = s[keep] >= threshold
+        total += float(weight[detected & (win < 0)].sum())
+        for k in np.unique(win[win >= 0]):
+            hits = weight[detected & (win == k)]
+            total += max(-profile.fn_weight, float(hits.max())) if hits.size else -profile.fn_weight
+    return total
+
+
+def score_corpus(
+    files: Sequence[NabFile],
+    anomaly_scores: Mapping[str, npt.ArrayLike],
+    profiles: Mapping[str, CostProfile] | None = None,
+) -> dict[str, ProfileResult]:
+    """Optimise one threshold per profile over the corpus and normalise the score.
+
+    ``anomaly_scores`` maps each file's ``name`` to one score per row, in [0, 1]
+    after probation (anything, NaN included, inside it). ``profiles`` defaults to
+    NAB's standard three. Result keys are NAB profile names mapped through
+    ``PROFILE_KEYS`` (``standard``, ``reward_low_FP``, ``reward_low_FN``).
+    """
+    if profiles is None:
+        profiles = STANDARD_PROFILES
+    rows = _scorable(files, _prepare(files, anomaly_scores))
+    null_rows = _Scorable(
+        score=np.full_like(rows.score, _NULL_SCORE),
+        raw=rows.raw,
+        window=rows.window,
+        n_windows=rows.n_windows,
+    )
+    total_windows = sum(len(f.windows) for f in files)
+
+    results: dict[str, ProfileResult] = {}
+    for pname, profile in profiles.items():
+        curve = _sweep(rows, profile)
+        # argmax returns the first maximum: the highest threshold among ties, as in NAB.
+        best = int(np.argmax(curve.scores))
+        score = float(curve.scores[best])
+        null = float(np.max(_sweep(null_rows, profile).scores))
+        perfect = profile.tp_weight * total_windows
+        span = perfect - null
+        tp, fp = int(curve.tp[best]), int(curve.fp[best])
+        results[PROFILE_KEYS.get(pname, pname)] = ProfileResult(
+            threshold=float(curve.thresholds[best]),
+            score=score,
+            normalized=100.0 * (score - null) / span if span else math.nan,
+            null_score=null,
+            perfect_score=perfect,
+            tp=tp,
+            fp=fp,
+            fn=curve.n_in - tp,
+            tn=curve.n_out - fp,
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- results files
+
+_DETECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _format_timestamps(timestamps: npt.ArrayLike) -> list[str]:
+    arr = np.asarray(timestamps)
+    if arr.dtype.kind in "iuf":
+        # Unix seconds -> datetime64; NAB files carry whole seconds.
+        arr = (
+            (np.asarray(arr, dtype=np.float64) * 1e9)
+            .round()
+            .astype(np.int64)
+            .astype("datetime64[ns]")
+        )
+    elif arr.dtype.kind != "M":
+        raise DataError(f"timestamps must be datetime64 or Unix seconds, got dtype {arr.dtype}")
+    return [t.replace("T", " ") for t in np.datetime_as_string(arr, unit="s")]
+
+
+def write_nab_results(
+    out_dir: Path,
+    detector: str,
+    file: NabFile,
+    timestamps: npt.ArrayLike,
+    scores: npt.ArrayLike,
+) -> Path:
+    """Write ``<out_dir>/<category>/<detector>_<name>.csv`` in NAB's results layout.
+
+    The file has the header ``timestamp,anomaly_score``; timestamps are written
+    ``YYYY-MM-DD HH:MM:SS`` as in NAB's data. NaN scores inside probation are
+    written as 0.0 (NAB ignores those rows, its tools expect numbers). Returns the
+    path written.
+    """
+    if not _DETECTOR_NAME.fullmatch(detector):
+        raise ConfigError(f"detector name {detector!r} must be letters, digits, '_', '.', '-'")
+    values = _checked_scores(file, {file.name: scores})
+    stamps = _format_timestamps(timestamps)
+    if len(stamps) != len(file):
+        raise DataError(f"{file.name!r}: {len(stamps)} timestamps for {len(file)} rows")
+    values = np.where(np.isfinite(values), values, 0.0)
+
+    category, _, base = file.name.rpartition("/")
+    target = Path(out_dir) / category / f"{detector}_{base}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["timestamp", "anomaly_score"])
+        writer.writerows(zip(stamps, (repr(float(v)) for v in values), strict=True))
+    return target

@@ -1,0 +1,1 @@
+"""Kafka layer: consumer source, producer sink, admin helpers and a local broker for development."""

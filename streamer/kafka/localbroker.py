@@ -1,0 +1,803 @@
+"""A real single-node Apache Kafka broker (KRaft, combined broker+controller) for local use.
+
+Development, the test suite, CI and ``streamer demo`` all run against a genuine
+broker rather than a fake: the jars come from Maven Central through Maven (fetched
+once into ``${STREAMER_CACHE:-~/.cache/streamer}/kafka/<version>/libs``) and run on
+the local Java 17+, so no Docker and no download outside the package registries is
+needed.
+
+Library use::
+
+    with LocalBroker() as broker:
+        bootstrap = broker.start()
+
+Command line (``python -m streamer.kafka.localbroker``, also behind
+``streamer broker``): ``fetch`` pre-fetches the jars, ``start`` launches a detached
+broker and prints its bootstrap address, ``status`` prints it again, ``stop`` ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final
+
+import structlog
+
+from streamer.errors import KafkaError
+
+__all__ = [
+    "DEFAULT_VERSION",
+    "LIBS_ENV",
+    "LocalBroker",
+    "cache_root",
+    "ensure_jars",
+    "main",
+]
+
+_log = structlog.get_logger(__name__)
+
+DEFAULT_VERSION: Final = "4.1.1"
+"""Kafka release run by default; its broker jars need Java 17 or newer."""
+
+LIBS_ENV: Final = "STREAMER_KAFKA_LIBS"
+"""Environment variable naming a ready ``libs`` directory, which skips the Maven fetch."""
+
+# Every Kafka 4.x release up to 4.4 pulls in slf4j-api 1.7.x and no logging backend,
+# so the log4j2 binding for slf4j 1.x is the one that makes the broker log at all.
+# The log4j version follows what kafka-server itself depends on, so Maven does not mix
+# two log4j-core versions on one class path.
+_LOG4J_VERSIONS: Final = {"4.1.1": "2.24.3", "4.2.0": "2.25.3", "4.4.0": "2.25.5"}
+_LOG4J_FALLBACK: Final = "2.24.3"
+# Pinned: without a version Maven resolves whatever plugin release its metadata names.
+_DEPENDENCY_PLUGIN: Final = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+
+_STARTED_MARKER: Final = "Kafka Server started"
+_HOST: Final = "127.0.0.1"
+_NODE_ID: Final = 1
+_FETCH_TIMEOUT_S: Final = 1800.0
+_FORMAT_TIMEOUT_S: Final = 120.0
+_BIND_RETRIES: Final = 3
+_TAIL_LINES: Final = 40
+
+# Measured on a shared 2-core machine (start to "Kafka Server started", formatting
+# included): default JVM flags 4.2-5.2s; serial GC and C1-only compilation 3.3-4.5s;
+# plus the class-data-sharing archive below, 2.0s. A broker for tests and demos never
+# runs long enough for C2 to pay back its compile time.
+_JVM_FLAGS: Final = (
+    "-Xms128m",
+    "-Xmx512m",
+    "-XX:+UseSerialGC",
+    "-XX:TieredStopAtLevel=1",
+    "-XX:-UsePerfData",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+    # Kafka's own shutdown hook logs the clean shutdown; log4j's would close the
+    # log file under it. The file appender flushes every line, so nothing is lost.
+    "-Dlog4j2.shutdownHookEnabled=false",
+)
+
+_LOG4J2_CONFIG: Final = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log_path}
+appender.file.append = true
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+# Per-partition state changes and request traces drown the useful lines.
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+"""
+
+
+def cache_root() -> Path:
+    """Return streamer's cache directory: ``$STREAMER_CACHE`` or ``~/.cache/streamer``."""
+    env = os.environ.get("STREAMER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamer"
+
+
+def _kafka_jar_name(version: str) -> str:
+    return f"kafka_2.13-{version}.jar"
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home:
+        candidate = Path(java_home) / "bin" / "java"
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("java")
+    if found is None:
+        raise KafkaError(
+            "java not found on PATH or in JAVA_HOME: the local Kafka broker needs Java 17+ "
+            "(e.g. apt-get install openjdk-17-jre-headless)"
+        )
+    return found
+
+
+def _pom(version: str) -> str:
+    log4j = _LOG4J_VERSIONS.get(version, _LOG4J_FALLBACK)
+    return f"""\
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by streamer.kafka.localbroker to fetch the Kafka broker jars. -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.streamer</groupId>
+  <artifactId>kafka-broker-libs</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{version}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-core</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock so concurrent processes fetch or start only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _tail(text: str, lines: int = _TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _tail_file(path: Path, lines: int = _TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as handle:
+            # The server log grows to megabytes; the tail is all an error message needs.
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            return _tail(handle.read().decode("utf-8", "replace"), lines)
+    except FileNotFoundError:
+        return f"({path.name} was not written)"
+
+
+def ensure_jars(version: str = DEFAULT_VERSION, cache_dir: Path | None = None) -> Path:
+    """Return the directory holding the Kafka broker jars, fetching them with Maven once.
+
+    ``cache_dir`` defaults to :func:`cache_root`; when it is not given and
+    ``$STREAMER_KAFKA_LIBS`` names a directory, that directory is used as is (tests
+    point a throwaway cache there to reuse the jars already fetched). The fetch runs
+    ``mvn dependency:copy-dependencies`` into a staging directory that is renamed
+    into place only when complete, under a file lock, so a crashed or concurrent
+    fetch never leaves a half-filled ``libs``.
+
+    Raises:
+        KafkaError: java or mvn is missing, or Maven failed (its output tail is in
+            the message).
+    """
+    jar = _kafka_jar_name(version)
+    if cache_dir is None:
+        override = os.environ.get(LIBS_ENV)
+        if override:
+            libs = Path(override).expanduser()
+            if not (libs / jar).is_file():
+                raise KafkaError(f"${LIBS_ENV}={override} holds no {jar}")
+            return libs
+        cache_dir = cache_root()
+    version_dir = cache_dir / "kafka" / version
+    libs = version_dir / "libs"
+    if (libs / jar).is_file():
+        return libs
+
+    _java()  # Maven needs it too; fail with the clearer message first.
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaError(
+            "mvn not found on PATH: the Kafka jars are fetched from Maven Central with "
+            "Maven 3.6+ (e.g. apt-get install maven)"
+        )
+    with _file_lock(version_dir / ".lock"):
+        if (libs / jar).is_file():  # another process fetched while we waited
+            return libs
+        staging = version_dir / f"libs.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        pom = version_dir / "pom.xml"
+        pom.write_text(_pom(version), encoding="utf-8")
+        cmd = [
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(pom),
+            f"{_DEPENDENCY_PLUGIN}:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
+        ]
+        _log.info("kafka_jars_fetching", version=version, libs=str(libs))
+        started = time.monotonic()
+        try:
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=_FETCH_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise KafkaError(f"mvn did not fetch Kafka {version} within {exc.timeout:.0f}s") from exc
+        if result.returncode != 0 or not (staging / jar).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise KafkaError(
+                f"mvn failed to fetch Kafka {version} (exit {result.returncode}): "
+                f"{' '.join(cmd)}\n{_tail(result.stdout + result.stderr)}"
+            )
+        shutil.rmtree(libs, ignore_errors=True)  # a leftover without the Kafka jar
+        staging.rename(libs)
+        _log.info(
+            "kafka_jars_fetched",
+            version=version,
+            jars=sum(1 for _ in libs.glob("*.jar")),
+            elapsed_s=round(time.monotonic() - started, 1),
+        )
+    return libs
+
+
+def _classpath(libs: Path) -> str:
+    # An explicit sorted list rather than 'libs/*' keeps the class path identical
+    # from run to run whatever order the directory lists in.
+    return os.pathsep.join(str(jar) for jar in sorted(libs.glob("*.jar")))
+
+
+def _free_port(exclude: Sequence[int] = ()) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((_HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in exclude:
+            return port
+
+
+def _cluster_id() -> str:
+    # Kafka cluster ids are 16 random bytes in URL-safe base64 without padding.
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+
+
+def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+    settings: dict[str, object] = {
+        "process.roles": "broker,controller",
+        "node.id": _NODE_ID,
+        # A static voter set: with one voter there is nothing to reconfigure, and
+        # formatting then needs neither --standalone nor --initial-controllers.
+        "controller.quorum.voters": f"{_NODE_ID}@{_HOST}:{controller_port}",
+        "listeners": f"PLAINTEXT://{_HOST}:{port},CONTROLLER://{_HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{_HOST}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(data_dir),
+        # One broker: every replicated internal topic must make do with one replica.
+        "default.replication.factor": 1,
+        "min.insync.replicas": 1,
+        "offsets.topic.replication.factor": 1,
+        "transaction.state.log.replication.factor": 1,
+        "transaction.state.log.min.isr": 1,
+        "share.coordinator.state.topic.replication.factor": 1,
+        "share.coordinator.state.topic.min.isr": 1,
+        # 50 partitions each by default: creating them is seconds of a first group
+        # join on a small machine, and one broker gains nothing from spreading.
+        "offsets.topic.num.partitions": 4,
+        "transaction.state.log.num.partitions": 4,
+        "share.coordinator.state.topic.num.partitions": 1,
+        "num.partitions": 1,
+        # Tests create their topics explicitly: a typo must fail, not invent a topic.
+        "auto.create.topics.enable": "false",
+        "group.initial.rebalance.delay.ms": 0,
+        # Fewer threads than the defaults (3 and 8) for a machine with a few cores.
+        "num.network.threads": 2,
+        "num.io.threads": 4,
+    }
+    lines = ["# Written by streamer.kafka.localbroker; rewritten on every start."]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+class _Resources:
+    """What a LocalBroker must release even if it is never stopped (see weakref.finalize)."""
+
+    __slots__ = ("detached", "owned_dir", "proc")
+
+    def __init__(self, *, detached: bool) -> None:
+        self.detached = detached
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.owned_dir: Path | None = None
+
+    def release(self) -> None:
+        # A detached broker is meant to outlive this Python process.
+        if self.detached:
+            return
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        if self.owned_dir is not None:
+            shutil.rmtree(self.owned_dir, ignore_errors=True)
+
+
+class LocalBroker:
+    """One Kafka broker+controller JVM listening on 127.0.0.1, with its own data directory.
+
+    Args:
+        run_dir: directory for the configuration, data and logs. When ``None`` a
+            temporary directory is made at :meth:`start` and removed by :meth:`stop`.
+        version: Kafka release (its jars are fetched by :func:`ensure_jars`).
+        port: client port; a free one is picked when ``None``. The controller port is
+            always picked free. Both are kept across :meth:`restart`.
+        detached: start the JVM in its own session so it survives this process and
+            a Ctrl-C in the terminal (used by ``start`` on the command line).
+
+    :meth:`stop` then :meth:`start` on a ``run_dir`` you passed, :meth:`restart`, and
+    :meth:`start` after :meth:`kill` all reuse the data directory and ports, so topics
+    and committed offsets survive: that is what broker-restart fault tests need.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        version: str = DEFAULT_VERSION,
+        port: int | None = None,
+        *,
+        detached: bool = False,
+    ) -> None:
+        if port is not None and not 0 < port < 65536:
+            raise KafkaError(f"port must be between 1 and 65535, got {port}")
+        self._version = version
+        self._requested_port = port
+        self._owns_run_dir = run_dir is None
+        self._run_dir: Path | None = None if run_dir is None else Path(run_dir).resolve()
+        self._port: int | None = None
+        self._controller_port: int | None = None
+        self._res = _Resources(detached=detached)
+        self._finalizer = weakref.finalize(self, self._res.release)
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        """The Kafka release this broker runs."""
+        return self._version
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``host:port`` clients connect to; known from the first :meth:`start` on."""
+        if self._port is None:
+            raise KafkaError("the broker has no address yet: call start() first")
+        return f"{_HOST}:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the broker JVM while it runs, else ``None``."""
+        proc = self._res.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the broker JVM is alive (not whether it is ready)."""
+        return self.pid is not None
+
+    @property
+    def run_dir(self) -> Path:
+        """Directory with ``server.properties``, the data and the logs."""
+        if self._run_dir is None:
+            raise KafkaError("the broker has no run directory yet: call start() first")
+        return self._run_dir
+
+    @property
+    def data_dir(self) -> Path:
+        """The broker's ``log.dirs`` (also its KRaft metadata directory)."""
+        return self.run_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's log4j log file."""
+        return self.run_dir / "server.log"
+
+    @property
+    def console_path(self) -> Path:
+        """The JVM's stdout and stderr (errors from before logging starts land here)."""
+        return self.run_dir / "console.log"
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self, timeout_s: float = 90.0) -> str:
+        """Start the broker (formatting fresh storage first) and wait until it serves.
+
+        Returns the bootstrap address. Calling it on a running broker returns at once.
+
+        Raises:
+            KafkaError: the jars cannot be had, formatting failed, or the broker did
+                not log "Kafka Server started" within ``timeout_s`` (the message
+                carries the tail of its logs).
+        """
+        if self.running:
+            return self.bootstrap
+        started = time.monotonic()
+        libs = ensure_jars(self._version)
+        java = _java()
+        run_dir = self._prepare_run_dir()
+        classpath = _classpath(libs)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "log4j2.properties").write_text(
+            _LOG4J2_CONFIG.format(log_path=self.log_path), encoding="utf-8"
+        )
+        # Ports are only chosen once, so a restart comes back at the same address.
+        auto_ports = self._port is None
+        for attempt in range(1, _BIND_RETRIES + 1):
+            if self._port is None or self._controller_port is None:
+                self._port = self._requested_port or _free_port()
+                self._controller_port = _free_port(exclude=(self._port,))
+            self._write_properties()
+            if not (self.data_dir / "meta.properties").is_file():
+                self._format(java, classpath)
+            try:
+                self._launch_and_wait(java, classpath, timeout_s - (time.monotonic() - started))
+            except _PortTakenError as exc:
+                # Picking a free port races with every other process on the machine;
+                # only a port we picked ourselves may be swapped for another.
+                if not auto_ports or self._requested_port is not None:
+                    raise KafkaError(str(exc)) from None
+                if attempt == _BIND_RETRIES:
+                    raise KafkaError(str(exc)) from None
+                _log.warning("kafka_port_taken", port=self._port, attempt=attempt)
+                self._port = self._controller_port = None
+                continue
+            break
+        _log.info(
+            "kafka_broker_started",
+            bootstrap=self.bootstrap,
+            pid=self.pid,
+            version=self._version,
+            run_dir=str(run_dir),
+            elapsed_s=round(time.monotonic() - started, 1),
+        )
+        return self.bootstrap
+
+    def stop(self, timeout_s: float = 20.0, *, keep_data: bool = False) -> None:
+        """Stop the broker: SIGTERM (a clean shutdown), then SIGKILL after ``timeout_s``.
+
+        A temporary run directory is removed unless ``keep_data`` is set; a run
+        directory you passed is always kept. Stopping a stopped broker does nothing.
+        """
+        proc = self._res.proc
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    _log.warning("kafka_broker_kill_after_timeout", pid=proc.pid, timeout_s=timeout_s)
+                    proc.kill()
+                    proc.wait(timeout=10)
+            _log.info("kafka_broker_stopped", pid=proc.pid, returncode=proc.returncode)
+            self._res.proc = None
+        if self._owns_run_dir and not keep_data and self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
+            self._res.owned_dir = None
+            self._port = self._controller_port = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would, keeping its data for a later :meth:`start`."""
+        proc = self._res.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+            _log.info("kafka_broker_killed", pid=proc.pid)
+        self._res.proc = None
+
+    def restart(self, timeout_s: float = 90.0) -> str:
+        """Stop the broker cleanly and start it again on the same data and ports."""
+        self.stop(keep_data=True)
+        return self.start(timeout_s)
+
+    def __enter__(self) -> LocalBroker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------
+
+    def _prepare_run_dir(self) -> Path:
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="streamer-kafka-")).resolve()
+            self._res.owned_dir = self._run_dir
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        return self._run_dir
+
+    def _write_properties(self) -> None:
+        assert self._port is not None and self._controller_port is not None
+        text = _server_properties(self.data_dir, self._port, self._controller_port)
+        (self.run_dir / "server.properties").write_text(text, encoding="utf-8")
+
+    def _jvm(self, java: str, classpath: str) -> list[str]:
+        return [
+            java,
+            *_JVM_FLAGS,
+            f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.run_dir}",
+            "-cp",
+            classpath,
+        ]
+
+    def _format(self, java: str, classpath: str) -> None:
+        cluster_id = _cluster_id()
+        cmd = [
+            *self._jvm(java, classpath),
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.run_dir / "server.properties"),
+        ]
+        try:
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=_FORMAT_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise KafkaError(f"formatting Kafka storage took over {exc.timeout:.0f}s") from exc
+        if result.returncode != 0:
+            raise KafkaError(
+                f"formatting Kafka storage in {self.data_dir} failed "
+                f"(exit {result.returncode}):\n{_tail(result.stdout + result.stderr)}"
+            )
+        _log.debug("kafka_storage_formatted", cluster_id=cluster_id, data_dir=str(self.data_dir))
+
+    def _launch_and_wait(self, java: str, classpath: str, timeout_s: float) -> None:
+        cmd = [*self._jvm(java, classpath), "kafka.Kafka", str(self.run_dir / "server.properties")]
+        # Search only what this launch writes: on a restart the log already holds a
+        # "started" line from the previous run.
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        console: IO[bytes]
+        with self.console_path.open("ab") as console:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=self._res.detached,
+            )
+        self._res.proc = proc
+        _log.debug("kafka_broker_launched", pid=proc.pid, bootstrap=self.bootstrap)
+        deadline = time.monotonic() + max(timeout_s, 1.0)
+        while True:
+            if self._log_contains(_STARTED_MARKER, log_offset):
+                return
+            returncode = proc.poll()
+            if returncode is not None or time.monotonic() > deadline:
+                self.kill()
+                logs = (
+                    f"--- {self.log_path} (tail) ---\n{_tail_file(self.log_path)}\n"
+                    f"--- {self.console_path} (tail) ---\n{_tail_file(self.console_path)}"
+                )
+                what = (
+                    f"exited with code {returncode}"
+                    if returncode is not None
+                    else f"did not start within {timeout_s:.0f}s"
+                )
+                message = f"Kafka broker on {self.bootstrap} {what}\n{logs}"
+                if "Address already in use" in logs:
+                    raise _PortTakenError(message)
+                raise KafkaError(message)
+            time.sleep(0.1)
+
+    def _log_contains(self, marker: str, offset: int) -> bool:
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(offset)
+                return marker.encode() in handle.read()
+        except FileNotFoundError:
+            return False
+
+
+class _PortTakenError(KafkaError):
+    """Another process bound the port between our probe and the broker's bind."""
+
+
+# -- command line -----------------------------------------------------------
+
+
+def _state_dir() -> Path:
+    return cache_root() / "broker"
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _is_our_broker(pid: int, run_dir: str) -> bool:
+    """Whether ``pid`` is still the broker JVM we started (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return "kafka.Kafka" in cmdline and run_dir in cmdline
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    # Not our child, so there is nothing to wait() on: poll until the pid is gone.
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    _log.warning("kafka_broker_kill_after_timeout", pid=pid, timeout_s=timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    libs = ensure_jars(args.kafka_version)
+    print(f"Kafka {args.kafka_version} jars in {libs}", file=sys.stderr)
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    state_dir = _state_dir()
+    state_path = state_dir / "state.json"
+    with _file_lock(state_dir / ".lock"):
+        state = _read_state(state_path)
+        if state is not None and _is_our_broker(int(state["pid"]), str(state["run_dir"])):
+            print(f"a broker is already running (pid {state['pid']})", file=sys.stderr)
+            print(state["bootstrap"])
+            return 0
+        run_dir = state_dir / "run"
+        # Each start gets fresh storage, so stale topics never leak between sessions.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+        broker = LocalBroker(run_dir, version=args.kafka_version, port=args.port, detached=True)
+        print(f"starting Kafka {args.kafka_version} (logs in {run_dir})...", file=sys.stderr)
+        bootstrap = broker.start(timeout_s=args.timeout)
+        state = {
+            "pid": broker.pid,
+            "bootstrap": bootstrap,
+            "run_dir": str(broker.run_dir),
+            "version": args.kafka_version,
+        }
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(state_path)
+    print(bootstrap)
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    state_dir = _state_dir()
+    state_path = state_dir / "state.json"
+    with _file_lock(state_dir / ".lock"):
+        state = _read_state(state_path)
+        if state is None:
+            print("no broker running", file=sys.stderr)
+            return 0
+        pid, run_dir = int(state["pid"]), str(state["run_dir"])
+        if _is_our_broker(pid, run_dir):
+            _terminate(pid, args.timeout)
+            print(f"stopped the broker on {state['bootstrap']}", file=sys.stderr)
+        else:
+            print("the broker had already exited", file=sys.stderr)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    state = _read_state(_state_dir() / "state.json")
+    if state is None or not _is_our_broker(int(state["pid"]), str(state["run_dir"])):
+        print("no broker running", file=sys.stderr)
+        return 1
+    print(state["bootstrap"])
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamer broker",
+        description="Run a local single-node Kafka broker (KRaft) from its Maven Central jars.",
+    )
+    parser.add_argument(
+        "--kafka-version",
+        default=DEFAULT_VERSION,
+        help=f"Kafka release (default {DEFAULT_VERSION})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", help="fetch the broker jars into the cache and exit")
+    start = sub.add_parser("start", help="start a detached broker and print its bootstrap address")
+    start.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    start.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    stop = sub.add_parser("stop", help="stop the broker started by 'start' and delete its data")
+    stop.add_argument("--timeout", type=float, default=20.0, help="seconds before SIGKILL")
+    sub.add_parser("status", help="print the running broker's address; exit 1 when none runs")
+    return parser
+
+
+_COMMANDS: Final = {
+    "fetch": _cmd_fetch,
+    "start": _cmd_start,
+    "stop": _cmd_stop,
+    "status": _cmd_status,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fetch``, ``start``, ``stop`` or ``status``; return the process exit code.
+
+    Only ``start`` and ``status`` write to stdout, and only the bootstrap address, so
+    scripts can do ``BOOTSTRAP=$(streamer broker start)``. Exit codes: 0 success,
+    1 failure (or no broker, for ``status``), 2 bad arguments.
+    """
+    args = _parser().parse_args(argv)
+    if not structlog.is_configured():
+        # structlog prints to stdout by default, which belongs to the address alone.
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        return _COMMANDS[args.command](args)
+    except KafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Autoencoder models: presets, scaling, training and checkpoints (torch)."""

@@ -1,0 +1,207 @@
+"""Checkpoints: safetensors weights plus a JSON sidecar; nothing is ever unpickled.
+
+A checkpoint is a directory::
+
+    model.safetensors   the network weights (safetensors: a JSON header and raw tensors)
+    model.json          architecture, channels, window, stride, scaler, training-data
+                        hash, calibration scores, version, and the weights' SHA-256
+
+Loading checks the weights' SHA-256 against the sidecar (a tampered or swapped
+file is refused) and refuses pickle and ``torch.save`` archives outright:
+unpickling a model file runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from streamer import __version__
+from streamer.errors import CheckpointError
+from streamer.model.networks import PRESETS, Architecture, ScoringModel
+from streamer.model.scaler import Scaler
+
+__all__ = ["FORMAT_VERSION", "LoadedModel", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "streamer-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SIDECAR_FILE = "model.json"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A validated model ready for the inference worker."""
+
+    module: ScoringModel
+    version: str
+    channels: tuple[str, ...]
+    window: int
+    stride: int
+    calibration: NDArray[np.float64]  # held-out window scores for threshold calibration
+    sidecar: dict[str, Any]
+    path: Path
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(
+    out_dir: Path,
+    module: ScoringModel,
+    scaler: Scaler,
+    channels: list[str],
+    stride: int,
+    training: dict[str, Any],
+    calibration: NDArray[np.floating],
+) -> LoadedModel:
+    """Write weights and sidecar atomically (temp files renamed into place)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.network.state_dict().items()}
+    blob = st_save(state)
+    digest = _sha256(blob)
+    arch = module.arch
+    calib = np.asarray(calibration, dtype=np.float64)
+    qs = [0.5, 0.9, 0.95, 0.99, 0.999]
+    sidecar: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "streamer_version": __version__,
+        "model_version": f"{arch.preset}-{digest[:12]}",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "architecture": {
+            "preset": arch.preset,
+            "hidden": arch.hidden,
+            "latent": arch.latent,
+            "fft": arch.fft,
+        },
+        "channels": list(channels),
+        "window": arch.window,
+        "stride": stride,
+        "scaler": scaler.to_json(),
+        "training": training,
+        "calibration": {
+            "quantiles": {str(q): float(np.quantile(calib, q)) for q in qs} if calib.size else {},
+            "scores": calib.tolist(),
+        },
+        "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": len(blob)},
+    }
+    # Weights first, sidecar last: a reader that sees the new sidecar sees matching weights.
+    for name, payload in ((WEIGHTS_FILE, blob), (SIDECAR_FILE, json.dumps(sidecar, indent=1).encode())):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_bytes(payload)
+        os.replace(tmp, out_dir / name)
+    return _build(out_dir, sidecar, state, "cpu")
+
+
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(
+            f"{path} is a pickle or torch.save archive; streamer never unpickles model files "
+            "because unpickling runs arbitrary code. Retrain with `streamer train` to get a "
+            "safetensors checkpoint."
+        )
+
+
+def _require(sidecar: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
+    if key not in sidecar:
+        raise CheckpointError(f"{where}: sidecar lacks {key!r}")
+    value = sidecar[key]
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{where}: sidecar {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
+    """Load and validate a checkpoint directory; CheckpointError says what is wrong."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth", ".pkl", ".bin"):
+        _refuse_pickle(path, path.read_bytes()[:2])
+        raise CheckpointError(f"{path}: expected a checkpoint directory written by `streamer train`")
+    sidecar_path = path / SIDECAR_FILE
+    weights_path = path / WEIGHTS_FILE
+    if not sidecar_path.is_file():
+        for stray in sorted(path.glob("*.p*")) if path.is_dir() else []:
+            _refuse_pickle(stray, stray.read_bytes()[:2])
+        raise CheckpointError(f"{path}: no {SIDECAR_FILE}; not a streamer checkpoint directory")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{sidecar_path}: unreadable sidecar: {exc}") from exc
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar_path}: not a streamer model sidecar")
+    if sidecar.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{sidecar_path}: format_version {sidecar.get('format_version')!r} is not supported "
+            f"(this streamer reads {FORMAT_VERSION})"
+        )
+    try:
+        blob = weights_path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{weights_path}: cannot read weights: {exc.strerror}") from exc
+    _refuse_pickle(weights_path, blob[:2])
+    weights = _require(sidecar, "weights", dict, sidecar_path)
+    if weights.get("sha256") != _sha256(blob):
+        raise CheckpointError(
+            f"{weights_path}: SHA-256 does not match the sidecar; the weights were modified "
+            "or belong to another model"
+        )
+    try:
+        state = st_load(blob)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file: {exc}") from exc
+    return _build(path, sidecar, state, device)
+
+
+def _build(path: Path, sidecar: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> LoadedModel:
+    where = path / SIDECAR_FILE
+    channels = _require(sidecar, "channels", list, where)
+    window = _require(sidecar, "window", int, where)
+    stride = _require(sidecar, "stride", int, where)
+    arch_d = _require(sidecar, "architecture", dict, where)
+    if not channels or not all(isinstance(c, str) for c in channels):
+        raise CheckpointError(f"{where}: channels must be a non-empty list of names")
+    if arch_d.get("preset") not in PRESETS:
+        raise CheckpointError(f"{where}: unknown preset {arch_d.get('preset')!r}")
+    try:
+        arch = Architecture(
+            preset=arch_d["preset"],
+            window=window,
+            channels=len(channels),
+            hidden=int(arch_d["hidden"]),
+            latent=int(arch_d["latent"]),
+            fft=bool(arch_d["fft"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: architecture is malformed: {exc!r}") from exc
+    scaler = Scaler.from_json(_require(sidecar, "scaler", dict, where), len(channels))
+    module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
+    try:
+        module.network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{where}: weights do not fit the architecture: {exc}") from exc
+    module.eval()
+    module.to(device)
+    calib = np.asarray(sidecar.get("calibration", {}).get("scores", []), dtype=np.float64)
+    return LoadedModel(
+        module=module,
+        version=str(_require(sidecar, "model_version", str, where)),
+        channels=tuple(channels),
+        window=window,
+        stride=stride,
+        calibration=calib,
+        sidecar=sidecar,
+        path=path,
+    )

@@ -1,0 +1,189 @@
+"""Training loop: chronological validation split, early stopping, deterministic with a seed."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import NDArray
+
+from streamer.config import TrainConfig
+from streamer.errors import DataError
+from streamer.model.networks import Architecture, ScoringModel
+from streamer.model.scaler import Scaler
+
+__all__ = ["TrainResult", "make_windows", "resolve_device", "score_windows", "train_model"]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from streamer.errors import ConfigError
+
+        raise ConfigError("model.device: 'cuda' requested but no CUDA device is available")
+    return device
+
+
+def make_windows(values: NDArray[np.floating], window: int, stride: int) -> NDArray[np.float32]:
+    """All windows ``(n, window, channels)`` of one contiguous segment (a copy)."""
+    if values.shape[0] < window:
+        return np.empty((0, window, values.shape[1]), dtype=np.float32)
+    view = sliding_window_view(values, window, axis=0)[::stride]  # (n, C, W)
+    return np.ascontiguousarray(view.transpose(0, 2, 1), dtype=np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """A trained model with what the checkpoint sidecar records."""
+
+    module: ScoringModel
+    scaler: Scaler
+    calibration: NDArray[np.float64]
+    info: dict[str, Any]
+
+
+def score_windows(
+    module: ScoringModel, windows: NDArray[np.float32], batch: int = 1024
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Scores and per-channel errors of windows, in batches, without gradients."""
+    device = next(module.parameters()).device
+    scores, errors = [], []
+    with torch.inference_mode():
+        for i in range(0, windows.shape[0], batch):
+            s, e = module(torch.from_numpy(windows[i : i + batch]).to(device))
+            scores.append(s.double().cpu().numpy())
+            errors.append(e.double().cpu().numpy())
+    if not scores:
+        return np.empty(0), np.empty((0, module.arch.channels))
+    return np.concatenate(scores), np.concatenate(errors)
+
+
+def train_model(
+    segments: Sequence[NDArray[np.floating]],
+    channels: Sequence[str],
+    window: int,
+    cfg: TrainConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+) -> TrainResult:
+    """Train on normal data given as contiguous segments ``(rows, channels)``.
+
+    Each segment's last ``validation_fraction`` of rows is held out (chronological,
+    so validation never overlaps training windows); the scaler is fitted on the
+    training rows only. The model with the best validation loss is kept.
+    """
+    n_ch = len(channels)
+    train_rows, val_rows = [], []
+    for i, seg in enumerate(segments):
+        seg = np.asarray(seg, dtype=np.float64)
+        if seg.ndim != 2 or seg.shape[1] != n_ch:
+            raise DataError(f"segment {i} has shape {seg.shape}; expected (rows, {n_ch})")
+        cut = int(round(seg.shape[0] * (1 - cfg.validation_fraction)))
+        train_rows.append(seg[:cut])
+        val_rows.append(seg[cut:])
+    total_train = sum(r.shape[0] for r in train_rows)
+    if total_train < window + 1:
+        raise DataError(
+            f"only {total_train} training rows after the validation split; need more than "
+            f"the window ({window})"
+        )
+    scaler = Scaler.fit(np.concatenate(train_rows), cfg.scaler)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    arch = Architecture(cfg.preset, window, n_ch, cfg.hidden, cfg.latent, cfg.fft)
+    module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
+    module.to(device)
+
+    tr = np.concatenate([make_windows(r, window, cfg.train_stride) for r in train_rows])
+    va_parts = [make_windows(r, window, 1) for r in val_rows]
+    va = np.concatenate(va_parts) if va_parts else np.empty((0, window, n_ch), np.float32)
+    if va.shape[0] == 0:
+        # Too little data for a separate validation set: validate on the training windows
+        # (early stopping still bounds the epochs) and say so in the sidecar.
+        va = tr
+    x_tr = module.prepare(torch.from_numpy(tr).to(device)).detach()
+    x_va = module.prepare(torch.from_numpy(va).to(device)).detach()
+
+    opt = torch.optim.Adam(module.network.parameters(), lr=cfg.learning_rate)
+    best = float("inf")
+    best_state = copy.deepcopy(module.network.state_dict())
+    stale = 0
+    history: list[float] = []
+    started = time.monotonic()
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(
+            TextColumn("[bold]training[/] {task.fields[preset]}"),
+            BarColumn(),
+            TextColumn("epoch {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.5f} val {task.fields[val]:.5f}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        bar.start()
+        task = bar.add_task("train", total=cfg.epochs, preset=cfg.preset, loss=float("nan"), val=float("nan"))
+    epochs_run = 0
+    try:
+        for _epoch in range(cfg.epochs):
+            module.network.train()
+            perm = torch.randperm(x_tr.shape[0], generator=gen).to(device)
+            total = 0.0
+            for i in range(0, x_tr.shape[0], cfg.batch_size):
+                xb = x_tr[perm[i : i + cfg.batch_size]]
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(module.reconstruct(xb), xb)
+                loss.backward()
+                opt.step()
+                total += float(loss) * xb.shape[0]
+            train_loss = total / x_tr.shape[0]
+            module.network.eval()
+            with torch.inference_mode():
+                val_loss = float(
+                    torch.nn.functional.mse_loss(module.reconstruct(x_va), x_va)
+                )
+            history.append(val_loss)
+            epochs_run += 1
+            if bar is not None:
+                bar.update(task, advance=1, loss=train_loss, val=val_loss)
+            if val_loss < best - 1e-7:
+                best, stale = val_loss, 0
+                best_state = copy.deepcopy(module.network.state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    finally:
+        if bar is not None:
+            bar.stop()
+    module.network.load_state_dict(best_state)
+    module.eval()
+
+    all_windows = np.concatenate([tr, va]) if va is not tr else tr
+    calib, _ = score_windows(module, all_windows)
+    if calib.shape[0] > cfg.calibration_samples:
+        pick = np.random.default_rng(cfg.seed).choice(calib.shape[0], cfg.calibration_samples, replace=False)
+        calib = calib[np.sort(pick)]
+    info = {
+        "rows": int(sum(np.asarray(s).shape[0] for s in segments)),
+        "train_windows": int(tr.shape[0]),
+        "validation_windows": int(va.shape[0]) if va is not tr else 0,
+        "epochs_run": epochs_run,
+        "best_validation_loss": best,
+        "seconds": round(time.monotonic() - started, 3),
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"),
+    }
+    return TrainResult(module, scaler, calib, info)
