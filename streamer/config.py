@@ -73,14 +73,14 @@ def _resolve_secret(key: str, raw: str) -> str:
     if match:
         name = match.group(1)
         if name not in os.environ:
-            raise ConfigError(f"kafka.client.{key}: environment variable {name} is not set")
+            raise ValueError(f"{key}: environment variable {name} is not set")
         return os.environ[name]
     if raw.startswith(_FILE_REF):
         path = Path(raw[len(_FILE_REF) :])
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"kafka.client.{key}: cannot read secret file {path}: {exc.strerror}") from exc
+            raise ValueError(f"{key}: cannot read secret file {path}: {exc.strerror}") from exc
     return raw
 
 
@@ -288,7 +288,7 @@ def _format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against config.yaml)"
         elif "input" in err and err["type"] not in {"missing"}:

@@ -22,6 +22,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -260,7 +261,9 @@ def ensure_jars(version: str = DEFAULT_VERSION, cache_dir: Path | None = None) -
             )
         except subprocess.TimeoutExpired as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            raise KafkaError(f"mvn did not fetch Kafka {version} within {exc.timeout:.0f}s") from exc
+            raise KafkaError(
+                f"mvn did not fetch Kafka {version} within {exc.timeout:.0f}s"
+            ) from exc
         if result.returncode != 0 or not (staging / jar).is_file():
             shutil.rmtree(staging, ignore_errors=True)
             raise KafkaError(
@@ -284,6 +287,35 @@ def _classpath(libs: Path) -> str:
     return os.pathsep.join(str(jar) for jar in sorted(libs.glob("*.jar")))
 
 
+def _cds_archive(libs: Path, java: str, classpath: str) -> Path:
+    """Where the class-data-sharing archive for this JDK build and class path lives.
+
+    The name hashes everything the JVM checks before using an archive, so a JDK
+    upgrade or a new jar set simply makes (and later uses) a new one.
+    """
+    real = Path(java).resolve()
+    stat = real.stat()
+    key = f"{real}\0{stat.st_mtime_ns}\0{stat.st_size}\0{classpath}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return libs.parent / "cds" / f"kafka-{digest}.jsa"
+
+
+def _adopt_cds(partial: Path | None, clean_exit: bool) -> None:
+    """Move an archive dumped at a clean JVM exit into place; drop anything else."""
+    if partial is None:
+        return
+    final = partial.with_name(partial.name.split(".", 1)[0] + ".jsa")
+    try:
+        if clean_exit and partial.is_file() and partial.stat().st_size > 0:
+            # Another broker may have won the race: either archive is as good.
+            partial.replace(final)
+            _log.info("kafka_cds_archive_written", path=str(final))
+        else:
+            partial.unlink(missing_ok=True)
+    except OSError as exc:  # the archive only saves time; never fail a stop over it
+        _log.warning("kafka_cds_archive_failed", path=str(partial), error=str(exc))
+
+
 def _free_port(exclude: Sequence[int] = ()) -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -294,8 +326,13 @@ def _free_port(exclude: Sequence[int] = ()) -> int:
 
 
 def _cluster_id() -> str:
-    # Kafka cluster ids are 16 random bytes in URL-safe base64 without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+    # Kafka cluster ids are 16 random bytes in URL-safe base64 without padding. Like
+    # Kafka's own Uuid.randomUuid(), skip ids starting with "-": the storage tool's
+    # argument parser would read one as an option.
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+        if not text.startswith("-"):
+            return text
 
 
 def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
@@ -340,12 +377,13 @@ def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
 class _Resources:
     """What a LocalBroker must release even if it is never stopped (see weakref.finalize)."""
 
-    __slots__ = ("detached", "owned_dir", "proc")
+    __slots__ = ("cds_partial", "detached", "owned_dir", "proc")
 
     def __init__(self, *, detached: bool) -> None:
         self.detached = detached
         self.proc: subprocess.Popen[bytes] | None = None
         self.owned_dir: Path | None = None
+        self.cds_partial: Path | None = None
 
     def release(self) -> None:
         # A detached broker is meant to outlive this Python process.
@@ -355,6 +393,7 @@ class _Resources:
             self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
+        _adopt_cds(self.cds_partial, clean_exit=False)
         if self.owned_dir is not None:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
 
@@ -392,6 +431,7 @@ class LocalBroker:
         self._run_dir: Path | None = None if run_dir is None else Path(run_dir).resolve()
         self._port: int | None = None
         self._controller_port: int | None = None
+        self._cds: Path | None = None
         self._res = _Resources(detached=detached)
         self._finalizer = weakref.finalize(self, self._res.release)
 
@@ -461,32 +501,38 @@ class LocalBroker:
         java = _java()
         run_dir = self._prepare_run_dir()
         classpath = _classpath(libs)
+        try:
+            self._cds = _cds_archive(libs, java, classpath)
+            self._cds.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a read-only shared libs dir: start without it
+            _log.warning("kafka_cds_unavailable", error=str(exc))
+            self._cds = None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "log4j2.properties").write_text(
             _LOG4J2_CONFIG.format(log_path=self.log_path), encoding="utf-8"
         )
-        # Ports are only chosen once, so a restart comes back at the same address.
-        auto_ports = self._port is None
+        # Ports are chosen once, so a restart comes back at the same address.
+        first_start = self._port is None or self._controller_port is None
         for attempt in range(1, _BIND_RETRIES + 1):
             if self._port is None or self._controller_port is None:
                 self._port = self._requested_port or _free_port()
                 self._controller_port = _free_port(exclude=(self._port,))
-            self._write_properties()
+            self._write_properties(self._port, self._controller_port)
             if not (self.data_dir / "meta.properties").is_file():
                 self._format(java, classpath)
             try:
                 self._launch_and_wait(java, classpath, timeout_s - (time.monotonic() - started))
-            except _PortTakenError as exc:
-                # Picking a free port races with every other process on the machine;
-                # only a port we picked ourselves may be swapped for another.
-                if not auto_ports or self._requested_port is not None:
-                    raise KafkaError(str(exc)) from None
+                break
+            except _PortTakenError:
+                # Probing for a free port races with every other process on the
+                # machine, so a port we picked may be taken by the time Kafka binds
+                # it; pick again, but never move a port the caller or a restart fixed.
+                if not first_start or self._requested_port is not None:
+                    raise
                 if attempt == _BIND_RETRIES:
-                    raise KafkaError(str(exc)) from None
+                    raise
                 _log.warning("kafka_port_taken", port=self._port, attempt=attempt)
                 self._port = self._controller_port = None
-                continue
-            break
         _log.info(
             "kafka_broker_started",
             bootstrap=self.bootstrap,
@@ -510,10 +556,15 @@ class LocalBroker:
                 try:
                     proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
-                    _log.warning("kafka_broker_kill_after_timeout", pid=proc.pid, timeout_s=timeout_s)
+                    _log.warning(
+                        "kafka_broker_kill_after_timeout", pid=proc.pid, timeout_s=timeout_s
+                    )
                     proc.kill()
                     proc.wait(timeout=10)
             _log.info("kafka_broker_stopped", pid=proc.pid, returncode=proc.returncode)
+            # 143 is the JVM's exit after SIGTERM ran its shutdown hooks to the end.
+            _adopt_cds(self._res.cds_partial, clean_exit=proc.returncode in (0, 143))
+            self._res.cds_partial = None
             self._res.proc = None
         if self._owns_run_dir and not keep_data and self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
@@ -528,6 +579,8 @@ class LocalBroker:
             proc.kill()
             proc.wait(timeout=10)
             _log.info("kafka_broker_killed", pid=proc.pid)
+        _adopt_cds(self._res.cds_partial, clean_exit=False)
+        self._res.cds_partial = None
         self._res.proc = None
 
     def restart(self, timeout_s: float = 90.0) -> str:
@@ -555,15 +608,25 @@ class LocalBroker:
         self._run_dir.mkdir(parents=True, exist_ok=True)
         return self._run_dir
 
-    def _write_properties(self) -> None:
-        assert self._port is not None and self._controller_port is not None
-        text = _server_properties(self.data_dir, self._port, self._controller_port)
+    def _write_properties(self, port: int, controller_port: int) -> None:
+        text = _server_properties(self.data_dir, port, controller_port)
         (self.run_dir / "server.properties").write_text(text, encoding="utf-8")
 
-    def _jvm(self, java: str, classpath: str) -> list[str]:
+    def _jvm(self, java: str, classpath: str, *, dump_cds: bool = False) -> list[str]:
+        cds: list[str] = []
+        if self._cds is not None:
+            if self._cds.is_file():
+                cds = [f"-XX:SharedArchiveFile={self._cds}"]
+            elif dump_cds:
+                # No archive for this JDK and jar set yet: this JVM writes one when it
+                # exits, under a unique name, adopted only after a clean exit.
+                partial = self._cds.with_name(f"{self._cds.stem}.{uuid.uuid4().hex[:8]}.partial")
+                self._res.cds_partial = partial
+                cds = [f"-XX:ArchiveClassesAtExit={partial}"]
         return [
             java,
             *_JVM_FLAGS,
+            *cds,
             f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={self.run_dir}",
             "-cp",
@@ -600,7 +663,11 @@ class LocalBroker:
         _log.debug("kafka_storage_formatted", cluster_id=cluster_id, data_dir=str(self.data_dir))
 
     def _launch_and_wait(self, java: str, classpath: str, timeout_s: float) -> None:
-        cmd = [*self._jvm(java, classpath), "kafka.Kafka", str(self.run_dir / "server.properties")]
+        cmd = [
+            *self._jvm(java, classpath, dump_cds=True),
+            "kafka.Kafka",
+            str(self.run_dir / "server.properties"),
+        ]
         # Search only what this launch writes: on a restart the log already holds a
         # "started" line from the previous run.
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -675,18 +742,29 @@ def _is_our_broker(pid: int, run_dir: str) -> bool:
     return "kafka.Kafka" in cmdline and run_dir in cmdline
 
 
-def _terminate(pid: int, timeout_s: float) -> None:
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    # A zombie has finished; in a container whose init never reaps, it stays one.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _terminate(pid: int, timeout_s: float) -> bool:
+    """SIGTERM ``pid``, SIGKILL it after ``timeout_s``; return whether it exited cleanly."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     # Not our child, so there is nothing to wait() on: poll until the pid is gone.
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return
+        if _gone(pid):
+            return True
         time.sleep(0.1)
     _log.warning("kafka_broker_kill_after_timeout", pid=pid, timeout_s=timeout_s)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    return False
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -711,11 +789,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
         broker = LocalBroker(run_dir, version=args.kafka_version, port=args.port, detached=True)
         print(f"starting Kafka {args.kafka_version} (logs in {run_dir})...", file=sys.stderr)
         bootstrap = broker.start(timeout_s=args.timeout)
+        partial = broker._res.cds_partial
         state = {
             "pid": broker.pid,
             "bootstrap": bootstrap,
             "run_dir": str(broker.run_dir),
             "version": args.kafka_version,
+            "cds_partial": None if partial is None else str(partial),
         }
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
@@ -733,11 +813,14 @@ def _cmd_stop(args: argparse.Namespace) -> int:
             print("no broker running", file=sys.stderr)
             return 0
         pid, run_dir = int(state["pid"]), str(state["run_dir"])
+        clean = False
         if _is_our_broker(pid, run_dir):
-            _terminate(pid, args.timeout)
+            clean = _terminate(pid, args.timeout)
             print(f"stopped the broker on {state['bootstrap']}", file=sys.stderr)
         else:
             print("the broker had already exited", file=sys.stderr)
+        partial = state.get("cds_partial")
+        _adopt_cds(Path(partial) if partial else None, clean_exit=clean)
         shutil.rmtree(run_dir, ignore_errors=True)
         state_path.unlink(missing_ok=True)
     return 0

@@ -106,8 +106,18 @@ def save_checkpoint(
     return _build(out_dir, sidecar, state, "cpu")
 
 
-def _refuse_pickle(path: Path, head: bytes) -> None:
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+def _is_safetensors(blob: bytes) -> bool:
+    """Safetensors starts with a little-endian u64 header length, then a JSON object."""
+    if len(blob) < 10:
+        return False
+    header_len = int.from_bytes(blob[:8], "little")
+    return blob[8:9] == b"{" and 8 + header_len <= len(blob)
+
+
+def _refuse_pickle(path: Path, blob: bytes) -> None:
+    if _is_safetensors(blob):
+        return
+    if blob[:1] == b"\x80" or blob[:2] == b"PK":
         raise CheckpointError(
             f"{path} is a pickle or torch.save archive; streamer never unpickles model files "
             "because unpickling runs arbitrary code. Retrain with `streamer train` to get a "
@@ -128,13 +138,13 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
     """Load and validate a checkpoint directory; CheckpointError says what is wrong."""
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth", ".pkl", ".bin"):
-        _refuse_pickle(path, path.read_bytes()[:2])
+        _refuse_pickle(path, path.read_bytes())
         raise CheckpointError(f"{path}: expected a checkpoint directory written by `streamer train`")
     sidecar_path = path / SIDECAR_FILE
     weights_path = path / WEIGHTS_FILE
     if not sidecar_path.is_file():
         for stray in sorted(path.glob("*.p*")) if path.is_dir() else []:
-            _refuse_pickle(stray, stray.read_bytes()[:2])
+            _refuse_pickle(stray, stray.read_bytes())
         raise CheckpointError(f"{path}: no {SIDECAR_FILE}; not a streamer checkpoint directory")
     try:
         sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
@@ -151,7 +161,7 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
         blob = weights_path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{weights_path}: cannot read weights: {exc.strerror}") from exc
-    _refuse_pickle(weights_path, blob[:2])
+    _refuse_pickle(weights_path, blob)
     weights = _require(sidecar, "weights", dict, sidecar_path)
     if weights.get("sha256") != _sha256(blob):
         raise CheckpointError(

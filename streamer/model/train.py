@@ -147,7 +147,7 @@ def train_model(
                 loss = torch.nn.functional.mse_loss(module.reconstruct(xb), xb)
                 loss.backward()
                 opt.step()
-                total += float(loss) * xb.shape[0]
+                total += float(loss.detach()) * xb.shape[0]
             train_loss = total / x_tr.shape[0]
             module.network.eval()
             with torch.inference_mode():
