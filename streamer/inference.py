@@ -129,7 +129,7 @@ class InferenceWorker:
                 self.raise_if_failed()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-                if not self._thread.is_alive():
+                if self._thread.ident is not None and not self._thread.is_alive():
                     raise InferenceError("inference worker is not running") from None
 
     def swap_model(self, model: LoadedModel) -> None:

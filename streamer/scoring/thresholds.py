@@ -300,22 +300,49 @@ def _roots(y: NDArray[np.float64], ymin: float, ymax: float, ymean: float) -> ND
         exact: NDArray[np.float64] = grid[f == 0.0]
         if br.size == 0:
             return exact
-        a, b = grid[br], grid[br + 1]
-        fa, fb = f[br], f[br + 1]
-        # Illinois (modified regula falsi), vectorised over all brackets: superlinear and
-        # never leaves its bracket, so ~10 evaluations replace ~40 bisection steps.
-        for _ in range(60):
-            c = b - fb * (b - a) / (fb - fa)
-            lo_ab, hi_ab = np.minimum(a, b), np.maximum(a, b)
-            c = np.where((c > lo_ab) & (c < hi_ab), c, 0.5 * (a + b))
-            fc = _w(c, y)
-            flip = np.sign(fc) != np.sign(fb)
-            a = np.where(flip, b, a)
-            fa = np.where(flip, fb, 0.5 * fa)
-            b, fb = c, fc
-            if np.all((np.abs(b - a) <= 1e-11 * np.abs(b)) | (fc == 0.0)):
-                break
-    return np.concatenate((exact, b))
+        roots = [
+            _illinois(y, *ab)
+            for ab in zip(
+                grid[br].tolist(),
+                grid[br + 1].tolist(),
+                f[br].tolist(),
+                f[br + 1].tolist(),
+                strict=True,
+            )
+        ]
+    return np.concatenate((exact, roots))
+
+
+def _w1(x: float, y: NDArray[np.float64]) -> float:
+    """:func:`_w` at one point."""
+    xy = x * y
+    a = float((xy / (1.0 + xy)).mean())
+    b = float(np.log1p(xy).mean())
+    return b - a - a * b
+
+
+def _illinois(y: NDArray[np.float64], a: float, b: float, fa: float, fb: float) -> float:
+    """Root of Grimshaw's equation in the bracket [a, b] by the Illinois method.
+
+    Modified regula falsi: superlinear and never leaves its bracket, so ~10 evaluations
+    replace ~40 bisection steps. Scalar on purpose: there is usually one bracket, and
+    Python floats cost less than numpy calls on one-element arrays.
+    """
+    for _ in range(100):
+        c = b - fb * (b - a) / (fb - fa)
+        if not min(a, b) < c < max(a, b):
+            c = 0.5 * (a + b)
+        fc = _w1(c, y)
+        if fc == 0.0:
+            return c
+        if (fc > 0.0) != (fb > 0.0):
+            a, fa = b, fb
+        else:
+            fa *= 0.5
+        b, fb = c, fc
+        if abs(b - a) <= 1e-10 * abs(b):
+            break
+    return b
 
 
 def fit_gpd(peaks: NDArray[np.floating]) -> tuple[float, float]:

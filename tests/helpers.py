@@ -1,0 +1,127 @@
+"""Helpers shared by the test suite: bounded waits and plain produce/consume against a broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+
+class Timeout:
+    """A deadline for a polling loop, so no test can spin forever.
+
+    ``while not timeout.expired: ...`` with ``timeout.remaining`` as the poll
+    timeout keeps every wait bounded by one number stated up front.
+    """
+
+    __slots__ = ("_deadline", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        if timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+
+    @property
+    def expired(self) -> bool:
+        """Whether the deadline has passed."""
+        return time.monotonic() >= self._deadline
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left before the deadline, never negative."""
+        return max(0.0, self._deadline - time.monotonic())
+
+
+def produce_json(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[str | bytes | None, bytes]],
+    *,
+    timeout_s: float = 30.0,
+) -> None:
+    """Produce ``(key, value)`` records in order and wait until every one is acknowledged.
+
+    Raises AssertionError naming the first delivery error, or if acks are missing at
+    the deadline, so a test never goes on with half its input written.
+    """
+    errors: list[str] = []
+
+    def on_delivery(err: object, msg: Message) -> None:
+        if err is not None:
+            errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+        producer.poll(0)
+    remaining = producer.flush(timeout_s)
+    assert not errors, f"delivery failed: {errors[0]} ({len(errors)} errors)"
+    assert remaining == 0, f"{remaining} of {len(records)} records unacknowledged after {timeout_s}s"
+
+
+def consume_all(
+    bootstrap: str,
+    topic: str,
+    expected: int | None = None,
+    timeout_s: float = 30.0,
+) -> list[Message]:
+    """Read ``topic`` from the beginning with a throwaway group and return its messages.
+
+    With ``expected`` set, stop as soon as that many arrived (or at the deadline, so
+    the caller's assertion shows what did arrive). With ``expected=None``, read up
+    to the end offsets seen at the start: everything already written.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-reader-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    timeout = Timeout(timeout_s)
+    try:
+        end_offsets: dict[int, int] | None = None
+        if expected is None:
+            metadata = consumer.list_topics(topic, timeout=timeout.remaining)
+            partitions = metadata.topics[topic].partitions
+            end_offsets = {
+                p: consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=timeout.remaining
+                )[1]
+                for p in partitions
+            }
+        consumer.subscribe([topic])
+        messages: list[Message] = []
+        at_end: set[int] = set()
+        while not timeout.expired:
+            if expected is not None and len(messages) >= expected:
+                break
+            if end_offsets is not None and at_end >= set(end_offsets):
+                break
+            msg = consumer.poll(min(timeout.remaining, 0.5))
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    partition = msg.partition()
+                    if end_offsets is not None and msg.offset() >= end_offsets[partition]:
+                        at_end.add(partition)
+                    continue
+                raise KafkaException(err)
+            messages.append(msg)
+        return messages
+    finally:
+        consumer.close()

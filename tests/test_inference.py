@@ -1,0 +1,119 @@
+"""The inference worker: micro-batching, failure propagation, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.config import InferenceConfig
+from streamer.errors import InferenceError
+from streamer.inference import InferenceWorker
+from streamer.model.checkpoint import LoadedModel
+from streamer.model.networks import Architecture, ScoringModel
+from streamer.model.train import score_windows
+
+
+def make_model(window: int = 8, channels: int = 2) -> LoadedModel:
+    torch.manual_seed(0)
+    module = ScoringModel(Architecture("dense", window, channels, 8, 4, False), torch.zeros(channels), torch.ones(channels))
+    module.eval()
+    return LoadedModel(module, "dense-test", tuple(f"c{i}" for i in range(channels)), window, 1, np.ones(10), {}, Path("."))
+
+
+class Exploding(torch.nn.Module):
+    """A network that fails on its second call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls >= 2:
+            raise RuntimeError("boom")
+        return x
+
+
+class TestInferenceWorker:
+    """Scoring through the worker thread."""
+
+    def test_results_match_direct_scoring_and_batches_merge(self) -> None:
+        """Many small submissions give the direct scores and are merged into few forward passes."""
+        model = make_model()
+        rng = np.random.default_rng(0)
+        batches = [rng.normal(size=(int(rng.integers(1, 20)), 8, 2)).astype(np.float32) for _ in range(40)]
+        worker = InferenceWorker(model, InferenceConfig(max_batch=256, max_wait_ms=50, queue_size=64))
+        futures = [worker.submit(b) for b in batches]  # queued before the thread starts
+        worker.start()
+        for b, fut in zip(batches, futures, strict=True):
+            res = fut.result(timeout=30)
+            expected, errors = score_windows(model.module, b)
+            np.testing.assert_allclose(res.scores, expected, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(res.channel_errors, errors, rtol=1e-5, atol=1e-7)
+            assert res.model_version == "dense-test"
+        assert worker.batches < len(batches)
+        worker.close()
+
+    def test_worker_exception_reaches_the_caller(self) -> None:
+        """A failing forward pass fails the futures and later submits; nothing hangs."""
+        model = make_model()
+        model.module.network = Exploding()
+        worker = InferenceWorker(model, InferenceConfig(max_batch=4, max_wait_ms=0, queue_size=2)).start()
+        x = np.zeros((4, 8, 2), np.float32)
+        assert worker.submit(x).result(timeout=10).scores.shape == (4,)
+        with pytest.raises(RuntimeError, match="boom"):
+            worker.submit(x).result(timeout=10)
+        deadline = time.monotonic() + 10
+        with pytest.raises(InferenceError, match="boom"):
+            while time.monotonic() < deadline:
+                worker.submit(x).result(timeout=10)
+        worker.close()
+
+    def test_full_queue_blocks_then_times_out(self) -> None:
+        """With the worker stalled, submit blocks while the queue is full and raises after its timeout."""
+        import queue
+
+        worker = InferenceWorker(make_model(), InferenceConfig(queue_size=2))  # not started: stalled
+        x = np.zeros((1, 8, 2), np.float32)
+        worker.submit(x)
+        worker.submit(x)
+        assert worker.is_full
+        started = time.monotonic()
+        with pytest.raises(queue.Full):
+            worker.submit(x, timeout_s=0.3)
+        assert time.monotonic() - started >= 0.3
+
+    def test_close_fails_unscored_work_and_rejects_new(self) -> None:
+        """Closing scores what was queued, then submit raises."""
+        worker = InferenceWorker(make_model(), InferenceConfig()).start()
+        fut = worker.submit(np.zeros((3, 8, 2), np.float32))
+        worker.close()
+        assert fut.result(timeout=5).scores.shape == (3,)
+        with pytest.raises(InferenceError, match="closed"):
+            worker.submit(np.zeros((1, 8, 2), np.float32))
+
+    def test_wrong_shape_is_rejected(self) -> None:
+        """Windows of the wrong shape name the expected shape."""
+        worker = InferenceWorker(make_model(), InferenceConfig()).start()
+        with pytest.raises(InferenceError, match=r"\(n, 8, 2\)"):
+            worker.submit(np.zeros((3, 9, 2), np.float32))
+        worker.close()
+
+    def test_swap_model_between_batches(self) -> None:
+        """After swap_model the next results carry the new version; mismatched models are refused."""
+        worker = InferenceWorker(make_model(), InferenceConfig()).start()
+        x = np.zeros((2, 8, 2), np.float32)
+        assert worker.submit(x).result(timeout=5).model_version == "dense-test"
+        new = make_model()
+        new = LoadedModel(new.module, "dense-v2", new.channels, 8, 1, new.calibration, {}, Path("."))
+        worker.swap_model(new)
+        assert worker.submit(x).result(timeout=5).model_version == "dense-v2"
+        with pytest.raises(InferenceError, match="window"):
+            worker.swap_model(make_model(window=9))
+        worker.close()
+        assert threading.active_count() >= 1
