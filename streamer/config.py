@@ -192,6 +192,10 @@ class InferenceConfig(_Section):
     """Inference worker: queue bound and micro-batching."""
 
     max_batch: PositiveInt = 512
+    # Every forward pass runs on zero-padded chunks of exactly this many windows, so a
+    # window's score is bit-identical however the windows around it were batched
+    # (replays after a crash then reproduce byte-identical records).
+    chunk: PositiveInt = 64
     max_wait_ms: Annotated[float, Field(ge=0)] = 5.0
     queue_size: PositiveInt = 64
     threads: Annotated[int, Field(ge=0)] = 0  # 0: let torch decide

@@ -191,21 +191,33 @@ class InferenceWorker:
             total += nxt.windows.shape[0]
         return items, stop
 
-    def _forward(self, model: LoadedModel, windows: NDArray[np.float32]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    def _forward(
+        self, model: LoadedModel, windows: NDArray[np.float32]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         cuda = self._device.type == "cuda"
+        n = windows.shape[0]
+        chunk = self._cfg.chunk
+        # Pad to a whole number of fixed-size chunks: kernels pick algorithms by batch
+        # size, and a fixed size keeps each window's result independent of its batch.
+        padded = -(-n // chunk) * chunk
+        if padded != n:
+            buf = np.zeros((padded, *windows.shape[1:]), dtype=np.float32)
+            buf[:n] = windows
+            windows = buf
         scores, errors = [], []
-        step = self._cfg.max_batch
         autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
         with torch.inference_mode(), autocast:
-            for i in range(0, windows.shape[0], step):
-                x = torch.from_numpy(windows[i : i + step])
-                if cuda:
-                    # Pinned host memory lets the copy overlap with the previous batch.
-                    x = x.pin_memory().to(self._device, non_blocking=True)
-                s, e = model.module(x)
-                scores.append(s.float().cpu().numpy().astype(np.float64))
-                errors.append(e.float().cpu().numpy().astype(np.float64))
-        return np.concatenate(scores), np.concatenate(errors)
+            x_all = torch.from_numpy(windows)
+            if cuda:
+                # Pinned host memory lets the host-to-device copy run asynchronously.
+                x_all = x_all.pin_memory().to(self._device, non_blocking=True)
+            for i in range(0, padded, chunk):
+                s, e = model.module(x_all[i : i + chunk])
+                scores.append(s.float())
+                errors.append(e.float())
+            score_t = torch.cat(scores)[:n].cpu().numpy().astype(np.float64)
+            error_t = torch.cat(errors)[:n].cpu().numpy().astype(np.float64)
+        return score_t, error_t
 
     def _run(self) -> None:
         try:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -66,7 +67,9 @@ def produce_json(
         producer.poll(0)
     remaining = producer.flush(timeout_s)
     assert not errors, f"delivery failed: {errors[0]} ({len(errors)} errors)"
-    assert remaining == 0, f"{remaining} of {len(records)} records unacknowledged after {timeout_s}s"
+    assert remaining == 0, (
+        f"{remaining} of {len(records)} records unacknowledged after {timeout_s}s"
+    )
 
 
 def consume_all(
@@ -75,34 +78,35 @@ def consume_all(
     expected: int | None = None,
     timeout_s: float = 30.0,
 ) -> list[Message]:
-    """Read ``topic`` from the beginning with a throwaway group and return its messages.
+    """Read every partition of ``topic`` from the beginning and return the messages.
 
     With ``expected`` set, stop as soon as that many arrived (or at the deadline, so
     the caller's assertion shows what did arrive). With ``expected=None``, read up
-    to the end offsets seen at the start: everything already written.
+    to the end offsets seen at the start: everything already written. Partitions
+    are assigned, not subscribed, so no consumer group joins or commits.
     """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"test-reader-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
     )
     timeout = Timeout(timeout_s)
     try:
+        metadata = consumer.list_topics(topic, timeout=timeout.remaining)
+        partitions = sorted(metadata.topics[topic].partitions)
+        assert partitions, f"topic {topic} does not exist: {metadata.topics[topic].error}"
         end_offsets: dict[int, int] | None = None
         if expected is None:
-            metadata = consumer.list_topics(topic, timeout=timeout.remaining)
-            partitions = metadata.topics[topic].partitions
             end_offsets = {
                 p: consumer.get_watermark_offsets(
                     TopicPartition(topic, p), timeout=timeout.remaining
                 )[1]
                 for p in partitions
             }
-        consumer.subscribe([topic])
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         messages: list[Message] = []
         at_end: set[int] = set()
         while not timeout.expired:

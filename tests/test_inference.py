@@ -117,3 +117,22 @@ class TestInferenceWorker:
             worker.swap_model(make_model(window=9))
         worker.close()
         assert threading.active_count() >= 1
+
+
+class TestDeterminism:
+    """Scores do not depend on how windows were batched."""
+
+    def test_scores_are_bit_identical_across_batchings(self) -> None:
+        """The same windows submitted in different groupings give bit-identical scores."""
+        model = make_model(window=16, channels=3)
+        x = np.random.default_rng(4).normal(size=(300, 16, 3)).astype(np.float32)
+        worker = InferenceWorker(model, InferenceConfig(max_batch=128, chunk=32, max_wait_ms=0)).start()
+        whole = worker.submit(x).result(timeout=30).scores
+        for sizes in ([1] * 10 + [290], [7, 93, 200], [150, 150]):
+            parts, lo = [], 0
+            for size in sizes:
+                parts.append(worker.submit(x[lo : lo + size]))
+                lo += size
+            got = np.concatenate([f.result(timeout=30).scores for f in parts])
+            assert np.array_equal(got, whole)
+        worker.close()

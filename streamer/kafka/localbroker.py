@@ -196,6 +196,17 @@ def _tail_file(path: Path, lines: int = _TAIL_LINES) -> str:
         return f"({path.name} was not written)"
 
 
+def _error_lines(log: str, limit: int = 20) -> str:
+    """The ERROR lines of a Kafka log with the exception message and causes under each."""
+    picked: list[str] = []
+    previous_was_error = False
+    for line in log.splitlines():
+        if " ERROR " in line or line.startswith("Caused by:") or previous_was_error:
+            picked.append(line)
+        previous_was_error = " ERROR " in line
+    return "\n".join(picked[:limit]) if picked else "(none)"
+
+
 def ensure_jars(version: str = DEFAULT_VERSION, cache_dir: Path | None = None) -> Path:
     """Return the directory holding the Kafka broker jars, fetching them with Maven once.
 
@@ -685,33 +696,37 @@ class LocalBroker:
         _log.debug("kafka_broker_launched", pid=proc.pid, bootstrap=self.bootstrap)
         deadline = time.monotonic() + max(timeout_s, 1.0)
         while True:
-            if self._log_contains(_STARTED_MARKER, log_offset):
+            if _STARTED_MARKER in self._read_log(log_offset):
                 return
             returncode = proc.poll()
             if returncode is not None or time.monotonic() > deadline:
                 self.kill()
-                logs = (
-                    f"--- {self.log_path} (tail) ---\n{_tail_file(self.log_path)}\n"
-                    f"--- {self.console_path} (tail) ---\n{_tail_file(self.console_path)}"
-                )
                 what = (
                     f"exited with code {returncode}"
                     if returncode is not None
                     else f"did not start within {timeout_s:.0f}s"
                 )
-                message = f"Kafka broker on {self.bootstrap} {what}\n{logs}"
-                if "Address already in use" in logs:
+                log = self._read_log(log_offset)
+                # The cause is logged first and then buried under shutdown chatter, so
+                # quote the errors on their own as well as the tail.
+                message = (
+                    f"Kafka broker on {self.bootstrap} {what}\n"
+                    f"--- errors in {self.log_path} ---\n{_error_lines(log)}\n"
+                    f"--- {self.log_path} (tail) ---\n{_tail(log, 20)}\n"
+                    f"--- {self.console_path} (tail) ---\n{_tail_file(self.console_path)}"
+                )
+                if "Address already in use" in log:
                     raise _PortTakenError(message)
                 raise KafkaError(message)
             time.sleep(0.1)
 
-    def _log_contains(self, marker: str, offset: int) -> bool:
+    def _read_log(self, offset: int) -> str:
         try:
             with self.log_path.open("rb") as handle:
                 handle.seek(offset)
-                return marker.encode() in handle.read()
+                return handle.read().decode("utf-8", "replace")
         except FileNotFoundError:
-            return False
+            return ""
 
 
 class _PortTakenError(KafkaError):
@@ -868,13 +883,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``fetch``, ``start``, ``stop`` or ``status``; return the process exit code.
 
     Only ``start`` and ``status`` write to stdout, and only the bootstrap address, so
-    scripts can do ``BOOTSTRAP=$(streamer broker start)``. Exit codes: 0 success,
+    scripts can do ``BOOTSTRAP=$(streamer broker start)``; the caller must route
+    structlog to stderr (structlog's default is stdout). Exit codes: 0 success,
     1 failure (or no broker, for ``status``), 2 bad arguments.
     """
     args = _parser().parse_args(argv)
-    if not structlog.is_configured():
-        # structlog prints to stdout by default, which belongs to the address alone.
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         return _COMMANDS[args.command](args)
     except KafkaError as exc:
@@ -883,4 +896,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # structlog prints to stdout by default, and stdout belongs to the address alone.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     sys.exit(main(sys.argv[1:]))

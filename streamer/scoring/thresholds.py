@@ -795,11 +795,20 @@ class DspotThreshold:
 class QuantileThreshold:
     """``margin`` times the rolling empirical ``quantile`` of the last ``window`` scores.
 
-    Only non-alarmed scores enter the window; calibration fills it with the last
-    ``window`` calibration scores. The quantile interpolates linearly between order
-    statistics (numpy's default). The likelihood is the empirical CDF of the window.
-    The window changes with every learned point, so ``step`` is a sequential loop over
-    a sorted list (bisect): O(log window) comparisons plus one memmove per point.
+    Calibration fills the window with the last ``window`` calibration scores. A normal
+    score enters the window as is; an alarmed one enters censored: it counts as a value
+    above every learned one, but its magnitude is never used. Leaving alarmed scores out
+    entirely (the textbook filter) biases the window low by the alarmed mass, so a
+    threshold near the quantile ratchets down until it alarms on everything (quantile
+    0.99, margin 1: 47 % alarms on i.i.d. scores). With censoring the true quantile is
+    the fixed point. When the quantile's rank falls among censored entries (a sustained
+    anomaly), the threshold is ``margin`` times the largest learned score, and it holds
+    its last value once the window is all censored: anomalies never raise it.
+
+    The quantile interpolates linearly between order statistics (numpy's default). The
+    likelihood is the empirical CDF of the learned scores in the window. The window
+    changes with every point, so ``step`` is a sequential loop over a sorted list
+    (bisect): O(log window) comparisons plus one memmove per point, about 1 us.
     """
 
     kind: ClassVar[str] = "quantile"
@@ -811,43 +820,54 @@ class QuantileThreshold:
         self._q = q
         self._size = _integer("window", window, 1)
         self._margin = _positive("margin", margin)
-        self._fifo: deque[float] = deque()
-        self._sorted: list[float] = []
+        self._fifo: deque[float | None] = deque()  # arrival order; None: censored (alarmed)
+        self._sorted: list[float] = []  # the learned (not censored) values, sorted
+        self._held = math.nan  # last quantile, for a window with nothing learned in it
 
     def __repr__(self) -> str:
         return (
             f"QuantileThreshold(quantile={self._q!r}, window={self._size}, margin={self._margin!r})"
         )
 
-    def _fill(self, values: list[float]) -> None:
+    def _fill(self, values: list[float | None], held: float) -> None:
         self._fifo = deque(values)
-        self._sorted = sorted(values)
+        self._sorted = sorted(v for v in values if v is not None)
+        self._held = held
+        self._held = self._quantile()
 
     def calibrate(self, scores: NDArray[np.floating]) -> None:
         """Fill the window with the last ``window`` calibration scores."""
         x = _calibration_scores(scores, MIN_CALIBRATION)
-        self._fill(x[-self._size :].tolist())
+        values: list[float | None] = list(x[-self._size :].tolist())
+        self._fill(values, math.nan)
 
-    def _current(self) -> float:
+    def _quantile(self) -> float:
         s = self._sorted
         if not s:
-            raise StateError(
-                "quantile threshold is not calibrated: call calibrate() or load a state"
-            )
-        pos = self._q * (len(s) - 1)
+            if math.isnan(self._held):
+                raise StateError(
+                    "quantile threshold is not calibrated: call calibrate() or load a state"
+                )
+            return self._held
+        # Rank among all entries, censored ones sorting above every learned value.
+        pos = self._q * (len(self._fifo) - 1)
         lo = int(pos)
         if lo + 1 >= len(s):
-            return self._margin * s[-1]
-        return self._margin * (s[lo] + (s[lo + 1] - s[lo]) * (pos - lo))
+            # The rank reaches censored entries, whose true values lie above the threshold
+            # of their time: hold the last quantile rather than fall to the largest learned
+            # value (falling would censor more, and so on down).
+            return max(s[-1], self._held) if self._held == self._held else s[-1]
+        return s[lo] + (s[lo + 1] - s[lo]) * (pos - lo)
 
     @property
     def value(self) -> float:
         """The threshold for the next point."""
-        return self._current()
+        return self._margin * self._quantile()
 
     def step(self, scores: NDArray[np.floating]) -> ThresholdResult:
-        """Compare each score with the quantile of the window before it; learn the normal ones."""
-        thr_now = self._current()
+        """Compare each score with the threshold before it; learn it, censored if it alarmed."""
+        q_now = self._quantile()
+        margin = self._margin
         x = _live_scores(scores)
         size = x.size
         thr = np.empty(size)
@@ -855,26 +875,33 @@ class QuantileThreshold:
         anom = np.zeros(size, dtype=bool)
         fifo, s, cap = self._fifo, self._sorted, self._size
         for i, xi in enumerate(x.tolist()):
+            thr_now = margin * q_now
             thr[i] = thr_now
-            lik[i] = bisect.bisect_right(s, xi) / len(s)
+            lik[i] = bisect.bisect_right(s, xi) / len(s) if s else float(xi > q_now)
+            if len(fifo) == cap:
+                old = fifo.popleft()
+                if old is not None:
+                    del s[bisect.bisect_left(s, old)]
             if xi > thr_now:
                 anom[i] = True
-                continue
-            if len(fifo) == cap:
-                del s[bisect.bisect_left(s, fifo.popleft())]
-            fifo.append(xi)
-            bisect.insort(s, xi)
-            thr_now = self._current()
+                fifo.append(None)
+            else:
+                fifo.append(xi)
+                bisect.insort(s, xi)
+            q_now = self._quantile()
+            self._held = q_now
         return ThresholdResult(thr, anom, lik)
 
     def likelihood(self, scores: NDArray[np.floating]) -> NDArray[np.float64]:
-        """Empirical CDF of the current window."""
-        self._current()
-        return _ecdf(np.asarray(self._sorted), _live_scores(scores))
+        """Empirical CDF of the learned scores in the window."""
+        q = self._quantile()
+        x = _live_scores(scores)
+        if not self._sorted:
+            return (x > q).astype(np.float64)
+        return _ecdf(np.asarray(self._sorted), x)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: parameters and the window in arrival order."""
-        self._current()
+        """JSON-serialisable state: parameters, the window in arrival order (null: censored)."""
         return {
             "kind": self.kind,
             "version": STATE_VERSION,
@@ -882,23 +909,30 @@ class QuantileThreshold:
             "window_size": self._size,
             "margin": self._margin,
             "window": list(self._fifo),
+            "held": self._quantile(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the whole state, parameters included."""
 
-        def build(s: Mapping[str, Any]) -> tuple[QuantileThreshold, list[float]]:
+        def build(s: Mapping[str, Any]) -> tuple[QuantileThreshold, list[float | None], float]:
             proto = QuantileThreshold(s["quantile"], s["window_size"], s["margin"])
-            values = _vec(s, "window")
-            if not 0 < values.size <= proto._size:
-                raise _CorruptStateError(
-                    f"window must hold 1 to {proto._size} values, got {values.size}"
-                )
-            return proto, values.tolist()
+            window = s["window"]
+            if not isinstance(window, list) or not 0 < len(window) <= proto._size:
+                raise _CorruptStateError(f"window must be a list of 1 to {proto._size} entries")
+            values: list[float | None] = []
+            for v in window:
+                if v is None:
+                    values.append(None)
+                elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                    values.append(float(v))
+                else:
+                    raise _CorruptStateError(f"window entries must be finite or null, got {v!r}")
+            return proto, values, _num(s, "held")
 
-        proto, values = _load(self.kind, state, build)
+        proto, values, held = _load(self.kind, state, build)
         self._q, self._size, self._margin = proto._q, proto._size, proto._margin
-        self._fill(values)
+        self._fill(values, held)
 
     def clone(self) -> QuantileThreshold:
         """Independent deep copy."""
