@@ -137,7 +137,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from streamer.offline import eval_nab, eval_skab
 
-    cfg = _load(args.config)
+    # Without --config each benchmark uses its documented built-in settings.
+    cfg = None if args.config is None else _load(args.config)
     fn = eval_skab if args.benchmark == "skab" else eval_nab
     figures = fn(cfg, args.data, scores_out=args.scores_out, limit=args.limit)
     if args.json_out is not None:
