@@ -10,10 +10,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from streamer import __version__
 from streamer.errors import CheckpointError, ConfigError, DataError, StreamerError
+
+if TYPE_CHECKING:
+    from streamer.config import Config
 
 __all__ = ["main"]
 
@@ -44,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("check-config", help="validate a config file and print it with secrets masked")
+    p = sub.add_parser(
+        "check-config", help="validate a config file and print it with secrets masked"
+    )
     _add_config(p)
 
     p = sub.add_parser("run", help="run the daemon: consume samples, publish scores and alerts")
@@ -68,13 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=["skab", "nab"])
     _add_config(p, required=False)
     p.add_argument("--data", type=Path, required=True, help="benchmark folder (SKAB or NAB layout)")
-    p.add_argument("--json", type=Path, default=None, dest="json_out", help="write the figures as JSON")
+    p.add_argument(
+        "--json", type=Path, default=None, dest="json_out", help="write the figures as JSON"
+    )
     p.add_argument("--scores-out", type=Path, default=None, help="write per-row results here")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N files")
 
     p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
     _add_config(p, required=False)
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the plot and model")
+    p.add_argument(
+        "--out", type=Path, default=Path("demo-out"), help="folder for the plot and model"
+    )
     p.add_argument("--sensors", type=int, default=12)
     p.add_argument("--minutes", type=float, default=None, help="simulated history length")
 
@@ -84,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path | None) -> Any:
+def _load(path: Path | None) -> Config:
     from streamer.config import Config, load_config
 
     return Config() if path is None else load_config(path)
@@ -112,11 +121,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         segments.append(values)
     device = resolve_device(cfg.model.device)
     result = train_model(
-        segments, channels, cfg.stream.window, cfg.train, device=device, progress=not args.no_progress
+        segments,
+        channels,
+        cfg.stream.window,
+        cfg.train,
+        device=device,
+        progress=not args.no_progress,
     )
-    info = dict(result.info, data_sha256=data_hash(segments, channels), files=[str(p) for p in args.data])
+    info = dict(
+        result.info, data_sha256=data_hash(segments, channels), files=[str(p) for p in args.data]
+    )
     loaded = save_checkpoint(
-        args.out, result.module, result.scaler, channels, cfg.stream.stride, info, result.calibration
+        args.out,
+        result.module,
+        result.scaler,
+        channels,
+        cfg.stream.stride,
+        info,
+        result.calibration,
     )
     print(
         f"wrote {args.out} (model {loaded.version}, {info['epochs_run']} epochs, "
@@ -151,14 +173,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from streamer.daemon import run_daemon
 
     cfg = _load(args.config)
-    return run_daemon(cfg)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.demo import run_demo
-
-    cfg = _load(args.config)
-    return run_demo(cfg, out_dir=args.out, sensors=args.sensors, minutes=args.minutes)
+    code: int = run_daemon(cfg)
+    return code
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -174,7 +190,6 @@ COMMANDS = {
     "score": _cmd_score,
     "eval": _cmd_eval,
     "run": _cmd_run,
-    "demo": _cmd_demo,
     "broker": _cmd_broker,
 }
 

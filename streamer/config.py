@@ -96,6 +96,11 @@ class KafkaConfig(_Section):
     topic_partitions: PositiveInt = 1
     consume_batch: PositiveInt = 2000
     poll_timeout_ms: PositiveInt = 100
+    # How often the daemon delivers, checkpoints state and commits (also on revoke and
+    # shutdown). Longer: less overhead, more to replay after a crash.
+    commit_interval_s: PositiveFloat = 5.0
+    # Upper bound on reading a partition's state back on assignment.
+    restore_timeout_s: PositiveFloat = 60.0
 
     @field_validator("client", mode="before")
     @classmethod
@@ -127,12 +132,17 @@ class TopicsConfig(_Section):
     scores: str = "sensor-scores"
     alerts: str = "sensor-alerts"
     dlq: str = "sensor-dlq"
+    # Compacted changelog of per-sensor threshold, alert and ring state (one record per
+    # sensor, partition = its input partition); restored on partition assignment.
+    state: str = "sensor-state"
 
 
 class StreamConfig(_Section):
     """Shape of the stream: channels, window and stride, and the sample field names."""
 
-    channels: list[str] = Field(default_factory=lambda: ["temp", "pressure", "vibration", "flow", "current"])
+    channels: list[str] = Field(
+        default_factory=lambda: ["temp", "pressure", "vibration", "flow", "current"]
+    )
     window: Annotated[int, Field(ge=2, le=65536)] = 64
     stride: PositiveInt = 8
     # A gap longer than this between two samples of a sensor resets its window:
@@ -142,6 +152,9 @@ class StreamConfig(_Section):
     timestamp_field: str = "ts"
     values_field: str = "values"
     max_message_bytes: PositiveInt = 65536
+    # Bound on the replay after a restart: a sensor whose oldest held sample is this many
+    # messages behind its partition's position is evicted (its window restarts).
+    max_replay_messages: PositiveInt = 1_000_000
 
     @field_validator("channels")
     @classmethod
@@ -210,13 +223,20 @@ class ThresholdConfig(_Section):
     depth: PositiveInt = 50
     quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
     window: PositiveInt = 1000
-    margin: PositiveFloat = 1.0
+    # Above 1: the window learns only scores below the threshold, so at margin 1 the
+    # quantile would ratchet down until everything alarms.
+    margin: Annotated[float, Field(gt=1)] = 1.5
     value: PositiveFloat | None = None
 
     @model_validator(mode="after")
-    def _fixed_needs_value(self) -> ThresholdConfig:
+    def _consistent(self) -> ThresholdConfig:
         if self.method == "fixed" and self.value is None:
             raise ValueError("method 'fixed' needs threshold.value")
+        if self.method in ("spot", "dspot") and self.risk >= 1 - self.level:
+            raise ValueError(
+                f"risk ({self.risk}) must be below 1 - level ({1 - self.level:.4g}): "
+                "the alarm level must lie beyond the initial quantile"
+            )
         return self
 
     def params(self) -> dict[str, Any]:
@@ -308,7 +328,9 @@ def parse_config(data: Mapping[str, Any] | None, source: str = "<config>") -> Co
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: top level must be a mapping of sections, got {type(data).__name__}"
+        )
     try:
         return Config.model_validate(dict(data))
     except ValidationError as exc:

@@ -65,7 +65,11 @@ def read_csv(
         raise DataError(f"{path}: empty file")
     header = [h.strip() for h in rows[0]]
     body = [r for r in rows[1:] if r]
-    if len(header) == 1 and separator not in rows[0][0] and (";" in rows[0][0] or "," in rows[0][0]):
+    if (
+        len(header) == 1
+        and separator not in rows[0][0]
+        and (";" in rows[0][0] or "," in rows[0][0])
+    ):
         guess = ";" if ";" in rows[0][0] else ","
         raise DataError(f"{path}: only one column with separator {separator!r}; is it {guess!r}?")
     if timestamp_column is not None and timestamp_column not in header:
@@ -86,9 +90,13 @@ def read_csv(
                 out[i] = float(row[j])
             except (ValueError, IndexError):
                 cell = row[j] if j < len(row) else "<missing>"
-                raise DataError(f"{path}: line {i + 2}, column {name!r}: not a number: {cell!r}") from None
+                raise DataError(
+                    f"{path}: line {i + 2}, column {name!r}: not a number: {cell!r}"
+                ) from None
             if not np.isfinite(out[i]):
-                raise DataError(f"{path}: line {i + 2}, column {name!r}: non-finite value {row[j]!r}")
+                raise DataError(
+                    f"{path}: line {i + 2}, column {name!r}: non-finite value {row[j]!r}"
+                )
         return out
 
     values = np.stack([column(c) for c in wanted], axis=1) if body else np.empty((0, len(wanted)))

@@ -56,6 +56,10 @@ class ScoredBatch:
         return len(self.windows)
 
 
+def _plain_label(positions: NDArray[np.int64]) -> list[str]:
+    return [str(p) for p in positions.tolist()]
+
+
 def calibrated_threshold(cfg: ThresholdConfig, calibration: NDArray[np.float64]) -> Threshold:
     """A threshold prototype calibrated on the model's training residual scores."""
     proto = make_threshold(cfg.method, **cfg.params())
@@ -80,8 +84,12 @@ class Engine:
         inference: InferenceConfig,
         device: str = "cpu",
         stride: int | None = None,
+        position_label: Callable[[NDArray[np.int64]], list[str]] | None = None,
     ) -> None:
         self.model = model
+        # How a window's last position is written into alert ids: the daemon packs
+        # partition and offset into one int64 and labels it "partition:offset".
+        self.position_label = position_label or _plain_label
         self.channels = list(model.channels)
         self.index = SensorIndex()
         self.windows = RingWindows(
@@ -145,11 +153,13 @@ class Engine:
         result = pending.future.result(timeout=timeout_s)
         return self.decide(pending.windows, pending.sensors, result)
 
-    def decide(self, wins: WindowBatch, sensors: list[Hashable], result: InferenceResult) -> ScoredBatch:
+    def decide(
+        self, wins: WindowBatch, sensors: list[Hashable], result: InferenceResult
+    ) -> ScoredBatch:
         """Thresholds and alerts for scored windows."""
         names = [str(s) for s in sensors]
         th = self.thresholds.step(names, result.scores)
-        positions = [str(int(p)) for p in wins.end_pos]
+        positions = self.position_label(wins.end_pos)
         events, is_open = self.alerts.update(
             names,
             positions,

@@ -97,7 +97,9 @@ class InferenceWorker:
         if self._failure is not None:
             raise InferenceError(f"inference worker failed: {self._failure!r}") from self._failure
 
-    def submit(self, windows: NDArray[np.floating], timeout_s: float | None = None) -> Future[InferenceResult]:
+    def submit(
+        self, windows: NDArray[np.floating], timeout_s: float | None = None
+    ) -> Future[InferenceResult]:
         """Queue windows ``(n, window, channels)``; blocks while the queue is full.
 
         Raises InferenceError if the worker has failed or is closed, and ``queue.Full``
@@ -109,7 +111,9 @@ class InferenceWorker:
         arr = np.ascontiguousarray(windows, dtype=np.float32)
         expected = (self._model.window, len(self._model.channels))
         if arr.ndim != 3 or arr.shape[1:] != expected:
-            raise InferenceError(f"windows must have shape (n, {expected[0]}, {expected[1]}), got {arr.shape}")
+            raise InferenceError(
+                f"windows must have shape (n, {expected[0]}, {expected[1]}), got {arr.shape}"
+            )
         fut: Future[InferenceResult] = Future()
         if arr.shape[0] == 0:
             fut.set_result(
@@ -180,7 +184,11 @@ class InferenceWorker:
         while total < self._cfg.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                nxt = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if nxt is _STOP:
@@ -250,7 +258,9 @@ class InferenceWorker:
                 lo = 0
                 for it in items:
                     hi = lo + it.windows.shape[0]
-                    it.future.set_result(InferenceResult(scores[lo:hi], errors[lo:hi], model.version))
+                    it.future.set_result(
+                        InferenceResult(scores[lo:hi], errors[lo:hi], model.version)
+                    )
                     lo = hi
                 if stop:
                     return

@@ -25,7 +25,15 @@ from streamer.model.checkpoint import LoadedModel, load_checkpoint
 from streamer.model.networks import ScoringModel
 from streamer.model.train import resolve_device, train_model
 
-__all__ = ["NAB_DEFAULTS", "SKAB_DEFAULTS", "RowResults", "eval_nab", "eval_skab", "run_rows", "score_file"]
+__all__ = [
+    "NAB_DEFAULTS",
+    "SKAB_DEFAULTS",
+    "RowResults",
+    "eval_nab",
+    "eval_skab",
+    "run_rows",
+    "score_file",
+]
 
 SKAB_TRAIN_ROWS = 400
 SKAB_COLUMNS = (
@@ -67,7 +75,9 @@ class RowResults:
     scored: NDArray[np.bool_]
 
 
-def _as_loaded(module: ScoringModel, channels: list[str], stride: int, calibration: NDArray[np.float64]) -> LoadedModel:
+def _as_loaded(
+    module: ScoringModel, channels: list[str], stride: int, calibration: NDArray[np.float64]
+) -> LoadedModel:
     return LoadedModel(
         module=module,
         version=f"{module.arch.preset}-offline",
@@ -141,8 +151,10 @@ def run_rows(
     return out
 
 
-def score_file(cfg: Config, model_dir: Path, data: Path, out: Path, sensor: str | None = None) -> int:
-    """``streamer score``: one CSV row per window with score, threshold, decision and channel errors."""
+def score_file(
+    cfg: Config, model_dir: Path, data: Path, out: Path, sensor: str | None = None
+) -> int:
+    """``streamer score``: one CSV row per window: score, threshold, decisions, channel errors."""
     device = resolve_device(cfg.model.device)
     model = load_checkpoint(model_dir, device)
     table = read_csv(data, cfg.csv.separator, cfg.csv.timestamp_column, list(model.channels))
@@ -164,16 +176,32 @@ def score_file(cfg: Config, model_dir: Path, data: Path, out: Path, sensor: str 
     with out.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(
-            ["position", "timestamp", "window_start", "score", "threshold", "anomalous",
-             "likelihood", "alert_open", *(f"error_{c}" for c in model.channels)]
+            [
+                "position",
+                "timestamp",
+                "window_start",
+                "score",
+                "threshold",
+                "anomalous",
+                "likelihood",
+                "alert_open",
+                *(f"error_{c}" for c in model.channels),
+            ]
         )
         for i in range(len(batch)):
             end = int(batch.windows.end_pos[i])
             rows.append(
-                [end, table.raw_timestamps[end], table.raw_timestamps[int(batch.windows.start_pos[i])],
-                 f"{batch.scores[i]:.6g}", f"{batch.thresholds[i]:.6g}", int(batch.anomalous[i]),
-                 f"{batch.likelihood[i]:.6g}", int(batch.alert_open[i]),
-                 *(f"{e:.6g}" for e in batch.channel_errors[i])]
+                [
+                    end,
+                    table.raw_timestamps[end],
+                    table.raw_timestamps[int(batch.windows.start_pos[i])],
+                    f"{batch.scores[i]:.6g}",
+                    f"{batch.thresholds[i]:.6g}",
+                    int(batch.anomalous[i]),
+                    f"{batch.likelihood[i]:.6g}",
+                    int(batch.alert_open[i]),
+                    *(f"{e:.6g}" for e in batch.channel_errors[i]),
+                ]
             )
         rows.sort(key=lambda r: r[0])
         writer.writerows(rows)
@@ -186,11 +214,11 @@ def _benchmark_config(cfg: Config | None, defaults: dict[str, Any]) -> Config:
     return cfg if cfg is not None else parse_config(defaults, "<built-in benchmark defaults>")
 
 
-def _train_detector(
-    cfg: Config, train_values: NDArray[np.float64], device: str
-) -> LoadedModel:
+def _train_detector(cfg: Config, train_values: NDArray[np.float64], device: str) -> LoadedModel:
     channels = list(cfg.stream.channels)
-    result = train_model([train_values], channels, cfg.stream.window, cfg.train, device=device, progress=False)
+    result = train_model(
+        [train_values], channels, cfg.stream.window, cfg.train, device=device, progress=False
+    )
     return _as_loaded(result.module, channels, 1, result.calibration)
 
 
@@ -202,7 +230,9 @@ def _skab_files(data_dir: Path) -> list[Path]:
         if "anomaly" in header.split(";"):
             files.append(path)
     if not files:
-        raise DataError(f"{data_dir}: no labelled SKAB files (';'-separated with an 'anomaly' column)")
+        raise DataError(
+            f"{data_dir}: no labelled SKAB files (';'-separated with an 'anomaly' column)"
+        )
 
     def order(p: Path) -> tuple[str, int, str]:
         return (str(p.parent), int(p.stem) if p.stem.isdigit() else 10**9, p.stem)
@@ -234,7 +264,9 @@ def eval_skab(
     parts: list[Confusion] = []
     started = time.monotonic()
     for path in files:
-        table = read_csv(path, ";", "datetime", list(cfg.stream.channels), ("anomaly", "changepoint"))
+        table = read_csv(
+            path, ";", "datetime", list(cfg.stream.channels), ("anomaly", "changepoint")
+        )
         if "anomaly" not in table.extra:
             raise DataError(f"{path}: no 'anomaly' column")
         if len(table) <= SKAB_TRAIN_ROWS:
@@ -252,7 +284,9 @@ def eval_skab(
                 writer = csv.writer(fh, lineterminator="\n")
                 writer.writerow(["datetime", "anomaly_score", "anomaly"])
                 for i in range(SKAB_TRAIN_ROWS, len(table)):
-                    writer.writerow([table.raw_timestamps[i], f"{res.likelihood[i]:.6g}", int(decision[i])])
+                    writer.writerow(
+                        [table.raw_timestamps[i], f"{res.likelihood[i]:.6g}", int(decision[i])]
+                    )
     conf = Confusion.pooled(parts)
     figures = skab_metrics(conf)
     elapsed = time.monotonic() - started
@@ -260,8 +294,12 @@ def eval_skab(
         f"SKAB ({len(files)} files, {elapsed:.0f} s; pooled, point-wise, no point-adjust)",
         ["detector", "F1", "FAR %", "MAR %"],
         [
-            ["streamer (this run)", f"{figures['f1']:.3f}", f"{100 * figures['far']:.2f}",
-             f"{100 * figures['mar']:.2f}"],
+            [
+                "streamer (this run)",
+                f"{figures['f1']:.3f}",
+                f"{100 * figures['far']:.2f}",
+                f"{100 * figures['mar']:.2f}",
+            ],
             ["Conv-AE (published)", "0.78", "13.55", "28.02"],
             ["MSET (published)", "0.78", "39.73", "-"],
             ["LSTM-AE (published)", "0.74", "-", "-"],
@@ -279,7 +317,9 @@ def eval_nab(
 
     cfg = _benchmark_config(cfg, NAB_DEFAULTS)
     if len(cfg.stream.channels) != 1:
-        raise DataError(f"NAB is univariate; stream.channels must name one channel, got {cfg.stream.channels}")
+        raise DataError(
+            f"NAB is univariate; stream.channels must name one channel, got {cfg.stream.channels}"
+        )
     device = resolve_device(cfg.model.device)
     files = load_nab_corpus(Path(data_dir))[:limit]
     scores: dict[str, NDArray[np.float64]] = {}
@@ -300,16 +340,31 @@ def eval_nab(
             write_nab_results(scores_out, "streamer", f, f.timestamps, scores[f.name])
     results = score_corpus(files, scores)
     elapsed = time.monotonic() - started
-    published = [("ARTime", 74.9), ("Numenta HTM", 70.5), ("CAD OSE", 69.9), ("KNN CAD", 58.0),
-                 ("Random Cut Forest", 51.7), ("Twitter ADVec", 47.1), ("Windowed Gaussian", 39.6),
-                 ("random", 11.0)]
-    rows = [["streamer (this run)", *(f"{results[k].normalized:.1f}" for k in
-                                      ("standard", "reward_low_FP", "reward_low_FN"))]]
-    rows += [[f"{name} (published, full corpus)", f"{score:.1f}", "-", "-"] for name, score in published]
+    published = [
+        ("ARTime", 74.9),
+        ("Numenta HTM", 70.5),
+        ("CAD OSE", 69.9),
+        ("KNN CAD", 58.0),
+        ("Random Cut Forest", 51.7),
+        ("Twitter ADVec", 47.1),
+        ("Windowed Gaussian", 39.6),
+        ("random", 11.0),
+    ]
+    rows = [
+        [
+            "streamer (this run)",
+            *(
+                f"{results[k].normalized:.1f}"
+                for k in ("standard", "reward_low_FP", "reward_low_FN")
+            ),
+        ]
+    ]
+    rows += [
+        [f"{name} (published, full corpus)", f"{score:.1f}", "-", "-"] for name, score in published
+    ]
     _print_table(
         f"NAB ({len(files)} files, {elapsed:.0f} s; normalised, threshold swept per profile)",
         ["detector", "standard", "reward_low_FP", "reward_low_FN"],
         rows,
     )
     return {k: results[k].normalized for k in ("standard", "reward_low_FP", "reward_low_FN")}
-

@@ -46,7 +46,9 @@ class Plant:
         return int(self.values.shape[0])
 
 
-def _normal(rng: np.random.Generator, sensors: int, rows: int, period: int, t0: int) -> NDArray[np.float64]:
+def _normal(
+    rng: np.random.Generator, sensors: int, rows: int, period: int, t0: int
+) -> NDArray[np.float64]:
     t = np.arange(t0, t0 + rows, dtype=np.float64)
     phase = rng.uniform(0, 2 * np.pi, size=(sensors, 1))
     day = np.sin(2 * np.pi * t[None, :] / period + phase)  # (S, T)
@@ -57,7 +59,9 @@ def _normal(rng: np.random.Generator, sensors: int, rows: int, period: int, t0: 
     out = np.empty((sensors, rows, 5))
     out[..., 0] = 20 + 5 * day + rng.normal(0, 0.3, (sensors, rows))  # temp
     out[..., 1] = 3 + 0.8 * day + 0.5 * load + rng.normal(0, 0.05, (sensors, rows))  # pressure
-    out[..., 2] = 0.5 + 0.2 * np.sin(2 * np.pi * vib_freq * t[None, :]) + rng.normal(0, 0.03, (sensors, rows))
+    out[..., 2] = (
+        0.5 + 0.2 * np.sin(2 * np.pi * vib_freq * t[None, :]) + rng.normal(0, 0.03, (sensors, rows))
+    )
     out[..., 3] = 50 + 6 * day + 4 * load + rng.normal(0, 0.5, (sensors, rows))  # flow
     out[..., 4] = 10 + 1.5 * day + 0.8 * load + rng.normal(0, 0.1, (sensors, rows))  # current
     return out

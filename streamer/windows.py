@@ -19,12 +19,19 @@ Policy for irregular input (documented in the README):
   a fresh window. A window never spans an outage.
 * A window is emitted when a sensor has at least ``window`` samples since its last
   reset and ``(count - window) % stride == 0``.
+* **Replays.** After a restart the daemon replays a partition from its committed
+  offset, which may start in the middle of a sensor's history, so counting from the
+  first replayed sample would shift the stride phase. ``set_anchor`` names one
+  sample (by position) and the count it had in the original run; when that sample
+  is pushed the count is set to it and the ring rotated to match, so every window
+  after it is exactly the one the original run emitted.
 
 This module imports numpy only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,12 +54,19 @@ class WindowBatch(NamedTuple):
     start_pos: NDArray[np.int64]  # position of the window's first sample
     end_pos: NDArray[np.int64]  # position of the window's last sample
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return int(self.slots.shape[0])
 
     def take(self, index: NDArray[np.int64] | slice) -> WindowBatch:
         """The sub-batch at ``index`` (views where numpy allows)."""
-        return WindowBatch(*(field[index] for field in self))
+        return WindowBatch(
+            self.slots[index],
+            self.data[index],
+            self.start_ts[index],
+            self.end_ts[index],
+            self.start_pos[index],
+            self.end_pos[index],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +123,8 @@ class SensorIndex:
             return np.empty(0, dtype=np.int64)
         uniq, inverse = np.unique(arr, return_inverse=True)
         table = np.fromiter((self.slot(k) for k in uniq), dtype=np.int64, count=len(uniq))
-        return table[inverse.reshape(-1)]
+        out: NDArray[np.int64] = table[inverse.reshape(-1)]
+        return out
 
     def key(self, slot: int) -> Hashable:
         """The key held by ``slot``."""
@@ -185,6 +200,8 @@ class RingWindows:
         # Samples accepted since the last reset (the ring index is count % window).
         self._count = np.zeros(capacity, dtype=np.int64)
         self._last_ts = np.full(capacity, -np.inf, dtype=np.float64)
+        # slot -> (position, count) of a pending anchor (see set_anchor); replays only.
+        self._anchors: dict[int, tuple[int, int]] = {}
 
     @property
     def capacity(self) -> int:
@@ -229,12 +246,57 @@ class RingWindows:
         out = self._pos[slots, oldest_ring]
         return np.where(count > 0, out, -1)
 
+    def oldest(
+        self, slots: NDArray[np.int64] | None = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Position of the oldest sample held per slot and its count since the last reset.
+
+        Both are -1 / 0 where a slot holds nothing. The pair is what ``set_anchor``
+        needs to rebuild the slot exactly from a replay that starts at that position.
+        """
+        if slots is None:
+            slots = np.arange(self.capacity, dtype=np.int64)
+        count = self._count[slots]
+        held = np.minimum(count, self.window)
+        return self.oldest_position(slots), np.where(count > 0, count - held + 1, 0)
+
+    def set_anchor(self, slot: int, position: int, count: int) -> None:
+        """When the sample at ``position`` is next pushed for ``slot``, make it sample ``count``.
+
+        ``count`` is the sample's count since its sensor's last reset in the original
+        run (see ``oldest``). The slot's ring is rotated so the samples before it keep
+        their places relative to it, and the sample is accepted as a continuation (no
+        gap reset, no out-of-order check: the original run accepted it). One anchor per
+        slot; a new one replaces the old. Used by replays only, so a push that meets an
+        anchor is split there, at the cost of one extra push per anchor.
+        """
+        if slot < 0:
+            raise DataError(f"slot must be >= 0, got {slot}")
+        if count < 1:
+            raise DataError(f"anchor count must be >= 1, got {count}")
+        self._grow(slot + 1)
+        self._anchors[slot] = (int(position), int(count))
+
+    def clear_anchors(self, slots: Iterable[int] | None = None) -> None:
+        """Drop pending anchors (all, or those of ``slots``)."""
+        if slots is None:
+            self._anchors.clear()
+        else:
+            for slot in slots:
+                self._anchors.pop(int(slot), None)
+
+    @property
+    def anchors(self) -> dict[int, tuple[int, int]]:
+        """Pending anchors: slot -> (position, count)."""
+        return dict(self._anchors)
+
     def reset(self, slots: NDArray[np.int64] | Sequence[int]) -> None:
         """Forget everything held for ``slots`` (released or evicted sensors)."""
         idx = np.asarray(slots, dtype=np.int64)
         idx = idx[idx < self.capacity]
         self._count[idx] = 0
         self._last_ts[idx] = -np.inf
+        self.clear_anchors(idx.tolist())
 
     def _empty(self) -> WindowBatch:
         w, c = self.window, self.channels
@@ -256,8 +318,67 @@ class RingWindows:
     ) -> PushResult:
         """Add a batch of samples (any mix of sensors, arrival order) and emit complete windows.
 
-        Windows are returned grouped by slot, in order within each slot.
+        Windows are returned grouped by slot, in order within each slot (with a
+        pending anchor in the batch: in order within each slot).
         """
+        if not self._anchors:
+            return self._push(slots, ts, values, positions)
+        slots = np.asarray(slots, dtype=np.int64)
+        ts = np.asarray(ts, dtype=np.float64)
+        values = np.asarray(values)
+        positions = np.asarray(positions, dtype=np.int64)
+        a_pos = np.fromiter((p for p, _ in self._anchors.values()), dtype=np.int64)
+        cand = np.flatnonzero(np.isin(positions, a_pos))
+        # Only the first sample carrying an anchor's position and slot is the anchor.
+        hits: list[int] = []
+        seen: set[int] = set()
+        for i in cand.tolist():
+            slot = int(slots[i])
+            anchor = self._anchors.get(slot)
+            if anchor is not None and anchor[0] == int(positions[i]) and slot not in seen:
+                seen.add(slot)
+                hits.append(i)
+        if not hits:
+            return self._push(slots, ts, values, positions)
+        bounds = sorted({0, *hits, slots.shape[0]})
+        hit_set = set(hits)
+        parts: list[PushResult] = []
+        for lo, hi in itertools.pairwise(bounds):
+            if lo in hit_set:
+                self._apply_anchor(int(slots[lo]))
+            parts.append(self._push(slots[lo:hi], ts[lo:hi], values[lo:hi], positions[lo:hi]))
+        offsets = bounds[:-1]
+        return PushResult(
+            WindowBatch(
+                *(np.concatenate(f) for f in zip(*(p.windows for p in parts), strict=True))
+            ),
+            np.concatenate([p.rejected + lo for p, lo in zip(parts, offsets, strict=True)]),
+            np.concatenate([p.resets + lo for p, lo in zip(parts, offsets, strict=True)]),
+        )
+
+    def _apply_anchor(self, slot: int) -> None:
+        """Make the next sample of ``slot`` its anchor's count (see set_anchor)."""
+        _, count = self._anchors.pop(slot)
+        w = self.window
+        base = int(self._count[slot])
+        # Without the anchor the sample would land at ring index base % w; it belongs at
+        # (count - 1) % w. Rolling keeps the replayed samples before it in sequence.
+        shift = (count - 1 - base) % w
+        if shift:
+            self._values[slot] = np.roll(self._values[slot], shift, axis=0)
+            self._ts[slot] = np.roll(self._ts[slot], shift)
+            self._pos[slot] = np.roll(self._pos[slot], shift)
+        self._count[slot] = count - 1
+        # The original run accepted this sample as a continuation: no gap reset here.
+        self._last_ts[slot] = -np.inf
+
+    def _push(
+        self,
+        slots: NDArray[np.int64],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+    ) -> PushResult:
         slots = np.asarray(slots, dtype=np.int64)
         ts = np.asarray(ts, dtype=np.float64)
         positions = np.asarray(positions, dtype=np.int64)
@@ -294,7 +415,9 @@ class RingWindows:
         prev_keyed[starts] = 0
         prev_in_batch = prev_keyed - group_id * (n + 1) - 1  # -1: nothing earlier in batch
         sorted_ts = s_ts[ts_order]
-        prev_batch_ts = np.where(prev_in_batch >= 0, sorted_ts[np.maximum(prev_in_batch, 0)], -np.inf)
+        prev_batch_ts = np.where(
+            prev_in_batch >= 0, sorted_ts[np.maximum(prev_in_batch, 0)], -np.inf
+        )
         prev_ts = np.maximum(prev_batch_ts, self._last_ts[s_slots])
         accept = s_ts > prev_ts
         if not np.all(accept):
@@ -324,9 +447,7 @@ class RingWindows:
         latest_reset = np.maximum.accumulate(reset_mark)
         latest_reset = np.where(latest_reset >= group_first, latest_reset, -1)
         base = self._count[s_slots]
-        count_after = np.where(
-            latest_reset >= 0, idx - latest_reset + 1, base + ranks_in_group + 1
-        )
+        count_after = np.where(latest_reset >= 0, idx - latest_reset + 1, base + ranks_in_group + 1)
 
         w, stride = self.window, self.stride
         emit = (count_after >= w) & ((count_after - w) % stride == 0)
@@ -367,8 +488,7 @@ class RingWindows:
         group_len = np.empty(n, dtype=np.int64)
         ends = np.r_[starts[1:], n]
         group_len[:] = np.repeat(ends - starts, ends - starts)
-        keep = ranks_in_group >= group_len - w
-        k_idx = np.flatnonzero(keep)
+        k_idx = np.flatnonzero(ranks_in_group >= group_len - w)
         k_slots = s_slots[k_idx]
         # Ring index of a sample is (its count after - 1) % w; after a reset the count
         # restarts so the ring index restarts at 0 too.

@@ -13,7 +13,9 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
+
+# NewTopic's documented home; the package's stubs do not re-export it explicitly.
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from streamer.kafka.localbroker import LocalBroker
 from tests.helpers import Timeout

@@ -61,7 +61,16 @@ def produce_json(
         if err is not None:
             errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
 
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            # One request in flight keeps the order across retries without idempotence,
+            # whose producer-id handshake costs 0.5-1s per producer on a fresh broker.
+            "max.in.flight.requests.per.connection": 1,
+            "linger.ms": 1,
+        }
+    )
     for key, value in records:
         producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
         producer.poll(0)
@@ -91,6 +100,9 @@ def consume_all(
             "group.id": f"test-reader-{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            # Partitions join the fetch as their start offsets resolve; a short long-poll
+            # keeps a late one from waiting out the default 500 ms.
+            "fetch.wait.max.ms": 50,
         }
     )
     timeout = Timeout(timeout_s)
@@ -120,8 +132,13 @@ def consume_all(
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    partition = msg.partition()
-                    if end_offsets is not None and msg.offset() >= end_offsets[partition]:
+                    partition, offset = msg.partition(), msg.offset()
+                    if (
+                        end_offsets is not None
+                        and partition is not None
+                        and offset is not None
+                        and offset >= end_offsets[partition]
+                    ):
                         at_end.add(partition)
                     continue
                 raise KafkaException(err)

@@ -23,13 +23,25 @@ class TestConfigValidation:
             ({"stream": {"window": 1}}, r"stream\.window: .*greater than or equal to 2.*got 1"),
             ({"stream": {"windw": 3}}, r"stream\.windw: unknown key"),
             ({"stream": {"window": 8, "stride": 9}}, r"stride \(9\) must not exceed window \(8\)"),
-            ({"stream": {"channels": ["a", "a"]}}, r"stream\.channels: duplicate channel names \['a'\]"),
+            (
+                {"stream": {"channels": ["a", "a"]}},
+                r"stream\.channels: duplicate channel names \['a'\]",
+            ),
             ({"threshold": {"method": "fixed"}}, r"needs threshold\.value"),
             ({"threshold": {"method": "magic"}}, r"threshold\.method: .*got 'magic'"),
             ({"threshold": {"risk": 2}}, r"threshold\.risk: .*less than 1.*got 2"),
-            ({"alerts": {"open_after": 5, "open_within": 3}}, r"open_within \(3\) must be >= open_after \(5\)"),
-            ({"kafka": {"client": {"group.id": "x"}}}, r"kafka\.client: 'group\.id' is managed by streamer"),
-            ({"kafka": {"client": {"sasl.password": "${STREAMER_NO_SUCH_VAR}"}}}, r"STREAMER_NO_SUCH_VAR is not set"),
+            (
+                {"alerts": {"open_after": 5, "open_within": 3}},
+                r"open_within \(3\) must be >= open_after \(5\)",
+            ),
+            (
+                {"kafka": {"client": {"group.id": "x"}}},
+                r"kafka\.client: 'group\.id' is managed by streamer",
+            ),
+            (
+                {"kafka": {"client": {"sasl.password": "${STREAMER_NO_SUCH_VAR}"}}},
+                r"STREAMER_NO_SUCH_VAR is not set",
+            ),
             ({"metrics": {"port": 70000}}, r"metrics\.port"),
             ({"train": {"preset": "transformer"}}, r"train\.preset"),
             (["not", "a", "mapping"], r"top level must be a mapping"),
@@ -52,7 +64,14 @@ class TestConfigValidation:
         secret_file = tmp_path / "pw"
         secret_file.write_text("hunter2-file\n")
         cfg = parse_config(
-            {"kafka": {"client": {"sasl.password": "${STREAMER_TEST_PW}", "ssl.key.password": f"file:{secret_file}"}}}
+            {
+                "kafka": {
+                    "client": {
+                        "sasl.password": "${STREAMER_TEST_PW}",
+                        "ssl.key.password": f"file:{secret_file}",
+                    }
+                }
+            }
         )
         assert cfg.kafka.librdkafka()["sasl.password"] == "hunter2-env"
         assert cfg.kafka.librdkafka()["ssl.key.password"] == "hunter2-file"
@@ -62,7 +81,11 @@ class TestConfigValidation:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "streamer", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 

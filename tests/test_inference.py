@@ -20,9 +20,22 @@ from streamer.model.train import score_windows
 
 def make_model(window: int = 8, channels: int = 2) -> LoadedModel:
     torch.manual_seed(0)
-    module = ScoringModel(Architecture("dense", window, channels, 8, 4, False), torch.zeros(channels), torch.ones(channels))
+    module = ScoringModel(
+        Architecture("dense", window, channels, 8, 4, False),
+        torch.zeros(channels),
+        torch.ones(channels),
+    )
     module.eval()
-    return LoadedModel(module, "dense-test", tuple(f"c{i}" for i in range(channels)), window, 1, np.ones(10), {}, Path("."))
+    return LoadedModel(
+        module,
+        "dense-test",
+        tuple(f"c{i}" for i in range(channels)),
+        window,
+        1,
+        np.ones(10),
+        {},
+        Path("."),
+    )
 
 
 class Exploding(torch.nn.Module):
@@ -46,8 +59,12 @@ class TestInferenceWorker:
         """Many small submissions give the direct scores and are merged into few forward passes."""
         model = make_model()
         rng = np.random.default_rng(0)
-        batches = [rng.normal(size=(int(rng.integers(1, 20)), 8, 2)).astype(np.float32) for _ in range(40)]
-        worker = InferenceWorker(model, InferenceConfig(max_batch=256, max_wait_ms=50, queue_size=64))
+        batches = [
+            rng.normal(size=(int(rng.integers(1, 20)), 8, 2)).astype(np.float32) for _ in range(40)
+        ]
+        worker = InferenceWorker(
+            model, InferenceConfig(max_batch=256, max_wait_ms=50, queue_size=64)
+        )
         futures = [worker.submit(b) for b in batches]  # queued before the thread starts
         worker.start()
         for b, fut in zip(batches, futures, strict=True):
@@ -63,7 +80,9 @@ class TestInferenceWorker:
         """A failing forward pass fails the futures and later submits; nothing hangs."""
         model = make_model()
         model.module.network = Exploding()
-        worker = InferenceWorker(model, InferenceConfig(max_batch=4, max_wait_ms=0, queue_size=2)).start()
+        worker = InferenceWorker(
+            model, InferenceConfig(max_batch=4, max_wait_ms=0, queue_size=2)
+        ).start()
         x = np.zeros((4, 8, 2), np.float32)
         assert worker.submit(x).result(timeout=10).scores.shape == (4,)
         with pytest.raises(RuntimeError, match="boom"):
@@ -75,10 +94,12 @@ class TestInferenceWorker:
         worker.close()
 
     def test_full_queue_blocks_then_times_out(self) -> None:
-        """With the worker stalled, submit blocks while the queue is full and raises after its timeout."""
+        """With the worker stalled, submit blocks on a full queue and raises after its timeout."""
         import queue
 
-        worker = InferenceWorker(make_model(), InferenceConfig(queue_size=2))  # not started: stalled
+        worker = InferenceWorker(
+            make_model(), InferenceConfig(queue_size=2)
+        )  # not started: stalled
         x = np.zeros((1, 8, 2), np.float32)
         worker.submit(x)
         worker.submit(x)
@@ -105,12 +126,14 @@ class TestInferenceWorker:
         worker.close()
 
     def test_swap_model_between_batches(self) -> None:
-        """After swap_model the next results carry the new version; mismatched models are refused."""
+        """After swap_model results carry the new version; mismatched models are refused."""
         worker = InferenceWorker(make_model(), InferenceConfig()).start()
         x = np.zeros((2, 8, 2), np.float32)
         assert worker.submit(x).result(timeout=5).model_version == "dense-test"
         new = make_model()
-        new = LoadedModel(new.module, "dense-v2", new.channels, 8, 1, new.calibration, {}, Path("."))
+        new = LoadedModel(
+            new.module, "dense-v2", new.channels, 8, 1, new.calibration, {}, Path(".")
+        )
         worker.swap_model(new)
         assert worker.submit(x).result(timeout=5).model_version == "dense-v2"
         with pytest.raises(InferenceError, match="window"):
@@ -126,7 +149,9 @@ class TestDeterminism:
         """The same windows submitted in different groupings give bit-identical scores."""
         model = make_model(window=16, channels=3)
         x = np.random.default_rng(4).normal(size=(300, 16, 3)).astype(np.float32)
-        worker = InferenceWorker(model, InferenceConfig(max_batch=128, chunk=32, max_wait_ms=0)).start()
+        worker = InferenceWorker(
+            model, InferenceConfig(max_batch=128, chunk=32, max_wait_ms=0)
+        ).start()
         whole = worker.submit(x).result(timeout=30).scores
         for sizes in ([1] * 10 + [290], [7, 93, 200], [150, 150]):
             parts, lo = [], 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import numpy as np
@@ -103,7 +104,7 @@ class TestRingWindowsAgainstReference:
         ring = RingWindows(channels=2, window=window, stride=stride, max_gap_s=max_gap, capacity=1)
         bounds = sorted({0, n, *[min(c, n) for c in cuts]})
         got_windows, got_rejected, got_resets = [], [], []
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        for lo, hi in itertools.pairwise(bounds):
             res = ring.push(
                 np.array(slots[lo:hi], dtype=np.int64),
                 np.array(ts[lo:hi]),
@@ -182,3 +183,103 @@ class TestSensorIndex:
         freed = idx.release(["b"])
         assert idx.slot("d") == freed[0]
         assert idx.key(int(first[0])) == "a"
+
+
+class TestRingWindowsAnchor:
+    """A replay from a commit point, anchored, emits exactly the original run's later windows."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        data=samples,
+        window=st.integers(2, 6),
+        stride_frac=st.integers(1, 6),
+        commit_frac=st.floats(0.0, 1.0),
+        start_frac=st.floats(0.0, 1.0),
+        cuts=st.lists(st.integers(0, 120), max_size=4),
+        max_gap=st.sampled_from([5.0, 8.0, 1e9]),
+    )
+    def test_replay_matches_original(
+        self,
+        data: list[tuple[int, int]],
+        window: int,
+        stride_frac: int,
+        commit_frac: float,
+        start_frac: float,
+        cuts: list[int],
+        max_gap: float,
+    ) -> None:
+        """Windows after the commit match the original run wherever before it the replay starts."""
+        stride = min(stride_frac, window)
+        clock: dict[int, float] = defaultdict(float)
+        slots_l, ts_l = [], []
+        for slot, inc in data:
+            clock[slot] += inc
+            slots_l.append(slot)
+            ts_l.append(clock[slot])
+        n = len(slots_l)
+        slots = np.array(slots_l, dtype=np.int64)
+        ts = np.array(ts_l, dtype=np.float64)
+        vals = np.random.default_rng(n).normal(size=(n, 2)).astype(np.float32)
+        pos = np.arange(n, dtype=np.int64) + 1000
+
+        def run(
+            ring: RingWindows, lo: int, hi: int, bounds: list[int]
+        ) -> list[tuple[int, int, bytes]]:
+            out = []
+            edges = sorted({lo, hi, *[min(max(c, lo), hi) for c in bounds]})
+            for a, b in itertools.pairwise(edges):
+                wb = ring.push(slots[a:b], ts[a:b], vals[a:b], pos[a:b]).windows
+                out += [
+                    (
+                        int(wb.slots[k]),
+                        int(wb.end_pos[k]),
+                        wb.data[k].tobytes() + wb.start_ts[k].tobytes(),
+                    )
+                    for k in range(len(wb))
+                ]
+            return out
+
+        original = RingWindows(channels=2, window=window, stride=stride, max_gap_s=max_gap)
+        commit = int(commit_frac * n)  # samples [0, commit) were processed before the "crash"
+        before = run(original, 0, commit, [])
+        live = sorted(set(slots_l[:commit]))
+        oldest_pos, oldest_count = original.oldest(np.array(live, dtype=np.int64))
+        held = [
+            (s, int(p), int(c))
+            for s, p, c in zip(live, oldest_pos, oldest_count, strict=True)
+            if c > 0
+        ]
+        after = run(original, commit, n, [])
+        del before
+
+        # The replay may start anywhere at or before the oldest held sample of every slot.
+        start_max = min([p - 1000 for _, p, _ in held], default=commit)
+        start = int(start_frac * start_max)
+        replay = RingWindows(channels=2, window=window, stride=stride, max_gap_s=max_gap)
+        for s, p, c in held:
+            replay.set_anchor(s, p, c)
+        got = [w for w in run(replay, start, n, cuts) if w[1] >= commit + 1000]
+        assert sorted(got, key=lambda w: w[1]) == sorted(after, key=lambda w: w[1])
+
+    def test_anchor_sets_count(self) -> None:
+        """The anchored sample takes the given count, so the stride phase follows it."""
+        ring = RingWindows(channels=1, window=4, stride=2)
+        ring.set_anchor(0, 105, 3)
+        res = ring.push(
+            np.zeros(6, np.int64), np.arange(6.0), np.zeros((6, 1)), np.arange(100, 106)
+        )
+        # Before the anchor the replay counts from its own start (window at its 4th sample).
+        assert list(res.windows.end_pos) == [103]
+        assert ring.count(0) == 3
+        assert ring.anchors == {}
+        res = ring.push(
+            np.zeros(3, np.int64), np.arange(6.0, 9.0), np.zeros((3, 1)), np.arange(106, 109)
+        )
+        # Counts 4, 5, 6: windows at counts 4 and 6 ((count - 4) % 2 == 0).
+        assert list(res.windows.end_pos) == [106, 108]
+
+    def test_bad_anchor(self) -> None:
+        """A count below one is refused."""
+        ring = RingWindows(channels=1, window=4, stride=2)
+        with pytest.raises(DataError, match="count"):
+            ring.set_anchor(0, 5, 0)

@@ -99,7 +99,10 @@ def save_checkpoint(
         "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": len(blob)},
     }
     # Weights first, sidecar last: a reader that sees the new sidecar sees matching weights.
-    for name, payload in ((WEIGHTS_FILE, blob), (SIDECAR_FILE, json.dumps(sidecar, indent=1).encode())):
+    for name, payload in (
+        (WEIGHTS_FILE, blob),
+        (SIDECAR_FILE, json.dumps(sidecar, indent=1).encode()),
+    ):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_bytes(payload)
         os.replace(tmp, out_dir / name)
@@ -130,7 +133,9 @@ def _require(sidecar: dict[str, Any], key: str, kind: type | tuple[type, ...], w
         raise CheckpointError(f"{where}: sidecar lacks {key!r}")
     value = sidecar[key]
     if not isinstance(value, kind):
-        raise CheckpointError(f"{where}: sidecar {key!r} has the wrong type ({type(value).__name__})")
+        raise CheckpointError(
+            f"{where}: sidecar {key!r} has the wrong type ({type(value).__name__})"
+        )
     return value
 
 
@@ -139,7 +144,9 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth", ".pkl", ".bin"):
         _refuse_pickle(path, path.read_bytes())
-        raise CheckpointError(f"{path}: expected a checkpoint directory written by `streamer train`")
+        raise CheckpointError(
+            f"{path}: expected a checkpoint directory written by `streamer train`"
+        )
     sidecar_path = path / SIDECAR_FILE
     weights_path = path / WEIGHTS_FILE
     if not sidecar_path.is_file():
@@ -175,7 +182,9 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
     return _build(path, sidecar, state, device)
 
 
-def _build(path: Path, sidecar: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> LoadedModel:
+def _build(
+    path: Path, sidecar: dict[str, Any], state: dict[str, torch.Tensor], device: str
+) -> LoadedModel:
     where = path / SIDECAR_FILE
     channels = _require(sidecar, "channels", list, where)
     window = _require(sidecar, "window", int, where)

@@ -8,6 +8,7 @@ score and the per-channel errors, all computed on the model's device.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class SeedDense(nn.Module):
         super().__init__()
         widths = [channels, 64, 128, 256, 256, 128, 64]
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:], strict=True):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], channels))
         self.net = nn.Sequential(*layers)
@@ -101,7 +102,7 @@ class ConvWindow(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruct; the output is resampled to the input length when strides do not divide it."""
+        """Reconstruct; resampled to the input length when the strides do not divide it."""
         t = x.shape[1]
         out: Tensor = self.decoder(self.encoder(x.transpose(1, 2)))
         if out.shape[-1] != t:
@@ -170,6 +171,9 @@ class ScoringModel(nn.Module):
     ``(score, channel_errors)``: the mean squared reconstruction error per channel
     (in scaled units) and its mean over channels.
     """
+
+    offset: Tensor
+    scale: Tensor
 
     def __init__(self, arch: Architecture, offset: Tensor, scale: Tensor) -> None:
         super().__init__()

@@ -31,10 +31,14 @@ class Scaler:
         """
         x = np.asarray(values, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
-            raise DataError(f"scaler needs (rows >= 2, channels) training data, got shape {x.shape}")
+            raise DataError(
+                f"scaler needs (rows >= 2, channels) training data, got shape {x.shape}"
+            )
         if not np.all(np.isfinite(x)):
             bad = np.argwhere(~np.isfinite(x))[0]
-            raise DataError(f"training data has a non-finite value at row {bad[0]}, column {bad[1]}")
+            raise DataError(
+                f"training data has a non-finite value at row {bad[0]}, column {bad[1]}"
+            )
         if kind == "standard":
             offset = x.mean(axis=0)
             spread = x.std(axis=0)

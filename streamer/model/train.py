@@ -87,7 +87,7 @@ def train_model(
         seg = np.asarray(seg, dtype=np.float64)
         if seg.ndim != 2 or seg.shape[1] != n_ch:
             raise DataError(f"segment {i} has shape {seg.shape}; expected (rows, {n_ch})")
-        cut = int(round(seg.shape[0] * (1 - cfg.validation_fraction)))
+        cut = round(seg.shape[0] * (1 - cfg.validation_fraction))
         train_rows.append(seg[:cut])
         val_rows.append(seg[cut:])
     total_train = sum(r.shape[0] for r in train_rows)
@@ -134,7 +134,9 @@ def train_model(
             transient=False,
         )
         bar.start()
-        task = bar.add_task("train", total=cfg.epochs, preset=cfg.preset, loss=float("nan"), val=float("nan"))
+        task = bar.add_task(
+            "train", total=cfg.epochs, preset=cfg.preset, loss=float("nan"), val=float("nan")
+        )
     epochs_run = 0
     try:
         for _epoch in range(cfg.epochs):
@@ -145,15 +147,13 @@ def train_model(
                 xb = x_tr[perm[i : i + cfg.batch_size]]
                 opt.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.mse_loss(module.reconstruct(xb), xb)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 total += float(loss.detach()) * xb.shape[0]
             train_loss = total / x_tr.shape[0]
             module.network.eval()
             with torch.inference_mode():
-                val_loss = float(
-                    torch.nn.functional.mse_loss(module.reconstruct(x_va), x_va)
-                )
+                val_loss = float(torch.nn.functional.mse_loss(module.reconstruct(x_va), x_va))
             history.append(val_loss)
             epochs_run += 1
             if bar is not None:
@@ -174,7 +174,9 @@ def train_model(
     all_windows = np.concatenate([tr, va]) if va is not tr else tr
     calib, _ = score_windows(module, all_windows)
     if calib.shape[0] > cfg.calibration_samples:
-        pick = np.random.default_rng(cfg.seed).choice(calib.shape[0], cfg.calibration_samples, replace=False)
+        pick = np.random.default_rng(cfg.seed).choice(
+            calib.shape[0], cfg.calibration_samples, replace=False
+        )
         calib = calib[np.sort(pick)]
     info = {
         "rows": int(sum(np.asarray(s).shape[0] for s in segments)),

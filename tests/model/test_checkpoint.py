@@ -21,7 +21,9 @@ CHANNELS = ["a", "b", "c"]
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     t = np.arange(600)
-    data = np.stack([np.sin(t / 10), np.cos(t / 10), np.sin(t / 5)], axis=1) + rng.normal(0, 0.05, (600, 3))
+    data = np.stack([np.sin(t / 10), np.cos(t / 10), np.sin(t / 5)], axis=1) + rng.normal(
+        0, 0.05, (600, 3)
+    )
     cfg = TrainConfig(preset="conv1d", epochs=3, hidden=8, latent=4)
     res = train_model([data], CHANNELS, 16, cfg, progress=False)
     out = tmp_path_factory.mktemp("ckpt") / "model"

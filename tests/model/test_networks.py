@@ -37,7 +37,9 @@ class TestPresets:
         a = train_model([data], ["x", "y"], 16, cfg, progress=False)
         b = train_model([data], ["x", "y"], 16, cfg, progress=False)
         for (ka, va), (kb, vb) in zip(
-            a.module.network.state_dict().items(), b.module.network.state_dict().items(), strict=True
+            a.module.network.state_dict().items(),
+            b.module.network.state_dict().items(),
+            strict=True,
         ):
             assert ka == kb
             torch.testing.assert_close(va, vb, rtol=0, atol=0)

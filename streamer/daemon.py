@@ -1,0 +1,832 @@
+"""``streamer run``: the Kafka daemon, the one module that wires every layer together.
+
+Main thread: consume a batch, decode it, push the samples into the engine's ring
+buffers and queue the completed windows for the inference worker; publish the
+scored batches (in order) as score and alert records; every
+``kafka.commit_interval_s`` run a commit round. The inference worker is the
+engine's thread.
+
+Delivery (at-least-once in, deterministic ids out). A sample's position is
+``partition << 40 | offset``; a window's id hashes (input topic, partition, offset
+of its last sample). A commit round, for each partition p:
+
+1. completes every queued batch (thresholds, alerts) and produces its records;
+2. flushes the producer: every score, alert and dead letter so far is acknowledged;
+3. writes the state of every sensor that changed (threshold, alerts, and a ring
+   anchor: the offset and count of a sample the ring still needs) to the compacted
+   state topic, partition p, with ``upto`` = H_p, the last consumed offset; flushes;
+4. commits offset C_p = min(each live sensor's anchor offset, H_p + 1) with
+   metadata ``{"v": 1, "h": H_p}``.
+
+On assignment the partition's state is read back before any of its messages: the
+thresholds and alerts are restored, the anchors are set on the ring buffers, and
+a window is emitted only if its last offset is above ``max(h, upto)`` of its
+sensor. The replay from C_p rebuilds the rings (the anchors keep the stride phase
+of the original run), so a clean restart emits every window exactly once and a
+crash re-emits only byte-identical records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import orjson
+import structlog
+from confluent_kafka import Message
+from numpy.typing import NDArray
+
+from streamer.codec import (
+    OFFSET_BITS,
+    DeadLetter,
+    Decoder,
+    encode_alert,
+    encode_score,
+    to_position,
+    window_id,
+)
+from streamer.config import Config
+from streamer.engine import Engine, PendingBatch, ScoredBatch
+from streamer.errors import ConfigError, KafkaError, StateError, StreamerError
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.sink import Sink
+from streamer.kafka.source import Source, read_partition
+from streamer.model.checkpoint import load_checkpoint
+from streamer.model.train import resolve_device
+from streamer.windows import WindowBatch
+
+__all__ = ["STATE_VERSION", "Daemon", "configure_logging", "run_daemon"]
+
+log = structlog.get_logger("streamer.daemon")
+
+STATE_VERSION = 1
+"""Version of the state-topic record; any other version is reported and ignored."""
+COMMIT_META_VERSION = 1
+_OFFSET_MASK = (1 << OFFSET_BITS) - 1
+_FLUSH_TIMEOUT_S = 60.0
+
+
+def configure_logging(json_logs: bool | None = None) -> None:
+    """structlog to stdout: JSON lines when stdout is not a TTY (journald), console otherwise."""
+    if json_logs is None:
+        json_logs = not sys.stdout.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_logs
+        else structlog.dev.ConsoleRenderer(colors=True)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _label(positions: NDArray[np.int64]) -> list[str]:
+    """Alert-id positions as "partition:offset" (stable across runs and instances)."""
+    return [f"{p >> OFFSET_BITS}:{p & _OFFSET_MASK}" for p in positions.tolist()]
+
+
+@dataclass(slots=True)
+class _Partition:
+    """What the daemon tracks per assigned input partition."""
+
+    partition: int
+    # Offset of the last message consumed (H_p); -1 before the first one.
+    consumed: int = -1
+    # H of the last commit (read from the commit metadata at assignment, then ours).
+    committed_h: int = -1
+    # Windows and dead letters at or below this offset were already published.
+    restored_h: int = -1
+    # Sensor -> offset up to which its windows were published (state newer than commit).
+    skip: dict[str, int] = field(default_factory=dict)
+    replay_until: int = -1  # max(restored_h, every skip value)
+    sensors: set[str] = field(default_factory=set)  # sensors with a ring (or a pending anchor)
+    known: set[str] = field(default_factory=set)  # every sensor seen or restored here
+    dirty: set[str] = field(default_factory=set)  # state to write at the next round
+    evicted: set[str] = field(default_factory=set)  # state records to clear at the next round
+    stream_ts: float = float("-inf")  # timestamp of the partition's latest sample
+
+
+@dataclass(slots=True)
+class _Stats:
+    messages: int = 0
+    samples: int = 0
+    windows: int = 0
+    skipped_windows: int = 0
+    alerts: int = 0
+    dead_letters: int = 0
+    dead_by_kind: dict[str, int] = field(default_factory=dict)
+    state_written: int = 0
+    state_corrupt: int = 0
+    evicted: int = 0
+    commits: int = 0
+    pauses: int = 0
+
+
+class Daemon:
+    """One streamer instance: consume, score, publish, checkpoint, commit."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.topics = cfg.topics
+        device = resolve_device(cfg.model.device)
+        model = load_checkpoint(cfg.model.path, device)
+        if model.window != cfg.stream.window or tuple(model.channels) != tuple(cfg.stream.channels):
+            raise ConfigError(
+                f"model {cfg.model.path} has window {model.window} and channels "
+                f"{list(model.channels)}; stream.window is {cfg.stream.window} and "
+                f"stream.channels {list(cfg.stream.channels)}: they must match"
+            )
+        self.channels = list(model.channels)
+        self.decoder = Decoder(cfg.stream)
+        self.engine = Engine(
+            model,
+            max_gap_s=cfg.stream.max_gap_s,
+            threshold=cfg.threshold,
+            alerts=cfg.alerts,
+            inference=cfg.inference,
+            device=device,
+            stride=cfg.stream.stride,
+            position_label=_label,
+        )
+        self.parts: dict[int, _Partition] = {}
+        self.sensor_part: dict[str, int] = {}
+        # Offset of the ring anchor last written to the state topic, per live sensor.
+        self.anchor_offset: dict[str, int] = {}
+        self.pending: deque[PendingBatch] = deque()
+        self.paused = False
+        self.stats = _Stats()
+        self._stop_requested = False
+        self._stop_signal = ""
+        self._signals = 0
+        self.sink: Sink | None = None
+        self.source: Source | None = None
+        log.info(
+            "daemon_configured",
+            model=model.version,
+            device=device,
+            window=model.window,
+            stride=cfg.stream.stride,
+            channels=self.channels,
+            input=self.topics.input,
+            group=cfg.kafka.group_id,
+            bootstrap=cfg.kafka.bootstrap_servers,
+        )
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Second signal: the operator wants out now. Nothing is committed that was
+            # not delivered, so the next start replays from the last commit.
+            os.write(2, b"streamer: second signal, exiting at once (exit code 1)\n")
+            os._exit(1)
+        # No logging here: the handler may interrupt a write to stdout. The loop logs it.
+        self._stop_requested = True
+        self._stop_signal = signal.Signals(signum).name
+
+    def request_stop(self) -> None:
+        """Ask the main loop to drain, commit and return (as SIGTERM does)."""
+        self._stop_requested = True
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; 0 after a clean shutdown. Raises StreamerError on failure."""
+        cfg = self.cfg
+        ensure_topics(cfg.kafka, self.topics)
+        self.sink = Sink(cfg.kafka)
+        self.source = Source(
+            cfg.kafka,
+            self.topics.input,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
+        batch_n = cfg.kafka.consume_batch
+        poll_s = cfg.kafka.poll_timeout_ms / 1000.0
+        commit_every = cfg.kafka.commit_interval_s
+        stats_every = cfg.metrics.stats_interval_s
+        next_commit = time.monotonic() + commit_every
+        next_stats = time.monotonic() + stats_every
+        last_stats = (time.monotonic(), self.stats.messages, self.stats.windows)
+        worker = self.engine.worker
+        resume_below = cfg.inference.queue_size / 2.0
+        try:
+            while not self._stop_requested:
+                worker.raise_if_failed()
+                if self.paused and worker.queue_depth < resume_below:
+                    self._set_paused(False)
+                if not self.paused and worker.is_full:
+                    self._set_paused(True)
+                # Consume even while paused: it serves rebalances and keeps us in the group.
+                msgs = self.source.consume(batch_n, 0.0 if self.paused else poll_s)
+                if msgs:
+                    self._process(msgs)
+                self._publish_done(block_s=0.05 if self.paused else 0.0)
+                self.sink.poll(0)
+                now = time.monotonic()
+                if now >= next_commit:
+                    self._commit_round(list(self.parts), reason="interval")
+                    next_commit = time.monotonic() + commit_every
+                if now >= next_stats:
+                    last_stats = self._log_stats(last_stats)
+                    next_stats = now + stats_every
+            log.info(
+                "shutdown_started", signal=self._stop_signal, pending_batches=len(self.pending)
+            )
+            self._commit_round(list(self.parts), reason="shutdown")
+            # Leaving the group revokes everything: the callback finds nothing left to commit.
+            self.source.close()
+            self.source = None
+            self.sink.flush(_FLUSH_TIMEOUT_S)
+            self._log_stats(last_stats)
+            log.info("shutdown_complete")
+            return 0
+        finally:
+            self.engine.close()
+            if self.sink is not None:
+                self.sink.close()
+            if self.source is not None:
+                with contextlib.suppress(StreamerError):
+                    self.source.close()
+
+    def _set_paused(self, paused: bool) -> None:
+        assert self.source is not None
+        parts = list(self.parts)
+        if paused:
+            self.source.pause(parts)
+            self.stats.pauses += 1
+            log.info(
+                "consumption_paused",
+                queue_depth=self.engine.worker.queue_depth,
+                partitions=parts,
+            )
+        else:
+            self.source.resume(parts)
+            log.info(
+                "consumption_resumed",
+                queue_depth=self.engine.worker.queue_depth,
+                partitions=parts,
+            )
+        self.paused = paused
+
+    def _log_stats(self, last: tuple[float, int, int]) -> tuple[float, int, int]:
+        now = time.monotonic()
+        st = self.stats
+        dt_s = max(now - last[0], 1e-9)
+        lag = 0
+        if self.source is not None:
+            for p, part in self.parts.items():
+                _, hi = self.source.watermarks(p)
+                if hi >= 0:
+                    lag += max(0, hi - (part.consumed + 1))
+        log.info(
+            "stats",
+            messages_per_s=round((st.messages - last[1]) / dt_s, 1),
+            windows_per_s=round((st.windows - last[2]) / dt_s, 1),
+            messages=st.messages,
+            windows=st.windows,
+            alerts=st.alerts,
+            dead_letters=st.dead_letters,
+            dead_by_kind=dict(st.dead_by_kind),
+            lag=lag,
+            queue_depth=self.engine.worker.queue_depth,
+            paused=self.paused,
+            partitions=sorted(self.parts),
+            sensors=len(self.sensor_part),
+            commits=st.commits,
+        )
+        return now, st.messages, st.windows
+
+    # -- processing ------------------------------------------------------------------------
+
+    def _process(self, msgs: list[Message]) -> None:
+        parts_l = [m.partition() or 0 for m in msgs]
+        offs_l = [m.offset() or 0 for m in msgs]
+        part_arr = np.asarray(parts_l, dtype=np.int64)
+        off_arr = np.asarray(offs_l, dtype=np.int64)
+        keep = np.ones(len(msgs), dtype=bool)
+        for p in np.unique(part_arr).tolist():
+            sel = part_arr == p
+            part = self.parts.get(p)
+            if part is None:
+                keep &= ~sel  # not ours (any more)
+                continue
+            # Never process an offset twice in one assignment (pause/resume may refetch).
+            keep &= ~(sel & (off_arr <= part.consumed))
+            part.consumed = max(part.consumed, int(off_arr[sel].max()))
+        if not keep.all():
+            idx = np.flatnonzero(keep)
+            msgs = [msgs[i] for i in idx.tolist()]
+            part_arr, off_arr = part_arr[idx], off_arr[idx]
+        if not msgs:
+            return
+        self.stats.messages += len(msgs)
+        positions = to_position(part_arr, off_arr)
+        samples, dead = self.decoder.decode(
+            [m.value() for m in msgs], [m.key() for m in msgs], positions
+        )
+        for d in dead:
+            self._dead_letter(msgs[d.index], d)
+        if len(samples) == 0:
+            return
+        self.stats.samples += len(samples)
+        s_parts = part_arr[samples.index]
+        self._track_sensors(samples.keys, s_parts, samples.ts)
+        keep_fn = self._keep_fn(s_parts, samples.positions)
+        pending = self.engine.submit(
+            samples.keys, samples.ts, samples.values, samples.positions, keep=keep_fn
+        )
+        for r in pending.push.rejected.tolist():
+            i = int(samples.index[r])
+            self._dead_letter(
+                msgs[i],
+                DeadLetter(
+                    i,
+                    "out_of_order",
+                    f"timestamp {float(samples.ts[r])!r} is not after the sensor's previous sample",
+                ),
+            )
+        if len(pending.windows):
+            self.pending.append(pending)
+        # The worker may already be done with older batches: publish them without waiting.
+        self._publish_done(block_s=0.0)
+
+    def _track_sensors(
+        self, keys: NDArray[np.object_], parts: NDArray[np.int64], ts: NDArray[np.float64]
+    ) -> None:
+        """Register new sensors (their anchor must be written) and each partition's stream time."""
+        uniq, first = np.unique(keys, return_index=True)
+        for key, i in zip(uniq.tolist(), first.tolist(), strict=True):
+            if key not in self.sensor_part:
+                p = int(parts[i])
+                self.sensor_part[key] = p
+                part = self.parts[p]
+                part.sensors.add(key)
+                part.known.add(key)
+                part.dirty.add(key)
+                part.evicted.discard(key)
+        # The partition's clock is its latest sample's timestamp (not the maximum, so
+        # one sensor with a clock far ahead cannot make every other one look silent).
+        last_idx = len(parts) - 1 - np.unique(parts[::-1], return_index=True)[1]
+        for i in last_idx.tolist():
+            self.parts[int(parts[i])].stream_ts = float(ts[i])
+
+    def _keep_fn(self, parts: NDArray[np.int64], positions: NDArray[np.int64]) -> Any:
+        """Window filter for a replay: None (keep all) once past every partition's replay mark."""
+        offs = positions & _OFFSET_MASK
+        if not any(
+            (offs[parts == p] <= self.parts[p].replay_until).any()
+            for p in np.unique(parts).tolist()
+        ):
+            return None
+        index = self.engine.index
+
+        def keep(w: WindowBatch) -> NDArray[np.bool_]:
+            out = np.ones(len(w), dtype=bool)
+            sensors = index.keys_of(w.slots)
+            for i, pos in enumerate(w.end_pos.tolist()):
+                p, off = pos >> OFFSET_BITS, pos & _OFFSET_MASK
+                part = self.parts[p]
+                if off <= part.replay_until:
+                    mark = part.skip.get(str(sensors[i]), part.restored_h)
+                    out[i] = off > max(mark, part.restored_h)
+            self.stats.skipped_windows += int((~out).sum())
+            return out
+
+        return keep
+
+    def _dead_letter(self, msg: Message, d: DeadLetter) -> None:
+        assert self.sink is not None
+        p, off = msg.partition() or 0, msg.offset() or 0
+        part = self.parts[p]
+        if off <= part.restored_h:
+            return  # published before the restart
+        self.stats.dead_letters += 1
+        self.stats.dead_by_kind[d.kind] = self.stats.dead_by_kind.get(d.kind, 0) + 1
+        self.sink.produce(
+            self.topics.dlq,
+            msg.value(),
+            key=msg.key(),
+            headers=[
+                ("error.kind", d.kind.encode()),
+                ("error.reason", d.reason.encode()),
+                ("source.topic", self.topics.input.encode()),
+                ("source.partition", str(p).encode()),
+                ("source.offset", str(off).encode()),
+            ],
+        )
+
+    def _publish_done(self, block_s: float) -> None:
+        """Publish scored batches in order; wait up to ``block_s`` for the oldest one."""
+        pending = self.pending
+        if pending and block_s > 0 and not pending[0].future.done():
+            try:
+                pending[0].future.result(timeout=block_s)
+            except TimeoutError:
+                return
+        while pending and pending[0].future.done():
+            self._publish(self.engine.complete(pending.popleft()))
+
+    def _drain(self) -> None:
+        """Wait for and publish every queued batch."""
+        while self.pending:
+            self._publish(self.engine.complete(self.pending.popleft()))
+
+    def _publish(self, b: ScoredBatch) -> None:
+        assert self.sink is not None
+        n = len(b)
+        if n == 0:
+            return
+        topic_in = self.topics.input
+        topic_out = self.topics.scores
+        produce = self.sink.produce
+        channels = self.channels
+        sensors = [str(s) for s in b.sensors]
+        end_pos = b.windows.end_pos.tolist()
+        starts = b.windows.start_ts.tolist()
+        ends = b.windows.end_ts.tolist()
+        scores = b.scores.tolist()
+        thresholds = b.thresholds.tolist()
+        anomalous = b.anomalous.tolist()
+        likelihood = b.likelihood.tolist()
+        errors = b.channel_errors.tolist()
+        model = b.model_version
+        for i in range(n):
+            pos = end_pos[i]
+            p, off = pos >> OFFSET_BITS, pos & _OFFSET_MASK
+            record = encode_score(
+                window_id=window_id(topic_in, p, off),
+                sensor=sensors[i],
+                window_start=starts[i],
+                window_end=ends[i],
+                score=scores[i],
+                threshold=thresholds[i],
+                anomalous=anomalous[i],
+                likelihood=likelihood[i],
+                channels=dict(zip(channels, errors[i], strict=True)),
+                model=model,
+                partition=p,
+                offset=off,
+            )
+            produce(topic_out, record, key=sensors[i])
+        for ev in b.events:
+            produce(self.topics.alerts, encode_alert(ev), key=ev.sensor)
+            log.info(
+                "alert_opened" if ev.state == "open" else "alert_closed",
+                alert=ev.id,
+                sensor=ev.sensor,
+                peak_score=ev.peak_score,
+                top_channels=[c for c, _ in ev.top_channels],
+            )
+        self.stats.windows += n
+        self.stats.alerts += len(b.events)
+        # Their thresholds and alert state moved: checkpoint them at the next round.
+        for s in set(sensors):
+            p = self.sensor_part.get(s)
+            if p is not None and p in self.parts:
+                self.parts[p].dirty.add(s)
+
+    # -- commit rounds ---------------------------------------------------------------------
+
+    def _commit_round(self, partitions: Iterable[int], reason: str) -> None:
+        """Deliver everything, checkpoint changed sensors, commit (see the module docstring)."""
+        assert self.sink is not None and self.source is not None
+        self._drain()
+        self.sink.flush(_FLUSH_TIMEOUT_S)
+        commits: dict[int, tuple[int, str]] = {}
+        heads: dict[int, int] = {}
+        for p in partitions:
+            part = self.parts.get(p)
+            if part is None or part.consumed <= part.committed_h:
+                continue  # nothing consumed since the last commit (or still replaying)
+            h = part.consumed
+            self._expire_anchors(part)
+            self._evict(part, h)
+            self._write_state(part, h)
+            anchors = [self.anchor_offset[s] for s in part.sensors if s in self.anchor_offset]
+            offset = min([*anchors, h + 1])
+            meta = orjson.dumps({"v": COMMIT_META_VERSION, "h": h}).decode()
+            commits[p] = (offset, meta)
+            heads[p] = h
+        if not commits:
+            return
+        self.sink.flush(_FLUSH_TIMEOUT_S)
+        self.source.commit(commits)
+        for p, h in heads.items():
+            self.parts[p].committed_h = h
+        self.stats.commits += 1
+        log.debug(
+            "offsets_committed",
+            reason=reason,
+            offsets={p: off for p, (off, _) in commits.items()},
+            heads=heads,
+        )
+
+    def _write_state(self, part: _Partition, h: int) -> None:
+        assert self.sink is not None
+        engine = self.engine
+        p = part.partition
+        for s in sorted(part.evicted):
+            # Keep what was learned; only the ring anchor is gone.
+            self._produce_state(s, p, h, None)
+        part.evicted.clear()
+        dirty = sorted(part.dirty & part.sensors)
+        part.dirty.clear()
+        if not dirty:
+            return
+        slots = np.asarray([engine.index.slot(s) for s in dirty], dtype=np.int64)
+        oldest_pos, oldest_count = engine.windows.oldest(slots)
+        for s, pos, count in zip(dirty, oldest_pos.tolist(), oldest_count.tolist(), strict=True):
+            ring = None
+            if count > 0:
+                off = pos & _OFFSET_MASK
+                ring = {"anchor_offset": off, "anchor_count": count}
+                self.anchor_offset[s] = off
+            self._produce_state(s, p, h, ring)
+
+    def _produce_state(self, sensor: str, p: int, h: int, ring: dict[str, int] | None) -> None:
+        assert self.sink is not None
+        engine = self.engine
+        threshold = engine.thresholds.export(sensor) if sensor in engine.thresholds else None
+        alerts = engine.alerts.export(sensor)
+        value = orjson.dumps(
+            {
+                "version": STATE_VERSION,
+                "sensor": sensor,
+                "partition": p,
+                "upto": h,
+                "threshold": threshold,
+                "alerts": alerts,
+                "ring": ring,
+            },
+            option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY,
+        )
+        self.sink.produce(self.topics.state, value, key=sensor, partition=p)
+        self.stats.state_written += 1
+
+    def _expire_anchors(self, part: _Partition) -> None:
+        """Anchors the replay went past without meeting (record older than the log) are void."""
+        engine = self.engine
+        for slot, (pos, _count) in engine.windows.anchors.items():
+            if pos >> OFFSET_BITS != part.partition or (pos & _OFFSET_MASK) > part.consumed:
+                continue
+            engine.windows.clear_anchors([slot])
+            key = engine.index.key(slot)
+            if engine.windows.count(slot) == 0:
+                self._forget_ring(str(key), part)
+            log.warning(
+                "state_anchor_missed",
+                sensor=key,
+                partition=part.partition,
+                anchor_offset=pos & _OFFSET_MASK,
+            )
+
+    def _evict(self, part: _Partition, h: int) -> None:
+        """Evict silent sensors and those that would make the replay too long."""
+        if not part.sensors:
+            return
+        engine = self.engine
+        names = sorted(part.sensors)
+        slots = np.asarray([engine.index.slot(s) for s in names], dtype=np.int64)
+        last_ts = np.asarray([engine.windows.last_ts(int(s)) for s in slots])
+        oldest_pos, _ = engine.windows.oldest(slots)
+        anchor = np.asarray(
+            [
+                self.anchor_offset.get(s, int(o) & _OFFSET_MASK if o >= 0 else h)
+                for s, o in zip(names, oldest_pos.tolist(), strict=True)
+            ],
+            dtype=np.int64,
+        )
+        has_samples = np.isfinite(last_ts)
+        silent = has_samples & (part.stream_ts - last_ts > self.cfg.stream.max_gap_s)
+        behind = (h - anchor) > self.cfg.stream.max_replay_messages
+        for i in np.flatnonzero(silent | behind).tolist():
+            s = names[i]
+            why = "silent" if silent[i] else "replay_bound"
+            log.warning(
+                "sensor_evicted",
+                sensor=s,
+                partition=part.partition,
+                reason=why,
+                samples_dropped=engine.windows.count(int(slots[i])),
+                silent_s=round(float(part.stream_ts - last_ts[i]), 3),
+                messages_behind=int(h - anchor[i]),
+            )
+            self._forget_ring(s, part)
+            part.evicted.add(s)
+            self.stats.evicted += 1
+
+    def _forget_ring(self, sensor: str, part: _Partition) -> None:
+        engine = self.engine
+        if sensor in engine.index:
+            slot = engine.index.slot(sensor)
+            engine.windows.reset([slot])
+            engine.index.release([sensor])
+        part.sensors.discard(sensor)
+        part.dirty.discard(sensor)
+        self.sensor_part.pop(sensor, None)
+        self.anchor_offset.pop(sensor, None)
+
+    # -- rebalances ------------------------------------------------------------------------
+
+    def _on_assign(self, partitions: list[int]) -> None:
+        if not partitions:
+            return
+        assert self.source is not None
+        committed = self.source.committed(partitions)
+        for p in partitions:
+            c = committed.get(p)
+            start = c.offset if c is not None and c.offset >= 0 else 0
+            h = self._commit_head(c.metadata if c is not None else None, c.offset if c else -1)
+            part = _Partition(partition=p, committed_h=h, restored_h=h, replay_until=h)
+            self.parts[p] = part
+            self._restore(part, start)
+        if self.paused:
+            self.source.pause(partitions)
+        log.info("partitions_assigned", partitions=partitions, owned=sorted(self.parts))
+
+    @staticmethod
+    def _commit_head(metadata: str | None, offset: int) -> int:
+        """H of a commit: from our metadata, else (another tool committed) offset - 1."""
+        if metadata:
+            try:
+                meta = orjson.loads(metadata)
+                if meta.get("v") == COMMIT_META_VERSION and isinstance(meta.get("h"), int):
+                    return int(meta["h"])
+            except (orjson.JSONDecodeError, AttributeError):
+                pass
+            log.warning("commit_metadata_unknown", metadata=metadata[:200])
+        return offset - 1 if offset >= 0 else -1
+
+    def _restore(self, part: _Partition, start: int) -> None:
+        """Read partition p of the state topic and restore every sensor in it."""
+        p = part.partition
+        started = time.monotonic()
+        msgs, complete = read_partition(
+            self.cfg.kafka, self.topics.state, p, self.cfg.kafka.restore_timeout_s
+        )
+        if not complete:
+            raise KafkaError(
+                f"restoring {self.topics.state}[{p}] did not finish within "
+                f"{self.cfg.kafka.restore_timeout_s}s ({len(msgs)} records read)"
+            )
+        latest: dict[bytes, bytes | None] = {}
+        for m in msgs:
+            key = m.key()
+            if key is not None:
+                latest[key] = m.value()
+        restored = corrupt = anchors = 0
+        for key, value in latest.items():
+            if value is None:
+                continue
+            try:
+                rec = self._parse_state(key, value, p)
+                self._apply_state(part, rec, start)
+            except StateError as exc:
+                corrupt += 1
+                self.stats.state_corrupt += 1
+                log.warning(
+                    "state_corrupt",
+                    partition=p,
+                    sensor=key.decode(errors="replace")[:256],
+                    error=str(exc),
+                )
+                continue
+            restored += 1
+            anchors += rec["sensor"] in self.anchor_offset
+        log.info(
+            "state_restored",
+            partition=p,
+            sensors=restored,
+            corrupt=corrupt,
+            anchors=anchors,
+            records=len(msgs),
+            start_offset=start,
+            committed_h=part.restored_h,
+            replay_until=part.replay_until,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    @staticmethod
+    def _parse_state(key: bytes, value: bytes, p: int) -> dict[str, Any]:
+        try:
+            rec = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise StateError(f"not JSON: {exc}") from exc
+        if not isinstance(rec, dict) or rec.get("version") != STATE_VERSION:
+            version = rec.get("version") if isinstance(rec, dict) else None
+            raise StateError(f"unknown state record version {version!r}")
+        sensor = rec.get("sensor")
+        if not isinstance(sensor, str) or sensor.encode() != key:
+            raise StateError(f"record sensor {sensor!r} does not match its key")
+        if rec.get("partition") != p:
+            raise StateError(f"record is for partition {rec.get('partition')!r}, found in {p}")
+        upto = rec.get("upto")
+        if not isinstance(upto, int) or isinstance(upto, bool):
+            raise StateError(f"upto must be an integer, got {upto!r}")
+        ring = rec.get("ring")
+        if ring is not None:
+            ok = isinstance(ring, dict) and all(
+                isinstance(ring.get(k), int) and not isinstance(ring.get(k), bool)
+                for k in ("anchor_offset", "anchor_count")
+            )
+            if not ok or ring["anchor_count"] < 1 or ring["anchor_offset"] < 0:
+                raise StateError(f"bad ring anchor {ring!r}")
+        for k in ("threshold", "alerts"):
+            if rec.get(k) is not None and not isinstance(rec[k], dict):
+                raise StateError(f"{k} must be an object or null")
+        return rec
+
+    def _apply_state(self, part: _Partition, rec: dict[str, Any], start: int) -> None:
+        engine = self.engine
+        sensor: str = rec["sensor"]
+        part.known.add(sensor)
+        if rec["threshold"] is not None:
+            engine.thresholds.restore(sensor, rec["threshold"])
+        if rec["alerts"] is not None:
+            try:
+                engine.alerts.restore(sensor, rec["alerts"])
+            except StateError:
+                # All or nothing: a sensor with half its state would be worse than re-warming.
+                engine.thresholds.drop([sensor])
+                raise
+        upto = int(rec["upto"])
+        if upto > part.restored_h:
+            part.skip[sensor] = upto
+            part.replay_until = max(part.replay_until, upto)
+        ring = rec["ring"]
+        if ring is not None and ring["anchor_offset"] >= start:
+            slot = engine.index.slot(sensor)
+            engine.windows.set_anchor(
+                slot, int(to_position(part.partition, ring["anchor_offset"])), ring["anchor_count"]
+            )
+            self.anchor_offset[sensor] = ring["anchor_offset"]
+            self.sensor_part[sensor] = part.partition
+            part.sensors.add(sensor)
+
+    def _on_revoke(self, partitions: list[int]) -> None:
+        mine = [p for p in partitions if p in self.parts]
+        if not mine:
+            return
+        self._commit_round(mine, reason="revoke")
+        self._drop(mine)
+        log.info("partitions_revoked", partitions=mine, owned=sorted(self.parts))
+
+    def _on_lost(self, partitions: list[int]) -> None:
+        mine = [p for p in partitions if p in self.parts]
+        if not mine:
+            return
+        # Another member owns them now: publish what is scored (byte-identical to what
+        # the new owner may publish) but commit nothing.
+        self._drain()
+        self._drop(mine)
+        log.warning("partitions_lost", partitions=mine, owned=sorted(self.parts))
+
+    def _drop(self, partitions: list[int]) -> None:
+        engine = self.engine
+        for p in partitions:
+            part = self.parts.pop(p)
+            sensors = sorted(part.known)
+            for s in sensors:
+                self._forget_ring(s, part)
+            engine.thresholds.drop(sensors)
+            engine.alerts.drop(sensors)
+
+
+def run_daemon(cfg: Config) -> int:
+    """``streamer run``: 0 after a clean shutdown, 1 on a runtime failure (logged).
+
+    ConfigError propagates (the CLI turns it into exit code 2).
+    """
+    configure_logging()
+    try:
+        daemon = Daemon(cfg)
+        return daemon.run()
+    except ConfigError:
+        raise
+    except StreamerError as exc:
+        log.error("daemon_failed", error=str(exc), error_type=type(exc).__name__)
+        return 1

@@ -1,0 +1,96 @@
+"""Topic checks at start-up: every topic the daemon uses exists, or is created when configured.
+
+The state topic (per-sensor threshold and alert state) is compacted and has as
+many partitions as the input topic: state for input partition p lives in state
+partition p, so whoever owns p restores it by reading one partition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from streamer.config import KafkaConfig, TopicsConfig
+from streamer.errors import KafkaError
+
+__all__ = ["ensure_topics", "partition_count"]
+
+log = structlog.get_logger(__name__)
+
+_TIMEOUT_S = 30.0
+STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+
+
+def _admin(cfg: KafkaConfig) -> AdminClient:
+    conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
+    # Consumer/producer-only settings make the admin client warn; drop the obvious ones.
+    for key in list(conf):
+        if key.startswith(("enable.auto", "auto.offset", "partition.assignment", "acks")):
+            del conf[key]
+    return AdminClient(conf)
+
+
+def partition_count(cfg: KafkaConfig, topic: str, timeout_s: float = _TIMEOUT_S) -> int:
+    """Number of partitions of ``topic`` (KafkaError if it does not exist)."""
+    try:
+        meta = _admin(cfg).list_topics(topic, timeout=timeout_s).topics.get(topic)
+    except KafkaException as exc:
+        raise KafkaError(f"cannot read metadata of {topic}: {exc}") from exc
+    if meta is None or meta.error is not None:
+        raise KafkaError(f"topic {topic} does not exist")
+    return len(meta.partitions)
+
+
+def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TIMEOUT_S) -> int:
+    """Check (or create) every topic; returns the input topic's partition count.
+
+    Missing topics are created when ``kafka.create_topics`` is set (input, scores,
+    alerts and DLQ with ``kafka.topic_partitions`` partitions; the state topic
+    compacted, with the input's count); otherwise KafkaError names them all.
+    """
+    admin = _admin(cfg)
+    try:
+        meta = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaError(
+            f"cannot reach Kafka at {cfg.bootstrap_servers} to list topics: {exc}"
+        ) from exc
+    existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
+    wanted = [topics.input, topics.scores, topics.alerts, topics.dlq, topics.state]
+    missing = [t for t in dict.fromkeys(wanted) if t not in existing]
+    if missing and not cfg.create_topics:
+        raise KafkaError(
+            f"topic(s) {', '.join(missing)} do not exist on {cfg.bootstrap_servers}; "
+            "create them, or set kafka.create_topics: true"
+        )
+    if missing:
+        n_input = existing.get(topics.input, cfg.topic_partitions)
+        specs = []
+        for name in missing:
+            if name == topics.state:
+                specs.append(NewTopic(name, num_partitions=n_input, config=STATE_TOPIC_CONFIG))
+            else:
+                specs.append(NewTopic(name, num_partitions=cfg.topic_partitions))
+        futures = admin.create_topics(specs, operation_timeout=timeout_s, request_timeout=timeout_s)
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=timeout_s)
+            except KafkaException as exc:
+                # Another instance may have created it at the same moment: fine.
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise KafkaError(f"cannot create topic {name}: {exc}") from exc
+            log.info("topic_created", topic=name)
+        meta = admin.list_topics(timeout=timeout_s)
+        existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
+    n_input = existing[topics.input]
+    n_state = existing.get(topics.state, 0)
+    if n_state < n_input:
+        raise KafkaError(
+            f"state topic {topics.state} has {n_state} partitions, fewer than the "
+            f"{n_input} of input topic {topics.input}; it needs at least as many"
+        )
+    return n_input

@@ -1,0 +1,118 @@
+"""Producer wrapper: idempotent, acks=all, delivery errors latched and raised on the main thread.
+
+librdkafka reports delivery asynchronously, through a callback that runs inside
+``poll``/``flush`` on the calling thread. The first error is latched there and
+raised by the next ``produce``, ``poll`` or ``flush``, so the daemon never commits
+an offset whose output was not delivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaException, Message, Producer
+
+from streamer.config import KafkaConfig
+from streamer.errors import KafkaError
+
+__all__ = ["Sink"]
+
+log = structlog.get_logger(__name__)
+
+# Our settings win over the pass-through ones: they are what the delivery guarantee needs.
+_REQUIRED = {"enable.idempotence": True, "acks": "all"}
+_DEFAULTS: dict[str, Any] = {"linger.ms": 5, "compression.type": "lz4"}
+
+
+class Sink:
+    """Publishes records; ``flush`` returns only when every one is acknowledged."""
+
+    def __init__(self, cfg: KafkaConfig, client_id: str = "streamer") -> None:
+        conf: dict[str, Any] = {**_DEFAULTS, "client.id": client_id, **cfg.librdkafka()}
+        conf.update(_REQUIRED)
+        conf["bootstrap.servers"] = cfg.bootstrap_servers
+        conf["error_cb"] = self._on_error
+        try:
+            self._producer = Producer(conf)
+        except KafkaException as exc:
+            raise KafkaError(f"cannot create producer: {exc}") from exc
+        self._failure: str | None = None
+        self.delivered = 0
+        self.produced = 0
+
+    def _on_delivery(self, err: Any, msg: Message) -> None:
+        if err is not None:
+            if self._failure is None:
+                self._failure = f"delivery to {msg.topic()}[{msg.partition()}] failed: {err}"
+            return
+        self.delivered += 1
+
+    def _on_error(self, err: Any) -> None:
+        # Client-level errors: most are transient and librdkafka retries them; a fatal
+        # one (e.g. the idempotent producer lost its sequence) must stop the daemon.
+        if err.fatal():
+            if self._failure is None:
+                self._failure = f"producer fatal error: {err}"
+        else:
+            log.warning("producer_error", error=str(err))
+
+    def raise_if_failed(self) -> None:
+        """Raise KafkaError if any delivery failed since start."""
+        if self._failure is not None:
+            raise KafkaError(self._failure)
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Queue one record; waits (serving callbacks) while the local queue is full."""
+        self.raise_if_failed()
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        if headers:
+            kwargs["headers"] = list(headers.items()) if isinstance(headers, Mapping) else headers
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                # Local queue full: serve delivery reports until there is room.
+                self._producer.poll(0.05)
+                self.raise_if_failed()
+            except KafkaException as exc:
+                raise KafkaError(f"cannot produce to {topic}: {exc}") from exc
+        self.produced += 1
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve delivery callbacks; raise a latched failure."""
+        self._producer.poll(timeout_s)
+        self.raise_if_failed()
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until everything produced is acknowledged, or raise KafkaError."""
+        started = time.monotonic()
+        remaining = self._producer.flush(timeout_s)
+        self.raise_if_failed()
+        if remaining:
+            raise KafkaError(
+                f"{remaining} records not acknowledged after {time.monotonic() - started:.1f}s"
+            )
+
+    @property
+    def pending(self) -> int:
+        """Records produced but not yet acknowledged."""
+        return len(self._producer)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush what is queued (best effort) and release the producer."""
+        with contextlib.suppress(KafkaException):
+            self._producer.flush(timeout_s)

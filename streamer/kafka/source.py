@@ -1,0 +1,250 @@
+"""Consumer wrapper: batched consume, manual offsets, cooperative rebalancing, a state reader.
+
+Offsets are never stored or committed automatically (``enable.auto.commit`` and
+``enable.auto.offset.store`` are off): the daemon commits explicitly, per
+partition, only what every output depending on it has been delivered for. The
+commit carries metadata (the highest offset whose windows were emitted), which
+the next owner of the partition reads back.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka import KafkaError as RdKafkaError
+
+from streamer.config import KafkaConfig
+from streamer.errors import KafkaError
+
+__all__ = ["Committed", "Source", "read_partition"]
+
+log = structlog.get_logger(__name__)
+
+_REQUIRED: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "partition.assignment.strategy": "cooperative-sticky",
+}
+_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",
+    # Bound what librdkafka prefetches: this is most of the daemon's memory under backlog.
+    "queued.max.messages.kbytes": 32768,
+}
+
+PartitionsCallback = Callable[[list[int]], None]
+
+
+class Committed:
+    """A partition's committed offset and metadata (offset -1: nothing committed)."""
+
+    __slots__ = ("metadata", "offset", "partition")
+
+    def __init__(self, partition: int, offset: int, metadata: str | None) -> None:
+        self.partition = partition
+        self.offset = offset
+        self.metadata = metadata
+
+
+def _conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    conf: dict[str, Any] = {**_DEFAULTS, **cfg.librdkafka(), **extra}
+    conf["bootstrap.servers"] = cfg.bootstrap_servers
+    return conf
+
+
+class Source:
+    """Subscribes to one topic in the configured group; partitions are reported as ints."""
+
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        topic: str,
+        on_assign: PartitionsCallback,
+        on_revoke: PartitionsCallback,
+        on_lost: PartitionsCallback,
+        client_id: str = "streamer",
+    ) -> None:
+        conf = _conf(cfg, {"group.id": cfg.group_id, "client.id": client_id})
+        conf.update(_REQUIRED)
+        conf["error_cb"] = self._on_error
+        self.topic = topic
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self._failure: BaseException | None = None
+        self._fatal: str | None = None
+        try:
+            self._consumer = Consumer(conf)
+        except KafkaException as exc:
+            raise KafkaError(f"cannot create consumer: {exc}") from exc
+        self._consumer.subscribe(
+            [topic], on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._lost_cb
+        )
+
+    # Rebalance callbacks run inside consume(), on the main thread. An exception raised
+    # in one would be swallowed by the client, so it is latched and raised after.
+    def _guard(self, fn: PartitionsCallback, parts: list[TopicPartition]) -> None:
+        if self._failure is not None:
+            return
+        try:
+            fn(sorted(tp.partition for tp in parts if tp.topic == self.topic))
+        except BaseException as exc:
+            self._failure = exc
+
+    def _assign_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._guard(self._on_assign, parts)
+
+    def _revoke_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._guard(self._on_revoke, parts)
+
+    def _lost_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._guard(self._on_lost, parts)
+
+    def _on_error(self, err: Any) -> None:
+        if err.fatal():
+            self._fatal = f"consumer fatal error: {err}"
+        else:
+            log.warning("consumer_error", error=str(err))
+
+    def _raise(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if self._fatal is not None:
+            raise KafkaError(self._fatal)
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Up to ``max_messages`` messages (rebalance callbacks run in here too)."""
+        try:
+            msgs = self._consumer.consume(max_messages, timeout_s)
+        except KafkaException as exc:
+            raise KafkaError(f"consume failed: {exc}") from exc
+        self._raise()
+        out = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                out.append(m)
+            elif err.code() == RdKafkaError._PARTITION_EOF:
+                continue
+            elif err.fatal():
+                raise KafkaError(f"consume failed: {err}")
+            else:
+                log.warning("consume_error", error=str(err))
+        return out
+
+    def assignment(self) -> list[int]:
+        """Partitions of the topic assigned to this consumer now."""
+        return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic)
+
+    def pause(self, partitions: Iterable[int]) -> None:
+        """Stop fetching these partitions (backpressure); their position is kept."""
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        if tps:
+            self._consumer.pause(tps)
+
+    def resume(self, partitions: Iterable[int]) -> None:
+        """Fetch these partitions again."""
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        if tps:
+            self._consumer.resume(tps)
+
+    def committed(self, partitions: Sequence[int], timeout_s: float = 30.0) -> dict[int, Committed]:
+        """Committed offset and metadata per partition."""
+        if not partitions:
+            return {}
+        try:
+            tps = self._consumer.committed(
+                [TopicPartition(self.topic, p) for p in partitions], timeout=timeout_s
+            )
+        except KafkaException as exc:
+            raise KafkaError(f"cannot read committed offsets of {self.topic}: {exc}") from exc
+        return {tp.partition: Committed(tp.partition, tp.offset, tp.metadata) for tp in tps}
+
+    def commit(self, offsets: dict[int, tuple[int, str]]) -> None:
+        """Commit ``{partition: (offset, metadata)}`` synchronously."""
+        if not offsets:
+            return
+        tps = [
+            TopicPartition(self.topic, p, off, metadata=meta)
+            for p, (off, meta) in sorted(offsets.items())
+        ]
+        try:
+            result = self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            raise KafkaError(f"commit of {self.topic} offsets failed: {exc}") from exc
+        for tp in result or []:
+            if tp.error is not None:
+                raise KafkaError(f"commit of {self.topic}[{tp.partition}] failed: {tp.error}")
+
+    def watermarks(self, partition: int) -> tuple[int, int]:
+        """(low, high) offsets known from the last fetch (no request; -1001 when unknown)."""
+        lo, hi = self._consumer.get_watermark_offsets(
+            TopicPartition(self.topic, partition), cached=True
+        )
+        return int(lo), int(hi)
+
+    def close(self) -> None:
+        """Leave the group (revoke callbacks run) and release the consumer."""
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("consumer_close_failed", error=str(exc))
+        self._raise()
+
+
+def read_partition(
+    cfg: KafkaConfig, topic: str, partition: int, timeout_s: float
+) -> tuple[list[Message], bool]:
+    """Every record of one partition up to its high watermark now.
+
+    Returns the messages and whether the end was reached within ``timeout_s``.
+    The reader is assigned, not subscribed: it joins no group and commits nothing.
+    """
+    conf = _conf(
+        cfg,
+        {
+            "group.id": f"streamer-state-reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        },
+    )
+    consumer = Consumer(conf)
+    deadline = time.monotonic() + timeout_s
+    out: list[Message] = []
+    try:
+        tp = TopicPartition(topic, partition)
+        try:
+            lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+        except KafkaException as exc:
+            raise KafkaError(f"cannot read watermarks of {topic}[{partition}]: {exc}") from exc
+        if hi <= lo:
+            return out, True
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        while time.monotonic() < deadline:
+            batch = consumer.consume(10000, min(0.5, max(0.0, deadline - time.monotonic())))
+            for m in batch:
+                err = m.error()
+                offset = m.offset() or 0
+                if err is not None:
+                    if err.code() == RdKafkaError._PARTITION_EOF:
+                        if offset >= hi:
+                            return out, True
+                        continue
+                    raise KafkaError(f"reading {topic}[{partition}] failed: {err}")
+                out.append(m)
+                if offset >= hi - 1:
+                    return out, True
+        return out, False
+    finally:
+        consumer.close()

@@ -1,0 +1,539 @@
+"""Adaptive thresholds: one contract suite over every kind, then each kind's own maths."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamer.errors import ConfigError, DataError, StateError
+from streamer.scoring.thresholds import (
+    DspotThreshold,
+    FixedThreshold,
+    QuantileThreshold,
+    SpotThreshold,
+    Threshold,
+    ThresholdBank,
+    ThresholdResult,
+    fit_gpd,
+    make_threshold,
+)
+
+CALIBRATION = np.random.default_rng(7).exponential(size=3000)
+STREAM = np.random.default_rng(8).exponential(size=600)
+STREAM[[50, 51, 300]] = [40.0, 55.0, 80.0]  # a few certain alarms inside the stream
+
+FACTORIES: dict[str, Callable[[], Threshold]] = {
+    "spot": lambda: SpotThreshold(risk=1e-3),
+    "dspot": lambda: DspotThreshold(risk=1e-3, depth=20),
+    "quantile": lambda: QuantileThreshold(quantile=0.99, window=500, margin=1.5),
+    "fixed": lambda: FixedThreshold(float(np.quantile(CALIBRATION, 0.99))),
+}
+ADAPTIVE = ["spot", "dspot", "quantile"]
+
+
+def calibrated(kind: str) -> Threshold:
+    th = FACTORIES[kind]()
+    th.calibrate(CALIBRATION)
+    return th
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def threshold(request: pytest.FixtureRequest) -> Threshold:
+    return calibrated(request.param)
+
+
+def same_result(a: ThresholdResult, b: ThresholdResult) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def concat(results: list[ThresholdResult]) -> ThresholdResult:
+    return ThresholdResult(*(np.concatenate(parts) for parts in zip(*results, strict=True)))
+
+
+def json_round_trip(state: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(state, allow_nan=False))
+    return out
+
+
+class TestThresholdContract:
+    """Every threshold kind keeps the Threshold protocol's promises."""
+
+    def test_value_is_finite_and_above_most_calibration_scores(self, threshold: Threshold) -> None:
+        """The calibrated threshold is finite and above at least 95 % of the calibration scores."""
+        assert math.isfinite(threshold.value)
+        assert np.mean(threshold.value > CALIBRATION) > 0.95
+
+    def test_step_returns_arrays_of_the_right_shape_and_dtype(self, threshold: Threshold) -> None:
+        """step returns float64 thresholds, bool flags and float64 likelihoods, one per point."""
+        res = threshold.step(STREAM.astype(np.float32))
+        assert res.threshold.shape == res.anomalous.shape == res.likelihood.shape == STREAM.shape
+        assert res.threshold.dtype == np.float64
+        assert res.anomalous.dtype == np.bool_
+        assert res.likelihood.dtype == np.float64
+        assert np.all(np.isfinite(res.threshold))
+        assert np.array_equal(res.anomalous, res.threshold < STREAM)
+
+    def test_empty_batch_is_a_no_op(self, threshold: Threshold) -> None:
+        """Stepping no points returns empty arrays and changes nothing."""
+        before = threshold.state_dict()
+        res = threshold.step(np.zeros(0))
+        assert res.threshold.size == res.anomalous.size == res.likelihood.size == 0
+        assert threshold.state_dict() == before
+
+    def test_huge_score_alarms(self, threshold: Threshold) -> None:
+        """A score far beyond anything seen is anomalous with likelihood near 1."""
+        res = threshold.step(np.array([1e9]))
+        assert res.anomalous.tolist() == [True]
+        assert res.likelihood[0] > 0.999
+
+    def test_alarmed_points_do_not_change_state(self, threshold: Threshold) -> None:
+        """Points that alarm, non-finite ones included, leave the state exactly as it was."""
+        before = threshold.state_dict()
+        res = threshold.step(np.array([1e6, np.inf, np.nan, 1e9, -np.inf]))
+        assert res.anomalous.all()
+        assert threshold.state_dict() == before
+
+    def test_likelihood_is_pure(self, threshold: Threshold) -> None:
+        """likelihood() changes no state."""
+        before = threshold.state_dict()
+        threshold.likelihood(STREAM)
+        assert threshold.state_dict() == before
+
+    @settings(
+        max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(
+        xs=st.lists(
+            st.floats(min_value=-10, max_value=1e6, allow_nan=False), min_size=1, max_size=40
+        )
+    )
+    def test_likelihood_is_in_unit_interval_and_monotone(
+        self, threshold: Threshold, xs: list[float]
+    ) -> None:
+        """The likelihood lies in [0, 1] and never decreases as the score grows."""
+        lik = threshold.likelihood(np.sort(np.array(xs)))
+        assert np.all((lik >= 0.0) & (lik <= 1.0))
+        assert np.all(np.diff(lik) >= 0.0)
+
+    def test_step_likelihood_is_the_likelihood_before_the_point(self, threshold: Threshold) -> None:
+        """The likelihood step reports for a point equals likelihood() just before it."""
+        for x in STREAM[:40]:
+            expected = threshold.likelihood(np.array([x]))
+            assert threshold.step(np.array([x])).likelihood[0] == expected[0]
+
+    def test_clone_is_independent(self, threshold: Threshold) -> None:
+        """Stepping a clone leaves the original untouched, and vice versa."""
+        before = threshold.state_dict()
+        twin = threshold.clone()
+        twin.step(STREAM)
+        assert threshold.state_dict() == before
+        threshold.step(STREAM[:10])
+        assert twin.state_dict() != before or isinstance(twin, FixedThreshold)
+
+    def test_state_round_trip_through_json_continues_identically(
+        self, threshold: Threshold
+    ) -> None:
+        """A state restored from JSON produces exactly the results the original does."""
+        threshold.step(STREAM[:200])
+        restored = threshold.clone()
+        restored.load_state_dict(json_round_trip(threshold.state_dict()))
+        assert same_result(threshold.step(STREAM[200:]), restored.step(STREAM[200:]))
+        assert threshold.state_dict() == restored.state_dict()
+        assert threshold.value == restored.value
+
+    def test_state_dict_has_kind_and_version(self, threshold: Threshold) -> None:
+        """The state dict names its kind and format version."""
+        state = threshold.state_dict()
+        assert state["kind"] in FACTORIES
+        assert state["version"] == 1
+
+    @pytest.mark.parametrize(
+        "corrupt",
+        [
+            pytest.param(lambda s: {**s, "kind": "nope"}, id="wrong-kind"),
+            pytest.param(lambda s: {**s, "version": 99}, id="wrong-version"),
+            pytest.param(
+                lambda s: {k: v for k, v in s.items() if k not in ("kind", "version")},
+                id="no-header",
+            ),
+            pytest.param(lambda s: {"kind": s["kind"], "version": 1}, id="empty"),
+            pytest.param(
+                lambda s: {k: ("garbage" if isinstance(v, list) else v) for k, v in s.items()},
+                id="garbage-lists",
+            ),
+            pytest.param(
+                lambda s: {k: (-1.0 if isinstance(v, float) else v) for k, v in s.items()},
+                id="negative-numbers",
+            ),
+            pytest.param(
+                lambda s: {k: (None if k not in ("kind", "version") else v) for k, v in s.items()},
+                id="nulls",
+            ),
+            pytest.param(lambda s: ["not", "a", "dict"], id="not-a-mapping"),
+        ],
+    )
+    def test_load_rejects_unusable_state(
+        self, threshold: Threshold, corrupt: Callable[[dict[str, Any]], Any]
+    ) -> None:
+        """Wrong kind, wrong version or corrupt content raise StateError and change nothing."""
+        state = threshold.state_dict()
+        target = threshold.clone()
+        with pytest.raises(StateError):
+            target.load_state_dict(corrupt(state))
+        assert target.state_dict() == state
+
+    def test_calibrate_rejects_non_finite_scores(self, threshold: Threshold) -> None:
+        """Calibration scores with a NaN raise ConfigError saying how many and where."""
+        bad = CALIBRATION.copy()
+        bad[17] = np.nan
+        with pytest.raises(ConfigError, match=r"1 non-finite value.*index 17"):
+            threshold.calibrate(bad)
+
+    def test_calibrate_rejects_too_few_scores(self, threshold: Threshold) -> None:
+        """Calibration with a handful of scores raises ConfigError with the count."""
+        with pytest.raises(ConfigError, match=r"got 5"):
+            threshold.calibrate(np.arange(5.0))
+
+    def test_batching_does_not_change_results(self, threshold: Threshold) -> None:
+        """Stepping a stream in pieces gives the same results and state as in one call."""
+        twin = threshold.clone()
+        whole = threshold.step(STREAM)
+        parts = concat([twin.step(p) for p in np.array_split(STREAM, [1, 2, 51, 52, 53, 299, 400])])
+        assert same_result(whole, parts)
+        assert threshold.state_dict() == twin.state_dict()
+
+
+class TestConstructorValidation:
+    """Bad constructor arguments raise ConfigError naming the argument and the value."""
+
+    @pytest.mark.parametrize(
+        ("method", "params", "message"),
+        [
+            ("spot", {"risk": 1.5}, "risk must be in (0, 1), got 1.5"),
+            ("spot", {"risk": 0.0}, "risk must be in (0, 1), got 0.0"),
+            ("spot", {"level": 1.0}, "level must be in (0, 1), got 1.0"),
+            ("spot", {"risk": 0.05, "level": 0.98}, "risk must be smaller than 1 - level"),
+            ("spot", {"max_peaks": 3}, "max_peaks must be an integer >= 10, got 3"),
+            ("spot", {"risk": float("nan")}, "risk must be finite, got nan"),
+            ("spot", {"risk": "high"}, "risk must be a number, got 'high'"),
+            ("dspot", {"depth": 0}, "depth must be an integer >= 1, got 0"),
+            ("dspot", {"depth": 2.5}, "depth must be an integer >= 1, got 2.5"),
+            ("quantile", {"quantile": 0.0}, "quantile must be in (0, 1], got 0.0"),
+            ("quantile", {"window": 0}, "window must be an integer >= 1, got 0"),
+            ("quantile", {"margin": 1.0}, "margin must be > 1"),
+            ("fixed", {"value": 0.0}, "value must be > 0, got 0.0"),
+            ("fixed", {"value": float("inf")}, "value must be finite, got inf"),
+            ("spot", {"bogus": 1}, "bogus"),
+        ],
+    )
+    def test_bad_argument_raises_config_error(
+        self, method: Any, params: dict[str, Any], message: str
+    ) -> None:
+        """The message names the argument and its bad value."""
+        with pytest.raises(ConfigError) as info:
+            make_threshold(method, **params)
+        assert message in str(info.value)
+
+    def test_unknown_method_is_named(self) -> None:
+        """An unknown method raises ConfigError naming it."""
+        with pytest.raises(ConfigError, match="'median'"):
+            make_threshold("median")  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        ("method", "cls"),
+        [
+            ("spot", SpotThreshold),
+            ("dspot", DspotThreshold),
+            ("quantile", QuantileThreshold),
+            ("fixed", FixedThreshold),
+        ],
+    )
+    def test_factory_builds_each_kind(self, method: Any, cls: type) -> None:
+        """make_threshold returns the class for each method name."""
+        params = {"value": 1.0} if method == "fixed" else {}
+        assert isinstance(make_threshold(method, **params), cls)
+
+    @pytest.mark.parametrize("kind", ADAPTIVE)
+    def test_uncalibrated_threshold_refuses_to_step(self, kind: str) -> None:
+        """An adaptive threshold used before calibration raises StateError."""
+        with pytest.raises(StateError, match="not calibrated"):
+            FACTORIES[kind]().step(np.ones(3))
+
+
+def gpd_sample(rng: np.random.Generator, gamma: float, sigma: float, n: int) -> np.ndarray:
+    """Inverse-CDF sampling of a generalized Pareto distribution."""
+    u = rng.random(n)
+    if gamma == 0.0:
+        return -sigma * np.log1p(-u)
+    return sigma / gamma * ((1.0 - u) ** -gamma - 1.0)
+
+
+class TestSpotTail:
+    """SPOT's GPD fit and z_q against distributions with a known tail."""
+
+    def test_exponential_quantile(self) -> None:
+        """On Exp(1) calibration data z_q is within 10 % of the true quantile -log(risk)."""
+        risk = 1e-4
+        spot = SpotThreshold(risk=risk)
+        spot.calibrate(np.random.default_rng(0).exponential(size=20_000))
+        assert spot.value == pytest.approx(-math.log(risk), rel=0.10)
+        _, gamma, sigma = spot.tail
+        assert abs(gamma) < 0.1
+        assert sigma == pytest.approx(1.0, rel=0.15)
+
+    def test_gpd_quantile(self) -> None:
+        """On GPD(0.2, 1) data z_q is within 10 % of the true quantile (median over 8 seeds)."""
+        risk, g = 1e-4, 0.2
+        truth = (risk**-g - 1.0) / g
+        errors, gammas = [], []
+        for seed in range(8):
+            spot = SpotThreshold(risk=risk)
+            spot.calibrate(gpd_sample(np.random.default_rng(seed), g, 1.0, 20_000))
+            errors.append(spot.value / truth - 1.0)
+            t, gamma, sigma = spot.tail
+            gammas.append(gamma)
+            # Excesses over t of a GPD are GPD with the same gamma and scale sigma + gamma t.
+            assert sigma == pytest.approx(1.0 + g * t, rel=0.25)
+        assert abs(float(np.median(errors))) < 0.10
+        assert float(np.mean(gammas)) == pytest.approx(g, abs=0.05)
+
+    @pytest.mark.parametrize("gamma", [-0.3, -0.1, 0.0, 0.25, 0.5])
+    def test_fit_recovers_shape_and_scale(self, gamma: float) -> None:
+        """fit_gpd recovers gamma and sigma from 5000 GPD draws."""
+        peaks = gpd_sample(np.random.default_rng(1), gamma, 2.0, 5000)
+        g, s = fit_gpd(peaks)
+        assert g == pytest.approx(gamma, abs=0.06)
+        assert s == pytest.approx(2.0, rel=0.08)
+
+    def test_fit_is_the_maximum_likelihood(self) -> None:
+        """No point of a fine (gamma, sigma) grid has a higher log-likelihood than the fit."""
+        y = gpd_sample(np.random.default_rng(3), 0.15, 1.0, 300)
+
+        def loglik(g: float, s: float) -> float:
+            z = 1.0 + g * y / s
+            if s <= 0 or np.any(z <= 0):
+                return -math.inf
+            return float(-y.size * math.log(s) - (1.0 + 1.0 / g) * np.log(z).sum())
+
+        g_hat, s_hat = fit_gpd(y)
+        best = loglik(g_hat, s_hat)
+        for g in np.linspace(-0.4, 0.8, 61):
+            for s in np.linspace(0.5, 1.5, 61):
+                if abs(g) > 1e-9:
+                    assert loglik(g, s) <= best + 1e-9
+
+    def test_constant_calibration_gives_a_finite_threshold_above_it(self) -> None:
+        """Constant calibration gives a finite z_q just above the constant, deterministically."""
+        a, b = SpotThreshold(), SpotThreshold()
+        a.calibrate(np.full(100, 0.5))
+        b.calibrate(np.full(100, 0.5))
+        assert 0.5 < a.value < 0.51
+        assert a.state_dict() == b.state_dict()
+        res = a.step(np.array([0.5, 0.5, 0.7]))
+        assert res.anomalous.tolist() == [False, False, True]
+        assert np.all(np.isfinite(res.likelihood))
+
+    def test_all_zero_calibration(self) -> None:
+        """All-zero calibration scores still give a positive finite threshold."""
+        spot = SpotThreshold()
+        spot.calibrate(np.zeros(50))
+        assert 0.0 < spot.value < 1e-6
+
+    def test_few_peaks_fall_back_to_an_exponential_tail(self) -> None:
+        """With fewer than 5 peaks the tail is exponential with the peaks' mean as scale."""
+        spot = SpotThreshold(risk=1e-3, level=0.98)
+        spot.calibrate(np.r_[np.zeros(997), [1.0, 2.0, 3.0]])
+        t, gamma, sigma = spot.tail
+        assert (t, gamma, sigma) == (0.0, 0.0, 2.0)
+        assert spot.value == pytest.approx(2.0 * math.log(3 / (1e-3 * 1000)))
+
+    def test_peak_refits_and_normal_points_do_not(self) -> None:
+        """A point between t and z_q moves z_q; a point below t leaves it alone."""
+        spot = calibrated("spot")
+        assert isinstance(spot, SpotThreshold)
+        t = spot.tail[0]
+        z = spot.value
+        spot.step(np.array([t * 0.5]))
+        assert spot.value == pytest.approx(z, rel=1e-3)  # only n moved, z_q is not refitted
+        spot.step(np.array([(t + z) / 2]))
+        assert spot.value != z
+
+    def test_peaks_are_bounded(self) -> None:
+        """At most max_peaks peaks are kept, while Nt keeps counting every peak."""
+        spot = SpotThreshold(risk=1e-3, max_peaks=20)
+        rng = np.random.default_rng(4)
+        spot.calibrate(rng.exponential(size=2000))
+        spot.step(rng.exponential(size=3000))
+        state = spot.state_dict()
+        assert len(state["peaks"]) == 20
+        assert state["nt"] > 60
+
+    def test_likelihood_is_continuous_at_t(self) -> None:
+        """Just below and just above t the likelihood agrees (both near 1 - Nt/n)."""
+        spot = calibrated("spot")
+        assert isinstance(spot, SpotThreshold)
+        t = spot.tail[0]
+        lo, hi = spot.likelihood(np.array([t, np.nextafter(t, np.inf)]))
+        assert hi - lo < 1e-9
+        assert lo == pytest.approx(0.98, abs=0.01)
+
+
+class TestDspot:
+    """DSPOT follows drift that SPOT cannot."""
+
+    def test_follows_a_slow_linear_drift(self) -> None:
+        """Under a linear drift DSPOT's false-alarm rate stays low while SPOT's explodes."""
+        rng = np.random.default_rng(5)
+        n = 12_000
+        x = rng.exponential(size=n) + 0.005 * np.arange(n)  # drifts 0.5 % of the noise per point
+        spot, dspot = SpotThreshold(risk=1e-3), DspotThreshold(risk=1e-3, depth=50)
+        spot.calibrate(x[:2000])
+        dspot.calibrate(x[:2000])
+        spot_rate = spot.step(x[2000:]).anomalous.mean()
+        dspot_rate = dspot.step(x[2000:]).anomalous.mean()
+        assert dspot_rate < 0.005
+        assert spot_rate > 0.5
+
+    def test_reported_threshold_is_z_plus_local_mean(self) -> None:
+        """value is z_q on the residuals plus the mean of the last depth learned scores."""
+        dspot = DspotThreshold(risk=1e-3, depth=10)
+        x = np.random.default_rng(6).exponential(size=500)
+        dspot.calibrate(x)
+        state = dspot.state_dict()
+        assert dspot.mean == pytest.approx(x[-10:].mean())
+        assert dspot.value == pytest.approx(state["z"] + x[-10:].mean())
+
+    def test_alarmed_points_stay_out_of_the_moving_window(self) -> None:
+        """After an alarm the local mean is that of the last depth non-alarmed scores."""
+        dspot = DspotThreshold(risk=1e-3, depth=4)
+        dspot.calibrate(np.random.default_rng(7).exponential(size=200))
+        res = dspot.step(np.array([0.1, 0.2, 1e6, 0.3, 0.4]))
+        assert res.anomalous.tolist() == [False, False, True, False, False]
+        assert dspot.mean == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.4]))
+
+
+class TestQuantile:
+    """The rolling quantile threshold."""
+
+    def test_calibrated_value_is_margin_times_the_window_quantile(self) -> None:
+        """After calibration the threshold is margin x the quantile of the last window scores."""
+        q = QuantileThreshold(quantile=0.9, window=100, margin=1.25)
+        q.calibrate(CALIBRATION)
+        assert q.value == pytest.approx(1.25 * np.quantile(CALIBRATION[-100:], 0.9))
+
+    def test_window_slides_over_learned_scores(self) -> None:
+        """New normal scores push out the oldest; alarmed ones are not learned."""
+        q = QuantileThreshold(quantile=1.0, window=10, margin=2.0)
+        q.calibrate(np.arange(1.0, 11.0))
+        assert q.value == 20.0
+        q.step(np.array([0.5, 100.0]))  # 0.5 pushes out 1.0; 100 > 20 alarms
+        assert q.state_dict()["window"] == [*np.arange(2.0, 11.0).tolist(), 0.5]
+
+    def test_alarm_rate_stays_bounded_on_a_stationary_stream(self) -> None:
+        """On i.i.d. scores the alarm rate stays near its fixed point instead of ratcheting."""
+        rng = np.random.default_rng(9)
+        q = QuantileThreshold(quantile=0.99, window=500, margin=1.5)
+        q.calibrate(rng.exponential(size=1000))
+        res = q.step(rng.exponential(size=20_000))
+        assert res.anomalous[-5000:].mean() < 0.01
+
+
+class TestFixed:
+    """The constant threshold."""
+
+    def test_uncalibrated_likelihood_is_score_over_score_plus_value(self) -> None:
+        """Without calibration the likelihood is score / (score + value), 0 for scores <= 0."""
+        th = FixedThreshold(2.0)
+        lik = th.likelihood(np.array([-1.0, 0.0, 2.0, 6.0, np.inf]))
+        assert lik.tolist() == [0.0, 0.0, 0.5, 0.75, 1.0]
+        assert th.step(np.array([1.0, 3.0])).anomalous.tolist() == [False, True]
+
+    def test_calibrated_likelihood_is_the_empirical_cdf(self) -> None:
+        """After calibration the likelihood is the empirical CDF of the calibration scores."""
+        th = FixedThreshold(5.0)
+        th.calibrate(np.arange(1.0, 101.0))
+        assert th.likelihood(np.array([0.0, 50.0, 100.0])).tolist() == [0.0, 0.5, 1.0]
+
+
+class TestThresholdBank:
+    """Per-sensor thresholds behind one batch call."""
+
+    @settings(max_examples=25, deadline=None)
+    @given(
+        kind=st.sampled_from(sorted(FACTORIES)),
+        owners=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=120),
+        cut=st.integers(0, 120),
+    )
+    def test_interleaved_sensors_match_stepping_each_alone(
+        self, kind: str, owners: list[str], cut: int
+    ) -> None:
+        """A batch mixing sensors gives each sensor the results it gets when stepped alone."""
+        proto = calibrated(kind)
+        scores = np.resize(STREAM, len(owners))
+        bank = ThresholdBank(proto)
+        mixed = concat(
+            [bank.step(owners[:cut], scores[:cut]), bank.step(owners[cut:], scores[cut:])]
+        )
+        keys = np.array(owners)
+        for sensor in set(owners):
+            rows = keys == sensor
+            alone = proto.clone().step(scores[rows])
+            assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone)
+            state = bank.get(sensor)
+            assert state is not None
+
+    def test_new_sensor_starts_from_the_prototype(self) -> None:
+        """A sensor seen for the first time behaves like a clone of the calibrated prototype."""
+        proto = calibrated("spot")
+        before = proto.state_dict()
+        bank = ThresholdBank(proto)
+        res = bank.step(["x"], np.array([1e9]))
+        assert res.anomalous.tolist() == [True]
+        assert res.threshold[0] == proto.value
+        assert proto.state_dict() == before
+
+    def test_membership_drop_export_restore(self) -> None:
+        """len/in/get/drop track sensors; export/restore moves one sensor's state intact."""
+        bank = ThresholdBank(calibrated("dspot"))
+        bank.step(["a", "b", "a"], STREAM[:3])
+        assert len(bank) == 2
+        assert "a" in bank
+        assert bank.get("zzz") is None
+        exported = json_round_trip(bank.export("a"))
+        bank.drop(["a", "unknown"])
+        assert "a" not in bank
+        assert len(bank) == 1
+        other = ThresholdBank(calibrated("dspot"))
+        other.restore("a", exported)
+        threshold = other.get("a")
+        assert threshold is not None
+        assert threshold.state_dict() == exported
+
+    def test_restore_of_another_kind_raises_and_keeps_the_sensor(self) -> None:
+        """Restoring a state of another kind raises StateError and leaves the sensor as it was."""
+        bank = ThresholdBank(calibrated("spot"))
+        bank.step(["a"] * 5, STREAM[:5])
+        before = bank.export("a")
+        with pytest.raises(StateError):
+            bank.restore("a", calibrated("quantile").state_dict())
+        assert bank.export("a") == before
+
+    def test_shape_mismatch_raises_data_error(self) -> None:
+        """Sensors and scores of different lengths raise DataError."""
+        bank = ThresholdBank(calibrated("fixed"))
+        with pytest.raises(DataError):
+            bank.step(["a", "b"], np.ones(3))
+
+    def test_empty_batch(self) -> None:
+        """An empty batch returns empty arrays and creates no sensor."""
+        bank = ThresholdBank(calibrated("fixed"))
+        res = bank.step([], np.zeros(0))
+        assert res.threshold.size == 0
+        assert len(bank) == 0

@@ -1,0 +1,189 @@
+"""Batch decoding of samples into arrays or dead letters, and deterministic record encoding."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from streamer.codec import (
+    DLQ_KINDS,
+    Decoder,
+    decode_batch,
+    encode_alert,
+    encode_score,
+    split_position,
+    to_position,
+    window_id,
+)
+from streamer.config import StreamConfig
+from streamer.scoring.alerts import AlertEvent
+
+CFG = StreamConfig(channels=["a", "b", "c"], max_message_bytes=512)
+
+
+def sample(sensor: str = "s1", ts: object = 10.0, values: object = (1.0, 2.0, 3.0)) -> bytes:
+    return orjson.dumps(
+        {
+            "sensor": sensor,
+            "ts": ts,
+            "values": list(values) if isinstance(values, tuple) else values,
+        }
+    )
+
+
+# (value bytes, key, expected kind) of malformed messages, one per kind at least.
+BAD: list[tuple[bytes | None, bytes | None, str]] = [
+    (b"x" * 600, b"s1", "oversized"),
+    (None, b"s1", "empty"),
+    (b"", b"s1", "empty"),
+    (b'{"sensor": "s1", "ts": 1,', b"s1", "bad_json"),
+    (b"\xff\xfe", b"s1", "bad_json"),
+    (b"[1, 2, 3]", b"s1", "not_object"),
+    (b'"just a string"', b"s1", "not_object"),
+    (b'{"sensor": "s1", "values": [1, 2, 3]}', b"s1", "missing_field"),
+    (sample(sensor=""), b"", "bad_sensor"),
+    (sample(sensor=7), b"7", "bad_sensor"),  # type: ignore[arg-type]
+    (sample(sensor="s2"), b"s1", "key_mismatch"),
+    (sample(), None, "key_mismatch"),
+    (sample(ts="yesterday"), b"s1", "bad_timestamp"),
+    (sample(ts=None), b"s1", "bad_timestamp"),
+    (sample(ts=True), b"s1", "bad_timestamp"),
+    (sample(values=(1.0, 2.0)), b"s1", "wrong_channel_count"),
+    (sample(values={"a": 1, "b": 2, "zz": 3}), b"s1", "unknown_channel"),
+    (sample(values={"a": 1, "b": 2}), b"s1", "missing_channel"),
+    (sample(values="1,2,3"), b"s1", "wrong_type"),
+    (sample(values=[1, "2", 3]), b"s1", "wrong_type"),
+    (sample(values=[1, True, 3]), b"s1", "wrong_type"),
+    (sample(values=[1, None, 3]), b"s1", "null_value"),
+    (sample(values=None), b"s1", "null_value"),
+    (b'{"sensor": "s1", "ts": 1, "values": [1, NaN, 3]}', b"s1", "non_finite"),
+    (b'{"sensor": "s1", "ts": 1, "values": [1, 1e400, 3]}', b"s1", "non_finite"),
+    (sample(values=[1, 1e39, 3]), b"s1", "non_finite"),
+]
+
+
+class TestDecodeValid:
+    """Valid samples become arrays in batch order."""
+
+    def test_list_and_object_values(self) -> None:
+        """List values in channel order and object values by name decode alike."""
+        vals = [
+            sample("s1", 1.5, (1.0, 2.0, 3.0)),
+            orjson.dumps({"sensor": "s2", "ts": 2, "values": {"c": 3, "a": 1, "b": 2}}),
+        ]
+        got, dead = decode_batch(vals, [b"s1", b"s2"], CFG, np.array([7, 9], dtype=np.int64))
+        assert dead == []
+        assert list(got.keys) == ["s1", "s2"]
+        np.testing.assert_array_equal(got.ts, [1.5, 2.0])
+        np.testing.assert_array_equal(got.values, [[1, 2, 3], [1, 2, 3]])
+        assert got.values.dtype == np.float32
+        np.testing.assert_array_equal(got.positions, [7, 9])
+        np.testing.assert_array_equal(got.index, [0, 1])
+
+    def test_iso_timestamps(self) -> None:
+        """ISO-8601 strings with an offset, a Z, or none (UTC) give epoch seconds."""
+        vals = [
+            sample(ts="2025-11-27T00:00:00.25Z"),
+            sample(ts="2025-11-27T01:00:00.25+01:00"),
+            sample(ts="2025-11-27T00:00:00.25"),
+        ]
+        got, dead = decode_batch(vals, [b"s1"] * 3, CFG)
+        assert dead == []
+        np.testing.assert_array_equal(got.ts, [1764201600.25] * 3)
+
+    def test_custom_field_names(self) -> None:
+        """Field names come from the stream configuration."""
+        cfg = StreamConfig(channels=["x"], sensor_field="id", timestamp_field="t", values_field="v")
+        got, dead = decode_batch([b'{"id": "k", "t": 1, "v": [2]}'], [b"k"], cfg)
+        assert dead == [] and got.values.tolist() == [[2.0]]
+
+
+class TestDecodeInvalid:
+    """Every malformed message becomes a dead letter of the right kind, never an exception."""
+
+    @pytest.mark.parametrize(("value", "key", "kind"), BAD)
+    def test_kind(self, value: bytes | None, key: bytes | None, kind: str) -> None:
+        """A malformed message alone is reported with its kind and a reason."""
+        got, dead = decode_batch([value], [key], CFG)
+        assert len(got) == 0
+        assert [(d.index, d.kind) for d in dead] == [(0, kind)]
+        assert dead[0].reason
+        assert kind in DLQ_KINDS
+
+    def test_mixed_batch_keeps_every_valid_sample(self) -> None:
+        """Bad messages between good ones cost only themselves, in both parse paths."""
+        values: list[bytes | None] = []
+        keys: list[bytes | None] = []
+        expected_bad = {}
+        for i, (v, k, kind) in enumerate(BAD):
+            values.append(sample("s1", float(i)))
+            keys.append(b"s1")
+            expected_bad[len(values)] = kind
+            values.append(v)
+            keys.append(k)
+        got, dead = decode_batch(values, keys, CFG)
+        assert {d.index: d.kind for d in dead} == expected_bad
+        assert got.index.tolist() == [i for i in range(len(values)) if i not in expected_bad]
+        assert got.ts.tolist() == [float(i) for i in range(len(BAD))]
+
+    def test_joined_values_do_not_merge(self) -> None:
+        """A value holding two objects, or a string left open, is not split across messages."""
+        two = sample() + b"," + sample()
+        open_str = b'{"sensor": "s1", "ts": 1, "values": [1, 2, 3], "note": "abc'
+        got, dead = decode_batch([two, sample(), open_str, b'"}'], [b"s1"] * 4, CFG)
+        assert {d.index: d.kind for d in dead} == {0: "bad_json", 2: "bad_json", 3: "bad_json"}
+        assert got.index.tolist() == [1]
+
+    def test_empty_batch(self) -> None:
+        """No messages give empty arrays of the right shape."""
+        got, dead = Decoder(CFG).decode([], [])
+        assert dead == [] and got.values.shape == (0, 3)
+
+
+class TestPositions:
+    """Partition and offset share one int64."""
+
+    def test_round_trip(self) -> None:
+        """Packing then splitting returns partition and offset."""
+        pos = to_position(np.array([0, 3, 1023]), np.array([0, 12345, (1 << 40) - 1]))
+        assert [split_position(int(p)) for p in pos] == [(0, 0), (3, 12345), (1023, (1 << 40) - 1)]
+
+    def test_window_id_is_stable(self) -> None:
+        """A window id depends on topic, partition and offset only."""
+        assert window_id("t", 1, 5) == window_id("t", 1, 5)
+        assert len({window_id("t", 1, 5), window_id("t", 5, 1), window_id("u", 1, 5)}) == 3
+
+
+class TestEncode:
+    """Records are deterministic bytes with JSON-safe numbers."""
+
+    def test_score_is_deterministic(self) -> None:
+        """Same inputs, same bytes; non-finite numbers become null."""
+        kw = {
+            "window_id": "ab",
+            "sensor": "s",
+            "window_start": 1.0,
+            "window_end": 2.0,
+            "score": math.inf,
+            "threshold": 0.5,
+            "anomalous": True,
+            "likelihood": 1.0,
+            "channels": {"b": 0.1, "a": math.nan},
+            "model": "m1",
+            "partition": 0,
+            "offset": 9,
+        }
+        one = encode_score(**kw)  # type: ignore[arg-type]
+        assert one == encode_score(**kw)  # type: ignore[arg-type]
+        rec = orjson.loads(one)
+        assert rec["score"] is None and rec["channels"] == {"a": None, "b": 0.1}
+        assert list(rec) == sorted(rec)
+
+    def test_alert(self) -> None:
+        """An open alert has a null end and its top channels as objects."""
+        ev = AlertEvent("open", "id1", "s", 5.0, None, 3.0, 1.0, (("a", 2.0),), "0:5", "0:7")
+        rec = orjson.loads(encode_alert(ev))
+        assert rec["ended"] is None and rec["top_channels"] == [{"channel": "a", "error": 2.0}]
