@@ -19,8 +19,8 @@ WINDOW = 32
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    normal = simulate(6, 1500, seed=10)
-    cfg = TrainConfig(preset="conv1d", epochs=25, hidden=16, latent=8, patience=5, seed=1)
+    normal = simulate(4, 1500, seed=10)
+    cfg = TrainConfig(preset="conv1d", epochs=15, hidden=16, latent=8, patience=5, seed=1, train_stride=2)
     res = train_model(list(normal.values), list(CHANNELS), WINDOW, cfg, progress=False)
     out = tmp_path_factory.mktemp("engine") / "model"
     save_checkpoint(out, res.module, res.scaler, list(CHANNELS), 1, {}, res.calibration)
