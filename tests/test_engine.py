@@ -20,7 +20,9 @@ WINDOW = 32
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     normal = simulate(4, 1500, seed=10)
-    cfg = TrainConfig(preset="conv1d", epochs=15, hidden=16, latent=8, patience=5, seed=1, train_stride=2)
+    cfg = TrainConfig(
+        preset="conv1d", epochs=15, hidden=16, latent=8, patience=5, seed=1, train_stride=2
+    )
     res = train_model(list(normal.values), list(CHANNELS), WINDOW, cfg, progress=False)
     out = tmp_path_factory.mktemp("engine") / "model"
     save_checkpoint(out, res.module, res.scaler, list(CHANNELS), 1, {}, res.calibration)
@@ -71,6 +73,8 @@ class TestDetection:
             alerts=AlertsConfig(),
             inference=InferenceConfig(),
         ) as engine:
-            flags = [run_rows(engine, f"n{s}", np.arange(1500.0), plant.values[s]) for s in range(3)]
+            flags = [
+                run_rows(engine, f"n{s}", np.arange(1500.0), plant.values[s]) for s in range(3)
+            ]
         rate = np.mean([f.anomalous[f.scored].mean() for f in flags])
         assert rate < 0.02, f"false alarm rate {rate:.3f}"
