@@ -192,6 +192,13 @@ class TrainConfig(_Section):
     train_stride: PositiveInt = 1
     seed: int = 0
     calibration_samples: PositiveInt = 5000
+    # How per-channel errors become the window score: their mean, or their maximum
+    # (one misbehaving channel is enough).
+    score: Literal["mean", "max"] = "mean"
+    # When set, each channel's error is divided by this quantile of its errors on the
+    # training windows, so every channel speaks in units of its own normal error and a
+    # channel that was nearly constant in training cannot drown out the others.
+    channel_scale_quantile: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class ModelConfig(_Section):

@@ -86,7 +86,9 @@ def save_checkpoint(
             "hidden": arch.hidden,
             "latent": arch.latent,
             "fft": arch.fft,
+            "score": arch.score,
         },
+        "channel_error_scale": module.channel_scale.detach().cpu().double().tolist(),
         "channels": list(channels),
         "window": arch.window,
         "stride": stride,
@@ -202,11 +204,18 @@ def _build(
             hidden=int(arch_d["hidden"]),
             latent=int(arch_d["latent"]),
             fft=bool(arch_d["fft"]),
+            score=str(arch_d.get("score", "mean")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: architecture is malformed: {exc!r}") from exc
+    if arch.score not in ("mean", "max"):
+        raise CheckpointError(f"{where}: score reduction must be mean or max, got {arch.score!r}")
     scaler = Scaler.from_json(_require(sidecar, "scaler", dict, where), len(channels))
     module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
+    channel_scale = np.asarray(sidecar.get("channel_error_scale", [1.0] * len(channels)), dtype=np.float64)
+    if channel_scale.shape != (len(channels),) or not np.all(channel_scale > 0):
+        raise CheckpointError(f"{where}: channel_error_scale must hold {len(channels)} positive values")
+    module.channel_scale.copy_(torch.from_numpy(channel_scale).float())
     try:
         module.network.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -32,6 +32,7 @@ class Architecture:
     hidden: int
     latent: int
     fft: bool
+    score: str = "mean"
 
     @property
     def steps(self) -> int:
@@ -169,11 +170,13 @@ class ScoringModel(nn.Module):
 
     ``forward`` takes raw windows ``(batch, window, channels)`` and returns
     ``(score, channel_errors)``: the mean squared reconstruction error per channel
-    (in scaled units) and its mean over channels.
+    (in scaled units, divided by ``channel_scale``) and its mean or maximum over
+    channels (``arch.score``).
     """
 
     offset: Tensor
     scale: Tensor
+    channel_scale: Tensor
 
     def __init__(self, arch: Architecture, offset: Tensor, scale: Tensor) -> None:
         super().__init__()
@@ -182,6 +185,7 @@ class ScoringModel(nn.Module):
         # Not persistent: the sidecar JSON is the one source of truth for the scaler.
         self.register_buffer("offset", offset.to(torch.float32), persistent=False)
         self.register_buffer("scale", scale.to(torch.float32), persistent=False)
+        self.register_buffer("channel_scale", torch.ones(arch.channels), persistent=False)
 
     def prepare(self, windows: Tensor) -> Tensor:
         """Scale, then take the rFFT magnitude over time when the model uses FFT inputs."""
@@ -200,5 +204,7 @@ class ScoringModel(nn.Module):
         """Window scores and per-channel errors for raw windows."""
         x = self.prepare(windows)
         recon = self.reconstruct(x)
-        channel_errors = (recon.float() - x.float()).pow(2).mean(dim=1)
+        channel_errors = (recon.float() - x.float()).pow(2).mean(dim=1) / self.channel_scale
+        if self.arch.score == "max":
+            return channel_errors.amax(dim=1), channel_errors
         return channel_errors.mean(dim=1), channel_errors

@@ -101,7 +101,7 @@ def train_model(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     gen = torch.Generator().manual_seed(cfg.seed)
-    arch = Architecture(cfg.preset, window, n_ch, cfg.hidden, cfg.latent, cfg.fft)
+    arch = Architecture(cfg.preset, window, n_ch, cfg.hidden, cfg.latent, cfg.fft, cfg.score)
     module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
     module.to(device)
 
@@ -172,6 +172,14 @@ def train_model(
     module.eval()
 
     all_windows = np.concatenate([tr, va]) if va is not tr else tr
+    if cfg.channel_scale_quantile is not None:
+        # Over training and held-out windows: errors on windows the model never fitted
+        # are the honest measure of its error on normal data.
+        _, normal_errors = score_windows(module, all_windows)
+        scale = np.quantile(normal_errors, cfg.channel_scale_quantile, axis=0)
+        # A channel reconstructed perfectly in training must not divide by zero.
+        scale = np.maximum(scale, 1e-12 + 1e-6 * float(scale.max()))
+        module.channel_scale.copy_(torch.from_numpy(scale).to(module.channel_scale))
     calib, _ = score_windows(module, all_windows)
     if calib.shape[0] > cfg.calibration_samples:
         pick = np.random.default_rng(cfg.seed).choice(

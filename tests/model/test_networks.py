@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch
 from streamer.config import TrainConfig
 from streamer.errors import ConfigError
 from streamer.model.networks import PRESETS, Architecture, ScoringModel, build_network
-from streamer.model.train import train_model
+from streamer.model.checkpoint import load_checkpoint, save_checkpoint
+from streamer.model.train import make_windows, score_windows, train_model
 
 
 class TestPresets:
@@ -50,3 +53,27 @@ class TestPresets:
         """An unknown preset names itself in the error."""
         with pytest.raises(ConfigError, match="'bogus'"):
             build_network(Architecture("bogus", 8, 2, 4, 2, False))
+
+
+class TestChannelScaling:
+    """Per-channel error normalisation and the max reduction."""
+
+    def test_channel_errors_are_in_units_of_training_quantile(self, tmp_path: Path) -> None:
+        """With channel_scale_quantile, each channel's training errors have that quantile near 1."""
+        rng = np.random.default_rng(0)
+        t = np.arange(500)
+        # Channel 1 is 100x noisier than channel 0 in scaled units' reconstruction terms.
+        data = np.stack([np.sin(t / 8), rng.normal(0, 1, 500)], axis=1)
+        cfg = TrainConfig(
+            preset="dense", epochs=3, hidden=8, latent=2, score="max", channel_scale_quantile=0.9
+        )
+        res = train_model([data], ["x", "y"], 16, cfg, progress=False)
+        windows = make_windows(data[:400], 16, 1)
+        scores, errors = score_windows(res.module, windows)
+        np.testing.assert_allclose(np.quantile(errors, 0.9, axis=0), 1.0, rtol=0.05)
+        np.testing.assert_allclose(scores, errors.max(axis=1))
+        out = tmp_path / "m"
+        save_checkpoint(out, res.module, res.scaler, ["x", "y"], 1, {}, res.calibration)
+        loaded = load_checkpoint(out)
+        again, _ = score_windows(loaded.module, windows)
+        np.testing.assert_array_equal(again, scores)
