@@ -63,8 +63,8 @@ SKAB_DEFAULTS: dict[str, Any] = {
         "score": "max",
         "channel_scale_quantile": 0.99,
     },
-    # Alarm when a channel's error exceeds 8 times its 99th-percentile training error.
-    "threshold": {"method": "fixed", "value": 8.0},
+    # Alarm when a channel's error exceeds 8.5 times its 99th-percentile normal error.
+    "threshold": {"method": "fixed", "value": 8.5},
     "alerts": {"open_after": 3, "open_within": 5, "close_after": 10},
 }
 NAB_DEFAULTS: dict[str, Any] = {
