@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensors", type=int, default=12)
     p.add_argument("--minutes", type=float, default=None, help="simulated history length")
 
+    p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for model, plot, log")
+    p.add_argument("--sensors", type=int, default=12, help="simulated sensors")
+    p.add_argument("--rows", type=int, default=1500, help="live samples per sensor")
+    p.add_argument("--rate", type=float, default=60.0, help="samples per sensor per second")
+
     p = sub.add_parser("broker", help="start, stop or inspect the local development Kafka broker")
     p.add_argument("action", choices=["start", "stop", "status", "fetch"])
     p.add_argument("--port", type=int, default=None)
@@ -177,6 +183,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamer.demo import run_demo
+
+    return run_demo(args.out, sensors=args.sensors, rows=args.rows, rate_hz=args.rate)
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     from streamer.kafka.localbroker import main as broker_main
 
@@ -190,6 +202,7 @@ COMMANDS = {
     "score": _cmd_score,
     "eval": _cmd_eval,
     "run": _cmd_run,
+    "demo": _cmd_demo,
     "broker": _cmd_broker,
 }
 

@@ -69,8 +69,9 @@ SKAB_DEFAULTS: dict[str, Any] = {
 }
 NAB_DEFAULTS: dict[str, Any] = {
     "stream": {"channels": ["value"], "window": 32, "stride": 1},
-    "train": {"preset": "conv1d", "epochs": 30, "hidden": 16, "latent": 8, "patience": 5},
-    "threshold": {"method": "dspot", "risk": 1e-3, "level": 0.95},
+    "train": {"preset": "dense", "epochs": 40, "hidden": 16, "latent": 8, "patience": 8},
+    # The per-row anomaly score NAB sweeps is the SPOT tail likelihood of each window.
+    "threshold": {"method": "spot", "risk": 1e-3, "level": 0.95},
     "alerts": {"open_after": 1, "open_within": 1, "close_after": 1},
 }
 
