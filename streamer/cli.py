@@ -80,14 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N files")
 
     p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
-    _add_config(p, required=False)
-    p.add_argument(
-        "--out", type=Path, default=Path("demo-out"), help="folder for the plot and model"
-    )
-    p.add_argument("--sensors", type=int, default=12)
-    p.add_argument("--minutes", type=float, default=None, help="simulated history length")
-
-    p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for model, plot, log")
     p.add_argument("--sensors", type=int, default=12, help="simulated sensors")
     p.add_argument("--rows", type=int, default=1500, help="live samples per sensor")

@@ -1,0 +1,208 @@
+"""`streamer train`, `score` and `eval` end to end on files the test writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamer.simulate import CHANNELS, simulate
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def write_csv(
+    path: Path,
+    values: np.ndarray,
+    sep: str = ",",
+    extra: dict[str, np.ndarray] | None = None,
+    ts_name: str = "timestamp",
+) -> None:
+    extra = extra or {}
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh, delimiter=sep)
+        w.writerow([ts_name, *CHANNELS, *extra])
+        for i, row in enumerate(values):
+            stamp = np.datetime64("2024-01-01T00:00:00") + np.timedelta64(i, "s")
+            w.writerow(
+                [
+                    str(stamp).replace("T", " "),
+                    *(f"{v:.6f}" for v in row),
+                    *(f"{extra[k][i]:g}" for k in extra),
+                ]
+            )
+
+
+class TestTrainAndScore:
+    """Training writes a checkpoint that `score` uses on another file."""
+
+    def test_train_then_score(self, tmp_path: Path) -> None:
+        """train writes a checkpoint; score writes one row per window with every column."""
+        normal = simulate(1, 1200, seed=3).values[0]
+        faulty = simulate(1, 600, seed=4, anomalies_per_sensor=2, clean_prefix=100)
+        write_csv(tmp_path / "normal.csv", normal, sep=";")
+        write_csv(tmp_path / "live.csv", faulty.values[0], sep=";")
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            "stream: {window: 16, stride: 4}\n"
+            "train: {preset: dense, epochs: 5, hidden: 8, latent: 4}\n"
+            "csv: {separator: ';'}\n"
+        )
+        proc = run_cli(
+            "train",
+            "--config",
+            str(cfg),
+            "--data",
+            str(tmp_path / "normal.csv"),
+            "--out",
+            str(tmp_path / "model"),
+            "--no-progress",
+        )
+        assert proc.returncode == 0, proc.stderr
+        sidecar = json.loads((tmp_path / "model" / "model.json").read_text())
+        assert sidecar["channels"] == list(CHANNELS)
+        assert len(sidecar["training"]["data_sha256"]) == 64
+
+        proc = run_cli(
+            "score",
+            "--config",
+            str(cfg),
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(tmp_path / "live.csv"),
+            "--out",
+            str(tmp_path / "scores.csv"),
+        )
+        assert proc.returncode == 0, proc.stderr
+        with (tmp_path / "scores.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == (600 - 16) // 4 + 1
+        assert {f"error_{c}" for c in CHANNELS} <= set(rows[0])
+        assert [int(r["position"]) for r in rows] == list(range(15, 600, 4))
+        assert all(float(r["threshold"]) > 0 for r in rows)
+
+    def test_bad_data_is_a_runtime_error_naming_the_value(self, tmp_path: Path) -> None:
+        """A non-numeric cell stops training with exit 1 and names line, column and value."""
+        bad = tmp_path / "bad.csv"
+        bad.write_text("timestamp,a\n1,0.5\n2,oops\n")
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("stream: {channels: [a], window: 2, stride: 1}\n")
+        proc = run_cli(
+            "train", "--config", str(cfg), "--data", str(bad), "--out", str(tmp_path / "m")
+        )
+        assert proc.returncode == 1
+        assert "line 3" in proc.stderr and "'oops'" in proc.stderr
+
+
+def make_skab(root: Path, files: int = 2) -> None:
+    folder = root / "valve9"
+    folder.mkdir(parents=True)
+    names = [
+        "Accelerometer1RMS",
+        "Accelerometer2RMS",
+        "Current",
+        "Pressure",
+        "Temperature",
+        "Thermocouple",
+        "Voltage",
+        "Volume Flow RateRMS",
+    ]
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        n = 900
+        t = np.arange(n)
+        base = np.stack([np.sin(t / (5 + k)) + rng.normal(0, 0.05, n) for k in range(8)], axis=1)
+        label = np.zeros(n)
+        label[600:750] = 1
+        base[600:750, 2] += 3.0  # a level shift on Current during the "anomaly"
+        with (folder / f"{i}.csv").open("w", newline="") as fh:
+            w = csv.writer(fh, delimiter=";")
+            w.writerow(["datetime", *names, "anomaly", "changepoint"])
+            for r in range(n):
+                stamp = str(np.datetime64("2020-03-09T10:00:00") + np.timedelta64(r, "s")).replace(
+                    "T", " "
+                )
+                w.writerow([stamp, *(f"{v:.5f}" for v in base[r]), f"{label[r]:.1f}", "0.0"])
+
+
+def make_nab(root: Path) -> None:
+    (root / "data" / "synthetic").mkdir(parents=True)
+    (root / "labels").mkdir()
+    windows = {}
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        n = 1200
+        stamps = np.datetime64("2015-01-01T00:00:00") + np.arange(n) * np.timedelta64(300, "s")
+        values = np.sin(np.arange(n) / 20) + rng.normal(0, 0.05, n)
+        values[900:920] += 4
+        name = f"synthetic/s{i}.csv"
+        with (root / "data" / name).open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["timestamp", "value"])
+            for s, v in zip(stamps, values, strict=True):
+                w.writerow([str(s).replace("T", " "), f"{v:.5f}"])
+        start, end = (str(stamps[k]).replace("T", " ") + ".000000" for k in (880, 940))
+        windows[name] = [[start, end]]
+    (root / "labels" / "combined_windows.json").write_text(json.dumps(windows))
+
+
+class TestEvalCommands:
+    """Benchmark protocols run on any folder with the benchmark's layout."""
+
+    @pytest.mark.slow
+    def test_eval_skab_layout(self, tmp_path: Path) -> None:
+        """eval skab writes f1/far/mar fractions and one result file per input file."""
+        make_skab(tmp_path / "skab")
+        proc = run_cli(
+            "eval",
+            "skab",
+            "--data",
+            str(tmp_path / "skab"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--scores-out",
+            str(tmp_path / "out"),
+        )
+        assert proc.returncode == 0, proc.stderr
+        figures = json.loads((tmp_path / "r.json").read_text())
+        assert set(figures) == {"f1", "far", "mar"}
+        assert all(0.0 <= v <= 1.0 for v in figures.values())
+        # The injected level shift is large: the detector must find most of it.
+        assert figures["mar"] < 0.5
+        with (tmp_path / "out" / "valve9" / "0.csv").open() as fh:
+            rows = list(csv.reader(fh))
+        assert rows[0] == ["datetime", "anomaly_score", "anomaly"]
+        assert len(rows) == 1 + 900 - 400
+        assert {r[2] for r in rows[1:]} <= {"0", "1"}
+
+    @pytest.mark.slow
+    def test_eval_nab_layout(self, tmp_path: Path) -> None:
+        """eval nab reports the three profiles and writes NAB's results layout."""
+        make_nab(tmp_path / "nab")
+        proc = run_cli(
+            "eval",
+            "nab",
+            "--data",
+            str(tmp_path / "nab"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--scores-out",
+            str(tmp_path / "out"),
+        )
+        assert proc.returncode == 0, proc.stderr
+        figures = json.loads((tmp_path / "r.json").read_text())
+        assert set(figures) == {"standard", "reward_low_FP", "reward_low_FN"}
+        assert figures["standard"] > 50  # an obvious spike inside each window
+        out = tmp_path / "out" / "synthetic" / "streamer_s0.csv"
+        header = out.read_text().splitlines()[0]
+        assert header == "timestamp,anomaly_score"
