@@ -29,6 +29,7 @@ crash re-emits only byte-identical records.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -59,7 +60,7 @@ from streamer.engine import Engine, PendingBatch, ScoredBatch
 from streamer.errors import ConfigError, KafkaError, StateError, StreamerError
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.sink import Sink
-from streamer.kafka.source import Source, read_partition
+from streamer.kafka.source import Source, read_partitions
 from streamer.model.checkpoint import load_checkpoint
 from streamer.model.train import resolve_device
 from streamer.windows import WindowBatch
@@ -93,6 +94,7 @@ def configure_logging(json_logs: bool | None = None) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
@@ -121,7 +123,6 @@ class _Partition:
     known: set[str] = field(default_factory=set)  # every sensor seen or restored here
     dirty: set[str] = field(default_factory=set)  # state to write at the next round
     evicted: set[str] = field(default_factory=set)  # state records to clear at the next round
-    stream_ts: float = float("-inf")  # timestamp of the partition's latest sample
 
 
 @dataclass(slots=True)
@@ -354,7 +355,7 @@ class Daemon:
             return
         self.stats.samples += len(samples)
         s_parts = part_arr[samples.index]
-        self._track_sensors(samples.keys, s_parts, samples.ts)
+        self._track_sensors(samples.keys, s_parts)
         keep_fn = self._keep_fn(s_parts, samples.positions)
         pending = self.engine.submit(
             samples.keys, samples.ts, samples.values, samples.positions, keep=keep_fn
@@ -374,10 +375,8 @@ class Daemon:
         # The worker may already be done with older batches: publish them without waiting.
         self._publish_done(block_s=0.0)
 
-    def _track_sensors(
-        self, keys: NDArray[np.object_], parts: NDArray[np.int64], ts: NDArray[np.float64]
-    ) -> None:
-        """Register new sensors (their anchor must be written) and each partition's stream time."""
+    def _track_sensors(self, keys: NDArray[np.object_], parts: NDArray[np.int64]) -> None:
+        """Register new sensors: their ring anchor must be written at the next round."""
         uniq, first = np.unique(keys, return_index=True)
         for key, i in zip(uniq.tolist(), first.tolist(), strict=True):
             if key not in self.sensor_part:
@@ -388,11 +387,6 @@ class Daemon:
                 part.known.add(key)
                 part.dirty.add(key)
                 part.evicted.discard(key)
-        # The partition's clock is its latest sample's timestamp (not the maximum, so
-        # one sensor with a clock far ahead cannot make every other one look silent).
-        last_idx = len(parts) - 1 - np.unique(parts[::-1], return_index=True)[1]
-        for i in last_idx.tolist():
-            self.parts[int(parts[i])].stream_ts = float(ts[i])
 
     def _keep_fn(self, parts: NDArray[np.int64], positions: NDArray[np.int64]) -> Any:
         """Window filter for a replay: None (keep all) once past every partition's replay mark."""
@@ -534,7 +528,8 @@ class Daemon:
         if not commits:
             return
         self.sink.flush(_FLUSH_TIMEOUT_S)
-        self.source.commit(commits)
+        if not self.source.commit(commits):
+            return  # a rebalance is under way: the next round (or the revoke) commits
         for p, h in heads.items():
             self.parts[p].committed_h = h
         self.stats.commits += 1
@@ -621,7 +616,11 @@ class Daemon:
             dtype=np.int64,
         )
         has_samples = np.isfinite(last_ts)
-        silent = has_samples & (part.stream_ts - last_ts > self.cfg.stream.max_gap_s)
+        # The partition's clock: the (upper) median of its sensors' latest timestamps, so
+        # one sensor with a clock far ahead cannot make all the others look silent.
+        held = np.sort(last_ts[has_samples])
+        now_ts = float(held[held.size // 2]) if held.size else float("-inf")
+        silent = has_samples & (now_ts - last_ts > self.cfg.stream.max_gap_s)
         behind = (h - anchor) > self.cfg.stream.max_replay_messages
         for i in np.flatnonzero(silent | behind).tolist():
             s = names[i]
@@ -632,7 +631,7 @@ class Daemon:
                 partition=part.partition,
                 reason=why,
                 samples_dropped=engine.windows.count(int(slots[i])),
-                silent_s=round(float(part.stream_ts - last_ts[i]), 3),
+                silent_s=round(float(now_ts - last_ts[i]), 3),
                 messages_behind=int(h - anchor[i]),
             )
             self._forget_ring(s, part)
@@ -657,13 +656,22 @@ class Daemon:
             return
         assert self.source is not None
         committed = self.source.committed(partitions)
+        started = time.monotonic()
+        state, unfinished = read_partitions(
+            self.cfg.kafka, self.topics.state, partitions, self.cfg.kafka.restore_timeout_s
+        )
+        if unfinished:
+            raise KafkaError(
+                f"restoring {self.topics.state} partitions {unfinished} did not finish within "
+                f"{self.cfg.kafka.restore_timeout_s}s"
+            )
         for p in partitions:
             c = committed.get(p)
             start = c.offset if c is not None and c.offset >= 0 else 0
             h = self._commit_head(c.metadata if c is not None else None, c.offset if c else -1)
             part = _Partition(partition=p, committed_h=h, restored_h=h, replay_until=h)
             self.parts[p] = part
-            self._restore(part, start)
+            self._restore(part, start, state[p], started)
         if self.paused:
             self.source.pause(partitions)
         log.info("partitions_assigned", partitions=partitions, owned=sorted(self.parts))
@@ -681,18 +689,9 @@ class Daemon:
             log.warning("commit_metadata_unknown", metadata=metadata[:200])
         return offset - 1 if offset >= 0 else -1
 
-    def _restore(self, part: _Partition, start: int) -> None:
-        """Read partition p of the state topic and restore every sensor in it."""
+    def _restore(self, part: _Partition, start: int, msgs: list[Message], started: float) -> None:
+        """Restore every sensor of partition p from its state records (latest per sensor wins)."""
         p = part.partition
-        started = time.monotonic()
-        msgs, complete = read_partition(
-            self.cfg.kafka, self.topics.state, p, self.cfg.kafka.restore_timeout_s
-        )
-        if not complete:
-            raise KafkaError(
-                f"restoring {self.topics.state}[{p}] did not finish within "
-                f"{self.cfg.kafka.restore_timeout_s}s ({len(msgs)} records read)"
-            )
         latest: dict[bytes, bytes | None] = {}
         for m in msgs:
             key = m.key()

@@ -27,7 +27,7 @@ from confluent_kafka import KafkaError as RdKafkaError
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
 
-__all__ = ["Committed", "Source", "read_partition"]
+__all__ = ["Committed", "Source", "read_partitions"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +43,28 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 PartitionsCallback = Callable[[list[int]], None]
+
+
+_PASSING_CODES = frozenset(
+    {
+        RdKafkaError.REBALANCE_IN_PROGRESS,
+        RdKafkaError.ILLEGAL_GENERATION,
+        RdKafkaError.UNKNOWN_MEMBER_ID,
+        RdKafkaError.NOT_COORDINATOR,
+        RdKafkaError.COORDINATOR_NOT_AVAILABLE,
+        RdKafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        RdKafkaError.REQUEST_TIMED_OUT,
+        RdKafkaError._TIMED_OUT,
+        RdKafkaError._TRANSPORT,
+    }
+)
+
+
+def _passing(err: Any) -> bool:
+    """Whether a commit error goes away by itself (retry at the next round)."""
+    if not isinstance(err, RdKafkaError):
+        return False
+    return bool(err.retriable()) or err.code() in _PASSING_CODES
 
 
 class Committed:
@@ -171,10 +193,15 @@ class Source:
             raise KafkaError(f"cannot read committed offsets of {self.topic}: {exc}") from exc
         return {tp.partition: Committed(tp.partition, tp.offset, tp.metadata) for tp in tps}
 
-    def commit(self, offsets: dict[int, tuple[int, str]]) -> None:
-        """Commit ``{partition: (offset, metadata)}`` synchronously."""
+    def commit(self, offsets: dict[int, tuple[int, str]]) -> bool:
+        """Commit ``{partition: (offset, metadata)}`` synchronously.
+
+        Returns False when the commit failed for a passing reason (a rebalance in
+        progress, a coordinator moving): the caller keeps its state and retries at the
+        next round. Other failures raise KafkaError.
+        """
         if not offsets:
-            return
+            return True
         tps = [
             TopicPartition(self.topic, p, off, metadata=meta)
             for p, (off, meta) in sorted(offsets.items())
@@ -182,10 +209,20 @@ class Source:
         try:
             result = self._consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as exc:
+            if _passing(exc.args[0] if exc.args else None):
+                log.warning("commit_deferred", topic=self.topic, error=str(exc))
+                return False
             raise KafkaError(f"commit of {self.topic} offsets failed: {exc}") from exc
+        ok = True
         for tp in result or []:
             if tp.error is not None:
-                raise KafkaError(f"commit of {self.topic}[{tp.partition}] failed: {tp.error}")
+                if not _passing(tp.error):
+                    raise KafkaError(f"commit of {self.topic}[{tp.partition}] failed: {tp.error}")
+                log.warning(
+                    "commit_deferred", topic=self.topic, partition=tp.partition, error=str(tp.error)
+                )
+                ok = False
+        return ok
 
     def watermarks(self, partition: int) -> tuple[int, int]:
         """(low, high) offsets known from the last fetch (no request; -1001 when unknown)."""
@@ -203,13 +240,14 @@ class Source:
         self._raise()
 
 
-def read_partition(
-    cfg: KafkaConfig, topic: str, partition: int, timeout_s: float
-) -> tuple[list[Message], bool]:
-    """Every record of one partition up to its high watermark now.
+def read_partitions(
+    cfg: KafkaConfig, topic: str, partitions: Sequence[int], timeout_s: float
+) -> tuple[dict[int, list[Message]], list[int]]:
+    """Every record of each partition up to its high watermark as of now, with one reader.
 
-    Returns the messages and whether the end was reached within ``timeout_s``.
-    The reader is assigned, not subscribed: it joins no group and commits nothing.
+    Returns the messages per partition and the partitions whose end was not reached
+    within ``timeout_s``. The reader is assigned, not subscribed: it joins no group
+    and commits nothing.
     """
     conf = _conf(
         cfg,
@@ -221,30 +259,36 @@ def read_partition(
     )
     consumer = Consumer(conf)
     deadline = time.monotonic() + timeout_s
-    out: list[Message] = []
+    out: dict[int, list[Message]] = {p: [] for p in partitions}
     try:
-        tp = TopicPartition(topic, partition)
-        try:
-            lo, hi = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-        except KafkaException as exc:
-            raise KafkaError(f"cannot read watermarks of {topic}[{partition}]: {exc}") from exc
-        if hi <= lo:
-            return out, True
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        while time.monotonic() < deadline:
+        ends: dict[int, int] = {}
+        for p in partitions:
+            try:
+                lo, hi = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=max(0.1, deadline - time.monotonic())
+                )
+            except KafkaException as exc:
+                raise KafkaError(f"cannot read watermarks of {topic}[{p}]: {exc}") from exc
+            if hi > lo:
+                ends[p] = hi
+        if ends:
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        while ends and time.monotonic() < deadline:
             batch = consumer.consume(10000, min(0.5, max(0.0, deadline - time.monotonic())))
             for m in batch:
+                p, offset = m.partition() or 0, m.offset() or 0
                 err = m.error()
-                offset = m.offset() or 0
                 if err is not None:
-                    if err.code() == RdKafkaError._PARTITION_EOF:
-                        if offset >= hi:
-                            return out, True
-                        continue
-                    raise KafkaError(f"reading {topic}[{partition}] failed: {err}")
-                out.append(m)
-                if offset >= hi - 1:
-                    return out, True
-        return out, False
+                    if err.code() != RdKafkaError._PARTITION_EOF:
+                        raise KafkaError(f"reading {topic}[{p}] failed: {err}")
+                    if p in ends and offset >= ends[p]:
+                        del ends[p]
+                    continue
+                if p not in ends:
+                    continue  # past the end we took at the start
+                out[p].append(m)
+                if offset >= ends[p] - 1:
+                    del ends[p]
+        return out, sorted(ends)
     finally:
         consumer.close()

@@ -212,9 +212,13 @@ def _build(
         raise CheckpointError(f"{where}: score reduction must be mean or max, got {arch.score!r}")
     scaler = Scaler.from_json(_require(sidecar, "scaler", dict, where), len(channels))
     module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
-    channel_scale = np.asarray(sidecar.get("channel_error_scale", [1.0] * len(channels)), dtype=np.float64)
+    channel_scale = np.asarray(
+        sidecar.get("channel_error_scale", [1.0] * len(channels)), dtype=np.float64
+    )
     if channel_scale.shape != (len(channels),) or not np.all(channel_scale > 0):
-        raise CheckpointError(f"{where}: channel_error_scale must hold {len(channels)} positive values")
+        raise CheckpointError(
+            f"{where}: channel_error_scale must hold {len(channels)} positive values"
+        )
     module.channel_scale.copy_(torch.from_numpy(channel_scale).float())
     try:
         module.network.load_state_dict(state, strict=True)

@@ -16,10 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 import orjson
 import yaml
-from confluent_kafka import Message, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 import streamer
 from streamer.codec import window_id
@@ -42,14 +48,32 @@ def validator(name: str) -> jsonschema.protocols.Validator:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)  # type: ignore[no-any-return]
 
 
-def train_tiny(out: Path, *, preset: str = "conv1d", window: int = 16, hidden: int = 8,
-               latent: int = 4, epochs: int = 3, stride: int = 4, rows: int = 600) -> Path:
+def train_tiny(
+    out: Path,
+    *,
+    preset: str = "conv1d",
+    window: int = 16,
+    hidden: int = 8,
+    latent: int = 4,
+    epochs: int = 3,
+    stride: int = 4,
+    rows: int = 600,
+) -> Path:
     """Train a small model on simulated normal data and save its checkpoint in ``out``."""
     plant = simulate(4, rows, seed=11)
-    cfg = TrainConfig(preset=preset, hidden=hidden, latent=latent, epochs=epochs, seed=0)  # type: ignore[arg-type]
+    cfg = TrainConfig(
+        preset=preset,
+        hidden=hidden,
+        latent=latent,
+        epochs=epochs,
+        seed=0,
+        train_stride=2,  # type: ignore[arg-type]
+        calibration_samples=1000,
+    )
     result = train_model(list(plant.values), list(CHANNELS), window, cfg, progress=False)
-    save_checkpoint(out, result.module, result.scaler, list(CHANNELS), stride, result.info,
-                    result.calibration)
+    save_checkpoint(
+        out, result.module, result.scaler, list(CHANNELS), stride, result.info, result.calibration
+    )
     return out
 
 
@@ -77,13 +101,19 @@ def make_topics(new_topic: Any, partitions: int) -> Topics:
     )
 
 
-def write_config(path: Path, bootstrap: str, topics: Topics, group: str, model: Path,
-                 **sections: dict[str, Any]) -> Path:
+def write_config(
+    path: Path, bootstrap: str, topics: Topics, group: str, model: Path, **sections: dict[str, Any]
+) -> Path:
     """A config file for the daemon under test; ``sections`` override the defaults."""
     data: dict[str, Any] = {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "commit_interval_s": 1.0},
-        "topics": {"input": topics.input, "scores": topics.scores, "alerts": topics.alerts,
-                   "dlq": topics.dlq, "state": topics.state},
+        "topics": {
+            "input": topics.input,
+            "scores": topics.scores,
+            "alerts": topics.alerts,
+            "dlq": topics.dlq,
+            "state": topics.state,
+        },
         "stream": {"channels": list(CHANNELS), "window": 16, "stride": 4},
         "model": {"path": str(model), "device": "cpu"},
         "threshold": {"method": "spot", "risk": 1e-3, "level": 0.95},
@@ -107,10 +137,12 @@ class Sample:
     kind: str = ""  # expected dead-letter kind when not valid
     partition: int = -1
     offset: int = -1
+    row: int = -1
 
 
-def plant_samples(sensors: int, rows: int, *, seed: int = 0,
-                  anomalies: Sequence[tuple[int, int, int]] = ()) -> list[Sample]:
+def plant_samples(
+    sensors: int, rows: int, *, seed: int = 0, anomalies: Sequence[tuple[int, int, int]] = ()
+) -> list[Sample]:
     """Simulated samples, sensor-interleaved in time order; ``anomalies``: (sensor, row, len).
 
     Each anomaly adds 40 standard deviations to the temperature channel: far outside
@@ -125,16 +157,26 @@ def plant_samples(sensors: int, rows: int, *, seed: int = 0,
     for r in range(rows):
         for s in range(sensors):
             name = f"sensor-{s}"
-            doc = {"sensor": name, "ts": T0 + r, "values": [round(v, 6) for v in values[s, r].tolist()]}
-            out.append(Sample(name, name.encode(), orjson.dumps(doc), True))
+            doc = {
+                "sensor": name,
+                "ts": T0 + r,
+                "values": [round(v, 6) for v in values[s, r].tolist()],
+            }
+            out.append(Sample(name, name.encode(), orjson.dumps(doc), True, row=r))
     return out
 
 
-def produce(bootstrap: str, topic: str, samples: Iterable[Sample], timeout_s: float = 60.0,
-            rate_per_s: float | None = None) -> None:
+def produce(
+    bootstrap: str,
+    topic: str,
+    samples: Iterable[Sample],
+    timeout_s: float = 60.0,
+    rate_per_s: float | None = None,
+) -> None:
     """Produce samples in order (key decides the partition); fills in partition and offset."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "linger.ms": 5})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
+    )
     errors: list[str] = []
     started = time.monotonic()
 
@@ -144,6 +186,7 @@ def produce(bootstrap: str, topic: str, samples: Iterable[Sample], timeout_s: fl
                 errors.append(str(err))
             else:
                 sample.partition, sample.offset = msg.partition(), msg.offset()
+
         return cb
 
     for i, s in enumerate(samples):
@@ -162,7 +205,9 @@ def produce(bootstrap: str, topic: str, samples: Iterable[Sample], timeout_s: fl
     assert not errors, errors[:3]
 
 
-def expected_windows(topic: str, samples: Sequence[Sample], window: int, stride: int) -> dict[str, tuple[str, int, int]]:
+def expected_windows(
+    topic: str, samples: Sequence[Sample], window: int, stride: int
+) -> dict[str, tuple[str, int, int]]:
     """Window id -> (sensor, partition, offset of last sample) for every window due."""
     by_sensor: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
@@ -173,8 +218,46 @@ def expected_windows(topic: str, samples: Sequence[Sample], window: int, stride:
         for k in range(window - 1, len(rows), stride):
             last = rows[k]
             assert last.offset >= 0, "produce() fills in offsets"
-            out[window_id(topic, last.partition, last.offset)] = (sensor, last.partition, last.offset)
+            out[window_id(topic, last.partition, last.offset)] = (
+                sensor,
+                last.partition,
+                last.offset,
+            )
     return out
+
+
+def wait_for_ids(
+    bootstrap: str,
+    topic: str,
+    wanted: set[str],
+    timeout: Timeout,
+    daemon: DaemonProcess | None = None,
+) -> set[str]:
+    """Read ``topic`` from the start with one consumer until every id in ``wanted`` was seen.
+
+    Gives up early if ``daemon`` exits (the caller's assertion then shows its log).
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"watch-{time.time_ns()}",
+            "enable.auto.commit": False,
+        }
+    )
+    seen: set[str] = set()
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        while not timeout.expired and not wanted <= seen:
+            if daemon is not None and daemon.proc.poll() is not None:
+                break
+            for m in consumer.consume(1000, min(0.5, timeout.remaining)):
+                if m.error() is not None:
+                    raise KafkaException(m.error())
+                seen.add(orjson.loads(m.value() or b"")["id"])
+    finally:
+        consumer.close()
+    return seen
 
 
 @dataclass
@@ -192,7 +275,11 @@ class DaemonProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamer", "run", "--config", str(self.config)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -247,7 +334,9 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"daemon did not exit within {timeout_s}s:\n{self.tail()}") from None
+            raise AssertionError(
+                f"daemon did not exit within {timeout_s}s:\n{self.tail()}"
+            ) from None
         if self._reader is not None:
             self._reader.join(5)
         return rc

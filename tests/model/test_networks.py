@@ -10,8 +10,8 @@ import torch
 
 from streamer.config import TrainConfig
 from streamer.errors import ConfigError
-from streamer.model.networks import PRESETS, Architecture, ScoringModel, build_network
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
+from streamer.model.networks import PRESETS, Architecture, ScoringModel, build_network
 from streamer.model.train import make_windows, score_windows, train_model
 
 

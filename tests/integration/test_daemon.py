@@ -1,0 +1,475 @@
+"""The daemon as a real subprocess on the real broker: completeness, DLQ, restarts, backpressure.
+
+Every record the daemon publishes is validated against the JSON schemas in
+``streamer/schemas``. Each test bounds every wait with a ``Timeout``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Message
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from streamer.codec import DLQ_KINDS
+from streamer.config import KafkaConfig, TopicsConfig
+from streamer.kafka.admin import ensure_topics
+from tests.conftest import NewTopicFactory
+from tests.helpers import Timeout, consume_all
+from tests.integration.helpers import (
+    DaemonProcess,
+    Sample,
+    Topics,
+    expected_windows,
+    make_topics,
+    plant_samples,
+    produce,
+    train_tiny,
+    validator,
+    wait_for_ids,
+    write_config,
+)
+
+pytestmark = pytest.mark.kafka
+
+W, S = 16, 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny conv1d model (window 16, stride 4) trained on simulated normal data."""
+    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def topics2(new_topic: NewTopicFactory) -> Topics:
+    """Fresh input (2 partitions), scores, alerts, DLQ and state topics."""
+    return make_topics(new_topic, 2)
+
+
+def read_scores(
+    bootstrap: str, topics: Topics, expected: int | None = None, timeout_s: float = 60.0
+) -> list[Message]:
+    """Score records (all of them, or until ``expected`` arrived), each schema-validated."""
+    msgs = consume_all(bootstrap, topics.scores, expected=expected, timeout_s=timeout_s)
+    check = validator("score")
+    for m in msgs:
+        rec = orjson.loads(m.value() or b"")
+        check.validate(rec)
+        assert m.key() == rec["sensor"].encode()
+    return msgs
+
+
+def read_alerts(bootstrap: str, topics: Topics) -> list[dict[str, object]]:
+    """Every alert record so far, schema-validated."""
+    check = validator("alert")
+    out = []
+    for m in consume_all(bootstrap, topics.alerts, timeout_s=30):
+        rec = orjson.loads(m.value() or b"")
+        check.validate(rec)
+        assert m.key() == str(rec["sensor"]).encode()
+        out.append(rec)
+    return out
+
+
+def ids_of(msgs: list[Message]) -> list[str]:
+    return [orjson.loads(m.value() or b"")["id"] for m in msgs]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
+    """Daemons started by a test; any still running at the end are killed."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.__exit__()
+
+
+class TestScoring:
+    """A clean stream is scored completely, once, with anomalies flagged."""
+
+    def test_every_window_scored_once(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """Every window due is scored exactly once, ids unique, anomalies above threshold."""
+        timeout = Timeout(120)
+        anomalies = [(1, 300, 8), (4, 500, 8)]
+        samples = plant_samples(6, 700, seed=3, anomalies=anomalies)
+        # sensor-5 falls silent after 100 rows: it is evicted rather than pin the commit.
+        samples = [s for s in samples if s.sensor != "sensor-5" or s.row < 100]
+        produce(kafka_bootstrap, topics2.input, samples)
+        expected = expected_windows(topics2.input, samples, W, S)
+        cfg = write_config(
+            tmp_path / "cfg.yaml",
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            model_dir,
+            stream={"max_gap_s": 60.0},
+        )
+        daemon = DaemonProcess(cfg).start()
+        daemon_factory.append(daemon)
+
+        msgs = read_scores(
+            kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
+        )
+        assert len(msgs) == len(expected), daemon.tail()
+        started = daemon.seen("daemon_started")
+        assert daemon.stop() == 0, daemon.tail()
+
+        msgs = read_scores(kafka_bootstrap, topics2)  # everything, after the clean stop
+        ids = ids_of(msgs)
+        assert len(ids) == len(set(ids)), "duplicate window ids"
+        assert set(ids) == set(expected)
+        for m in msgs:
+            rec = orjson.loads(m.value() or b"")
+            sensor, partition, offset = expected[rec["id"]]
+            assert (rec["sensor"], rec["partition"], rec["offset"]) == (sensor, partition, offset)
+
+        # Windows holding a whole injected anomaly are flagged, and an alert opens for it.
+        by_sensor = defaultdict(list)
+        for m in msgs:
+            rec = orjson.loads(m.value() or b"")
+            by_sensor[rec["sensor"]].append(rec)
+        for s, row, length in anomalies:
+            t_lo, t_hi = 1_764_201_600.0 + row, 1_764_201_600.0 + row + length - 1
+            covering = [
+                r
+                for r in by_sensor[f"sensor-{s}"]
+                if r["window_start"] <= t_lo and r["window_end"] >= t_hi
+            ]
+            assert covering
+            assert all(r["anomalous"] and r["score"] > r["threshold"] for r in covering)
+        alerts = read_alerts(kafka_bootstrap, topics2)
+        opened = {a["sensor"] for a in alerts if a["state"] == "open"}
+        assert {f"sensor-{s}" for s, _, _ in anomalies} <= opened
+        # Throughput: first to last score record, by the daemon's produce timestamps.
+        stamps = sorted(m.timestamp()[1] for m in msgs)
+        rate = len(msgs) / max((stamps[-1] - stamps[0]) / 1000.0, 1e-3)
+        print(f"\ndaemon published {rate:.0f} windows/s ({len(msgs)} windows)")
+        evicted = daemon.seen("sensor_evicted")
+        assert [(e["sensor"], e["reason"]) for e in evicted] == [("sensor-5", "silent")], (
+            daemon.tail(60)
+        )
+        stats = daemon.seen("stats")
+        assert started and stats
+        print(f"\nscored {len(ids)} windows; last stats: {stats[-1]}")
+
+
+def bad_messages() -> list[Sample]:
+    """One malformed message of each kind (out_of_order: older than its sensor's last sample)."""
+
+    def doc(sensor: str = "sensor-0", ts: object = 1_764_300_000.0, values: object = None) -> bytes:
+        vals = [1.0, 2.0, 3.0, 4.0, 5.0] if values is None else values
+        return orjson.dumps({"sensor": sensor, "ts": ts, "values": vals})
+
+    k = b"sensor-0"
+    raw: list[tuple[bytes | None, bytes | None, str]] = [
+        (b"{" + b" " * 70_000 + b"}", k, "oversized"),
+        (None, k, "empty"),
+        (b'{"sensor": "sensor-0", "ts": ', k, "bad_json"),
+        (b"[1, 2, 3]", k, "not_object"),
+        (b'{"sensor": "sensor-0", "values": [1, 2, 3, 4, 5]}', k, "missing_field"),
+        (doc(sensor=""), b"", "bad_sensor"),
+        (doc(sensor="sensor-1"), k, "key_mismatch"),
+        (doc(ts="not a time"), k, "bad_timestamp"),
+        (doc(values=[1.0, 2.0]), k, "wrong_channel_count"),
+        (doc(values={"temp": 1, "nope": 2}), k, "unknown_channel"),
+        (doc(values={"temp": 1}), k, "missing_channel"),
+        (doc(values=[1, "2", 3, 4, 5]), k, "wrong_type"),
+        (doc(values=[1, None, 3, 4, 5]), k, "null_value"),
+        (b'{"sensor": "sensor-0", "ts": 1764300000, "values": [1, NaN, 3, 4, 5]}', k, "non_finite"),
+        (doc(ts=1_764_000_000.0), k, "out_of_order"),
+    ]
+    return [Sample("sensor-0", key, value, False, kind) for value, key, kind in raw]
+
+
+class TestDeadLetters:
+    """Bad input lands in the DLQ with its reason; the good input around it is still scored."""
+
+    def test_malformed_messages_go_to_dlq(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """15 kinds of bad message reach the DLQ with kind, reason, source; valid ones scored."""
+        timeout = Timeout(120)
+        good = plant_samples(4, 200, seed=5)
+        bad = bad_messages()
+        stream: list[Sample] = []
+        step = len(good) // (len(bad) + 1)
+        for i, s in enumerate(good):
+            stream.append(s)
+            if i % step == step - 1 and bad:
+                # Interleave among sensor-0's samples so its windows span the bad ones.
+                stream.append(bad.pop(0))
+        assert not bad
+        produce(kafka_bootstrap, topics2.input, stream)
+        expected = expected_windows(topics2.input, stream, W, S)
+        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics2, group_id, model_dir)
+        daemon = DaemonProcess(cfg).start()
+        daemon_factory.append(daemon)
+
+        scores = read_scores(
+            kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
+        )
+        invalid = [s for s in stream if not s.valid]
+        dlq = consume_all(
+            kafka_bootstrap, topics2.dlq, expected=len(invalid), timeout_s=timeout.remaining
+        )
+        assert daemon.stop() == 0, daemon.tail()
+        assert set(ids_of(scores)) == set(expected)
+        assert len(dlq) == len(invalid) >= 10
+
+        check = validator("dlq")
+        by_position = {(s.partition, s.offset): s for s in invalid}
+        kinds = Counter()
+        for m in dlq:
+            headers = {k: v.decode() for k, v in (m.headers() or [])}
+            check.validate(headers)
+            assert headers["source.topic"] == topics2.input
+            src = by_position[(int(headers["source.partition"]), int(headers["source.offset"]))]
+            assert headers["error.kind"] == src.kind, headers
+            assert headers["error.reason"]
+            assert m.value() == src.value and m.key() == src.key
+            kinds[src.kind] += 1
+        assert len(kinds) == len(bad_messages()) and set(kinds) <= set(DLQ_KINDS)
+        stats = daemon.seen("stats")
+        assert stats[-1]["dead_letters"] == len(invalid)
+
+
+def restart_scenario(
+    sig: int,
+    bootstrap: str,
+    topics: Topics,
+    group_id: str,
+    model_dir: Path,
+    tmp_path: Path,
+    started: list[DaemonProcess],
+) -> tuple[list[Message], dict[str, tuple[str, int, int]], int]:
+    """Stream into a daemon, stop it with ``sig`` mid-stream, restart, read everything.
+
+    Returns all score messages, the expected windows and the first run's exit code.
+    """
+    timeout = Timeout(150)
+    samples = plant_samples(6, 900, seed=7)
+    head, tail = samples[:2000], samples[2000:]
+    produce(bootstrap, topics.input, head)
+    # A killed member holds its partitions until its session times out: keep that short
+    # (the broker's minimum) so the restart is not kept waiting.
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        bootstrap,
+        topics,
+        group_id,
+        model_dir,
+        kafka={"commit_interval_s": 0.5, "client": {"session.timeout.ms": 6000}},
+    )
+    first = DaemonProcess(cfg).start()
+    started.append(first)
+    read_scores(bootstrap, topics, expected=100, timeout_s=timeout.remaining)
+    # The rest of the stream arrives while the daemon runs; stop it half way through.
+    writer = threading.Thread(
+        target=produce, args=(bootstrap, topics.input, tail), kwargs={"rate_per_s": 1500.0}
+    )
+    writer.start()
+    while not timeout.expired and sum(s.offset >= 0 for s in tail) < len(tail) // 2:
+        threading.Event().wait(0.05)
+    code = first.stop(sig)
+    writer.join(timeout.remaining)
+    assert not writer.is_alive()
+    expected = expected_windows(topics.input, samples, W, S)
+    done_before = len(read_scores(bootstrap, topics))
+    assert 0 < done_before < len(expected), "the stop must land mid-stream"
+
+    second = DaemonProcess(cfg).start()
+    started.append(second)
+    wait_for_ids(bootstrap, topics.scores, set(expected), timeout, second)
+    assert second.stop() == 0, second.tail()
+    restored = second.seen("state_restored")
+    assert sum(e["sensors"] for e in restored) == 6, second.tail()
+    assert sum(e["anchors"] for e in restored) == 6, second.tail()
+    return read_scores(bootstrap, topics), expected, code
+
+
+class TestRestart:
+    """Stopping and restarting mid-stream loses nothing; a clean stop repeats nothing."""
+
+    def test_sigterm_then_restart_exactly_once(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """SIGTERM mid-stream exits 0; with the restart every window appears exactly once."""
+        msgs, expected, code = restart_scenario(
+            signal.SIGTERM,
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            model_dir,
+            tmp_path,
+            daemon_factory,
+        )
+        assert code == 0, daemon_factory[0].tail()
+        assert daemon_factory[0].seen("shutdown_complete")
+        counts = Counter(ids_of(msgs))
+        assert set(counts) == set(expected)
+        repeated = {i: c for i, c in counts.items() if c > 1}
+        assert not repeated, f"{len(repeated)} windows published twice"
+
+    def test_sigkill_then_restart_identical_repeats(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """After SIGKILL mid-stream and a restart all windows appear, repeats byte-identical."""
+        msgs, expected, code = restart_scenario(
+            signal.SIGKILL,
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            model_dir,
+            tmp_path,
+            daemon_factory,
+        )
+        assert code == -signal.SIGKILL
+        by_id: dict[str, set[bytes]] = defaultdict(set)
+        for m in msgs:
+            by_id[orjson.loads(m.value() or b"")["id"]].add(m.value() or b"")
+        assert set(by_id) == set(expected)
+        differing = [i for i, values in by_id.items() if len(values) > 1]
+        assert not differing, f"{len(differing)} repeated windows differ"
+        repeats = len(msgs) - len(by_id)
+        print(f"\n{len(by_id)} windows, {repeats} repeated byte-identically after SIGKILL")
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bigger model (window 64) scored at stride 1: inference is far slower than decoding."""
+    return train_tiny(
+        tmp_path_factory.mktemp("model") / "slow",
+        window=64,
+        hidden=32,
+        latent=8,
+        epochs=1,
+        stride=1,
+        rows=300,
+    )
+
+
+class TestBackpressure:
+    """A model slower than the input pauses consumption instead of buffering without bound."""
+
+    def test_pauses_resumes_and_loses_nothing(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        slow_model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """A backlog and a one-batch queue: pauses, resumes, every window once, bounded peak RSS."""
+        timeout = Timeout(150)
+        samples = plant_samples(8, 1500, seed=9)
+        produce(kafka_bootstrap, topics2.input, samples)
+        window, stride = 64, 1
+        expected = expected_windows(topics2.input, samples, window, stride)
+        cfg = write_config(
+            tmp_path / "cfg.yaml",
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            slow_model_dir,
+            stream={"window": window, "stride": stride},
+            inference={"queue_size": 1, "max_batch": 256, "chunk": 64},
+            kafka={"consume_batch": 500},
+        )
+        daemon = DaemonProcess(cfg).start()
+        daemon_factory.append(daemon)
+        watcher = threading.Thread(
+            target=wait_for_ids,
+            args=(kafka_bootstrap, topics2.scores, set(expected), timeout, daemon),
+        )
+        watcher.start()
+        while watcher.is_alive():
+            daemon.sample_rss()
+            watcher.join(0.2)
+        daemon.wait_event("consumption_paused", timeout)
+        daemon.wait_event("consumption_resumed", timeout)
+        peak_mb = daemon.sample_rss() / 1024
+        assert daemon.stop() == 0, daemon.tail()
+        counts = Counter(ids_of(read_scores(kafka_bootstrap, topics2)))
+        assert set(counts) == set(expected)
+        assert max(counts.values()) == 1
+        pauses = len(daemon.seen("consumption_paused"))
+        print(f"\n{len(expected)} windows, {pauses} pauses, peak RSS {peak_mb:.0f} MB")
+        # torch alone is ~300 MB; unbounded buffering of this backlog would show far above.
+        assert peak_mb < 1200
+
+
+class TestTopics:
+    """Topics are checked at start: created when configured, otherwise a clear error."""
+
+    def test_missing_topics_exit_one_naming_them(
+        self,
+        kafka_bootstrap: str,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """Without kafka.create_topics the daemon exits 1 naming every missing topic."""
+        names = [f"missing-{uuid.uuid4().hex}" for _ in range(5)]
+        topics = Topics(*names, partitions=1)
+        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics, group_id, model_dir)
+        daemon = DaemonProcess(cfg).start()
+        daemon_factory.append(daemon)
+        assert daemon.proc.wait(60) == 1, daemon.tail()
+        daemon.stop()
+        failure = daemon.seen("daemon_failed")
+        assert failure, daemon.tail()
+        assert all(n in failure[0]["error"] for n in names)
+
+    def test_create_topics(self, kafka_bootstrap: str, kafka_admin: AdminClient) -> None:
+        """create_topics makes missing topics; state is compacted, partitioned like the input."""
+        names = [f"created-{uuid.uuid4().hex}" for _ in range(5)]
+        cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap, create_topics=True, topic_partitions=3)
+        topics = TopicsConfig(
+            input=names[0], scores=names[1], alerts=names[2], dlq=names[3], state=names[4]
+        )
+        try:
+            assert ensure_topics(cfg, topics) == 3
+            assert ensure_topics(cfg, topics) == 3  # idempotent
+            meta = kafka_admin.list_topics(timeout=10).topics
+            assert all(len(meta[n].partitions) == 3 for n in names)
+            res = ConfigResource(ConfigResource.Type.TOPIC, names[4])
+            state_cfg = kafka_admin.describe_configs([res])[res].result(timeout=10)
+            assert state_cfg["cleanup.policy"].value == "compact"
+        finally:
+            kafka_admin.delete_topics(names, operation_timeout=0)
