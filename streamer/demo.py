@@ -75,7 +75,7 @@ def _config(bootstrap: str, model: Path, window: int, stride: int, run_id: str) 
 def _produce(bootstrap: str, topic: str, live: Plant, rate_hz: float) -> None:
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3})
     sensors, rows, _ = live.values.shape
     names = [f"pump-{s:02d}" for s in range(sensors)]
     started = time.monotonic()
@@ -97,6 +97,15 @@ def _produce(bootstrap: str, topic: str, live: Plant, rate_hz: float) -> None:
         if ahead > 0:
             time.sleep(ahead)
     producer.flush(30)
+
+
+def _channel_name(entry: Any) -> str:
+    """A top-channel entry of an alert record, as a name."""
+    if isinstance(entry, dict):
+        return str(entry.get("channel", "?"))
+    if isinstance(entry, list | tuple) and entry:
+        return str(entry[0])
+    return str(entry)
 
 
 def _plot(
@@ -255,16 +264,20 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         last_new = time.monotonic()
 
         def view() -> Table:
-            table = Table(title=f"windows scored {len(seen)}/{expected}")
-            for col in ("time", "sensor", "alert", "peak score", "top channels"):
+            table = Table(
+                title=f"windows scored {len(seen)}/{expected}, alerts {len(alerts)} "
+                f"(latest 12 shown)"
+            )
+            for col in ("alert", "sensor", "id", "from sample", "peak score", "top channels"):
                 table.add_column(col)
             for a in alerts[-12:]:
                 table.add_row(
                     a["state"],
                     a["sensor"],
                     a["id"][:10],
+                    f"{(a['started'] - T0) / SAMPLE_S:.0f}",
                     f"{a['peak_score']:.3g}",
-                    ", ".join(c[0] if isinstance(c, list) else str(c) for c in a["top_channels"]),
+                    ", ".join(_channel_name(c) for c in a["top_channels"]),
                 )
             return table
 
@@ -289,6 +302,7 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
                     )
                 if time.monotonic() - last_new > 120:
                     raise StreamerError(f"no new scores for 2 minutes; see {log_path}")
+        producer_thread.join(60)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         # Alerts closed during shutdown arrive after the last score.

@@ -1,0 +1,46 @@
+"""`streamer demo` end to end: its own broker, the real daemon, a report and a plot."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+class TestDemo:
+    """The demo runs on a machine with nothing configured."""
+
+    def test_demo_reports_and_plots(self, tmp_path: Path) -> None:
+        """A small demo exits 0, finds most injected faults and writes the PNG plot."""
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "streamer",
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--sensors",
+                "3",
+                "--rows",
+                "500",
+                "--rate",
+                "500",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        found = re.search(r"precision\s+([0-9.]+),\s+recall\s+([0-9.]+)", proc.stdout)
+        assert found, proc.stdout[-2000:]
+        precision, recall = float(found.group(1)), float(found.group(2))
+        assert recall >= 0.5
+        assert precision >= 0.5
+        png = tmp_path / "demo.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
