@@ -553,3 +553,45 @@ class TestSilentSensors:
         )
         assert back[0]["window_start"] == 1_764_201_600.0 + 400
         assert back[0]["window_end"] == 1_764_201_600.0 + 400 + W - 1
+
+
+class TestCorruptState:
+    """Unknown or corrupt state records are reported; those sensors re-warm from calibration."""
+
+    def test_corrupt_and_unknown_state_records(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """A garbage record and a future-version record are logged; every window is still scored."""
+        from confluent_kafka import Producer
+
+        timeout = Timeout(120)
+        topics = make_topics(new_topic, 1)
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        producer.produce(topics.state, b"\x00not json", key=b"sensor-0", partition=0)
+        future = {"version": 99, "sensor": "sensor-1", "partition": 0, "upto": 5}
+        producer.produce(topics.state, orjson.dumps(future), key=b"sensor-1", partition=0)
+        assert producer.flush(30) == 0
+        samples = plant_samples(3, 200, seed=12)
+        produce(kafka_bootstrap, topics.input, samples)
+        expected = set(expected_windows(topics.input, samples, W, S))
+        cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics, group_id, model_dir)
+        daemon = DaemonProcess(cfg)
+        daemons.append(daemon.start())
+        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, daemons)
+        assert daemon.stop() == 0, daemon.tail()
+        assert_complete(by_id, expected, daemons)
+        corrupt = {e["sensor"] for e in daemon.seen("state_corrupt")}
+        assert corrupt == {"sensor-0", "sensor-1"}, daemon.tail(40)
+        # Re-warmed from calibration: their first threshold is a fresh sensor's first one.
+        recs = [orjson.loads(v[0]) for v in by_id.values()]
+        first = {
+            s: min((r for r in recs if r["sensor"] == s), key=lambda r: r["offset"])["threshold"]
+            for s in ("sensor-0", "sensor-1", "sensor-2")
+        }
+        assert first["sensor-0"] == first["sensor-2"] == first["sensor-1"]
