@@ -1,0 +1,523 @@
+"""End-to-end benchmarks against a real local Kafka broker: throughput, latency, scale.
+
+One command runs the suite and prints a Markdown report (also written with
+``--out FILE``)::
+
+    .venv/bin/python benchmarks/e2e.py                      # everything, default sizes
+    .venv/bin/python benchmarks/e2e.py --only throughput --samples 200000
+
+* **throughput**: a stream of ``--sensors`` x ``--samples`` is produced first;
+  then, on the same topic, (1) the *ceiling*: a plain confluent-kafka consumer
+  that reads and JSON-decodes every message and does nothing else; (2) the
+  *daemon*: ``streamer run`` as a subprocess, timed from its start until every
+  expected score is published (and, separately, first to last score); (3) the
+  *floor*: a naive pipeline in the style of the original write-up (one message at
+  a time, ``json.loads``, a Python list per sensor, one model call per window, one
+  produce per score), run for ``--floor-seconds`` and reported as a rate.
+* **latency**: samples stamped with the wall clock are produced at half the
+  daemon's measured rate; latency = publish time of the score (broker
+  CreateTime set by the daemon's producer) minus the window's last sample time.
+* **scale**: peak RSS (VmHWM) and throughput at several sensor counts and window
+  sizes.
+
+Benchmarks print figures; they assert nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from streamer.config import TrainConfig
+from streamer.kafka.localbroker import LocalBroker
+from streamer.model.checkpoint import load_checkpoint, save_checkpoint
+from streamer.model.train import train_model
+from streamer.simulate import simulate
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_764_201_600.0
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def train(out: Path, window: int, stride: int, channels: int) -> Path:
+    """A small conv1d model on simulated normal data (channels beyond 5 are copies)."""
+    plant = simulate(4, max(600, 4 * window), seed=1)
+    vals = np.concatenate([plant.values] * (channels // 5 + 1), axis=2)[..., :channels]
+    names = [f"c{i}" for i in range(channels)]
+    cfg = TrainConfig(preset="conv1d", epochs=2, hidden=32, latent=16, train_stride=4)
+    res = train_model(list(vals), names, window, cfg, progress=False)
+    save_checkpoint(out, res.module, res.scaler, names, stride, {"bench": True}, res.calibration)
+    return out
+
+
+def make_topics(bootstrap: str, partitions: int) -> dict[str, str]:
+    """Fresh topics for one run."""
+    stamp = time.time_ns()
+    names = {k: f"bench-{k}-{stamp}" for k in ("input", "scores", "alerts", "dlq", "state")}
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    specs = []
+    for k, name in names.items():
+        n = partitions if k in ("input", "state", "scores") else 1
+        conf = {"cleanup.policy": "compact"} if k == "state" else {}
+        specs.append(NewTopic(name, num_partitions=n, replication_factor=1, config=conf))
+    for fut in admin.create_topics(specs).values():
+        fut.result(60)
+    return names
+
+
+def produce_stream(
+    bootstrap: str,
+    topic: str,
+    sensors: int,
+    rows: int,
+    channels: int,
+    *,
+    rate_hz: float | None = None,
+    wall_clock: bool = False,
+) -> int:
+    """Produce rows x sensors samples (sensor-interleaved); returns the count."""
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.size": 1_000_000,
+            "queue.buffering.max.messages": 2_000_000,
+            "compression.type": "lz4",
+        }
+    )
+    rng = np.random.default_rng(0)
+    keys = [f"s{i:06d}".encode() for i in range(sensors)]
+    t = np.arange(rows, dtype=np.float64)
+    started = time.monotonic()
+    n = 0
+    for r in range(rows):
+        vals = np.sin(
+            t[r] / 20 + np.arange(sensors)[:, None] * 0.1 + np.arange(channels)[None, :]
+        ) + rng.normal(0, 0.05, (sensors, channels))
+        ts = time.time() if wall_clock else T0 + r
+        for s in range(sensors):
+            doc = orjson.dumps(
+                {"sensor": keys[s].decode(), "ts": ts, "values": vals[s].tolist()},
+                option=orjson.OPT_SERIALIZE_NUMPY,
+            )
+            while True:
+                try:
+                    producer.produce(topic, doc, key=keys[s])
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            n += 1
+        producer.poll(0)
+        if rate_hz is not None:
+            ahead = (r + 1) / rate_hz - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    producer.flush(120)
+    return n
+
+
+def write_config(
+    path: Path,
+    bootstrap: str,
+    topics: dict[str, str],
+    model: Path,
+    window: int,
+    stride: int,
+    channels: int,
+    **extra: Any,
+) -> Path:
+    data: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": f"bench-{time.time_ns()}",
+            "commit_interval_s": 5.0,
+        },
+        "topics": topics,
+        "stream": {
+            "channels": [f"c{i}" for i in range(channels)],
+            "window": window,
+            "stride": stride,
+            "max_gap_s": 1e9,
+        },
+        "model": {"path": str(model), "device": "auto"},
+        "threshold": {"method": "dspot", "risk": 1e-3, "level": 0.98},
+        "metrics": {"enabled": False, "stats_interval_s": 5.0},
+    }
+    for k, v in extra.items():
+        data.setdefault(k, {}).update(v)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a process in MiB (0 if gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def count_scores(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout_s: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    latencies: list[float] | None = None,
+) -> tuple[int, float, float, float]:
+    """Read the scores topic until ``expected`` distinct ids; returns (n, first, last, peak_rss)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"count-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+        }
+    )
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    seen: set[bytes] = set()
+    first = last = 0.0
+    rss = 0.0
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < expected and time.monotonic() < deadline:
+        for m in consumer.consume(10_000, 0.5):
+            if m.error() is not None:
+                continue
+            value = m.value() or b""
+            # The id is the first field (sorted keys would put "anomalous" first; scan instead).
+            rec_id = value[value.find(b'"id":"') + 6 : value.find(b'"id":"') + 38]
+            if rec_id not in seen:
+                seen.add(rec_id)
+                stamp = m.timestamp()[1] / 1000.0
+                first = stamp if not first else min(first, stamp)
+                last = max(last, stamp)
+                if latencies is not None:
+                    rec = orjson.loads(value)
+                    latencies.append(stamp - rec["window_end"])
+        if proc is not None:
+            rss = max(rss, peak_rss_mb(proc.pid))
+            if proc.poll() is not None:
+                break
+    consumer.close()
+    return len(seen), first, last, rss
+
+
+def expected_windows(sensors: int, rows: int, window: int, stride: int) -> int:
+    return sensors * ((rows - window) // stride + 1) if rows >= window else 0
+
+
+# ----------------------------------------------------------------------------- the three runs
+
+
+def ceiling(bootstrap: str, topic: str, total: int) -> float:
+    """Samples/s of consume + JSON decode and nothing else."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ceiling-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+        }
+    )
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    n = 0
+    started = time.perf_counter()
+    while n < total:
+        batch = consumer.consume(2000, 1.0)
+        docs = [orjson.loads(m.value() or b"{}") for m in batch if m.error() is None]
+        n += len(docs)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return float(n / elapsed)
+
+
+def daemon_run(
+    cfg: Path, bootstrap: str, scores_topic: str, expected: int, timeout_s: float = 1800
+) -> dict[str, float]:
+    """Start the daemon, wait for every expected score; wall time from start, and first->last."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        n, first, last, rss = count_scores(bootstrap, scores_topic, expected, timeout_s, proc)
+        done = time.time()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {
+        "windows": n,
+        "wall_s": done - started,
+        "publish_s": max(last - first, 1e-3),
+        "rss_mb": rss,
+    }
+
+
+def floor(bootstrap: str, topic: str, out_topic: str, model_dir: Path, seconds: float) -> float:
+    """Samples/s of a naive per-message pipeline (one model call per window)."""
+    model = load_checkpoint(model_dir)
+    module = model.module
+    window, stride = model.window, model.stride
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"floor-{time.time_ns()}",
+            "enable.auto.commit": False,
+        }
+    )
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    producer = Producer({"bootstrap.servers": bootstrap})
+    buffers: dict[str, list[list[float]]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    n = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - started < seconds:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error() is not None:
+                continue
+            doc = json.loads(msg.value() or b"{}")
+            sensor = doc["sensor"]
+            buf = buffers[sensor]
+            buf.append(doc["values"])
+            if len(buf) > window:
+                buf.pop(0)
+            counts[sensor] += 1
+            n += 1
+            if counts[sensor] >= window and (counts[sensor] - window) % stride == 0:
+                x = torch.tensor([buf], dtype=torch.float32)
+                score, _ = module(x)
+                producer.produce(
+                    out_topic, json.dumps({"sensor": sensor, "score": float(score)}), key=sensor
+                )
+                producer.poll(0)
+    elapsed = time.perf_counter() - started
+    producer.flush(30)
+    consumer.close()
+    return n / elapsed
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> float:
+    """The headline comparison; returns the daemon's steady rate (samples/s)."""
+    sensors, channels, window, stride = args.sensors, args.channels, args.window, args.stride
+    rows = args.samples // sensors
+    total = rows * sensors
+    model = train(tmp / "model", window, stride, channels)
+    topics = make_topics(bootstrap, args.partitions)
+    t0 = time.perf_counter()
+    produce_stream(bootstrap, topics["input"], sensors, rows, channels)
+    print(f"produced {total:,} samples in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    ceil = ceiling(bootstrap, topics["input"], total)
+    expected = expected_windows(sensors, rows, window, stride)
+    cfg = write_config(tmp / "tp.yaml", bootstrap, topics, model, window, stride, channels)
+    d = daemon_run(cfg, bootstrap, topics["scores"], expected)
+    flo = floor(bootstrap, topics["input"], topics["alerts"], model, args.floor_seconds)
+    d_wall = total / d["wall_s"]
+    d_steady = total * (d["windows"] / max(expected, 1)) / d["publish_s"]
+    report += [
+        "## Throughput",
+        "",
+        f"{sensors:,} sensors x {channels} channels, {total:,} samples, window {window}, stride "
+        f"{stride}, {args.partitions} input partitions; {expected:,} windows expected, "
+        f"{d['windows']:,} published.",
+        "",
+        "| pipeline | samples/s |",
+        "|---|---|",
+        f"| ceiling: consume + JSON decode only | {ceil:,.0f} |",
+        f"| daemon, from process start to last score | {d_wall:,.0f} |",
+        f"| daemon, first to last score published | {d_steady:,.0f} |",
+        f"| floor: naive per-message pipeline | {flo:,.0f} |",
+        "",
+        f"Ratios (daemon from start): daemon/ceiling **{d_wall / ceil:.2f}**, "
+        f"daemon/floor **{d_wall / flo:.1f}x**. Steady state: daemon/ceiling "
+        f"{d_steady / ceil:.2f}, daemon/floor {d_steady / flo:.1f}x. Daemon peak RSS "
+        f"{d['rss_mb']:.0f} MiB.",
+        "",
+    ]
+    return float(d_steady)
+
+
+def latency(
+    bootstrap: str, tmp: Path, args: argparse.Namespace, rate: float, report: list[str]
+) -> None:
+    """p50/p95/p99 from sample time to score published, at half the measured rate."""
+    sensors, channels, window, stride = args.sensors, args.channels, args.window, args.stride
+    model = train(tmp / "model-lat", window, stride, channels)
+    topics = make_topics(bootstrap, args.partitions)
+    cfg = write_config(
+        tmp / "lat.yaml",
+        bootstrap,
+        topics,
+        model,
+        window,
+        stride,
+        channels,
+        inference={"max_wait_ms": 2.0},
+        kafka={"poll_timeout_ms": 20},
+    )
+    rows = max(window * 3, int(args.latency_seconds * rate / 2 / sensors))
+    rate_hz = rate / 2 / sensors  # rows per second so samples/s = rate / 2
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        time.sleep(12)  # let it start and take its partitions before the clock matters
+        produce_stream(
+            bootstrap, topics["input"], sensors, rows, channels, rate_hz=rate_hz, wall_clock=True
+        )
+        lat: list[float] = []
+        expected = expected_windows(sensors, rows, window, stride)
+        count_scores(bootstrap, topics["scores"], expected, 300, proc, lat)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    # Skip the first window per sensor: it includes start-up.
+    arr = np.asarray(lat[sensors:]) * 1000
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99]) if arr.size else (np.nan,) * 3
+    report += [
+        "## Latency",
+        "",
+        f"Produced at {rate / 2:,.0f} samples/s (half the daemon's steady rate) for "
+        f"{rows / rate_hz:.0f} s; {arr.size:,} windows.",
+        "",
+        "| p50 | p95 | p99 |",
+        "|---|---|---|",
+        f"| {p50:.1f} ms | {p95:.1f} ms | {p99:.1f} ms |",
+        "",
+    ]
+
+
+def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> None:
+    """Peak RSS and throughput across sensor counts and window sizes."""
+    rows_out = [
+        "| sensors | window | channels | samples | samples/s (first to last score) "
+        "| peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    cases = [
+        (int(s), args.scale_window, args.scale_channels) for s in args.scale_sensors.split(",")
+    ]
+    cases += [(args.sensors, int(w), args.channels) for w in args.scale_windows.split(",")]
+    for sensors, window, channels in cases:
+        stride = max(1, window // 8)
+        rows = max(window + stride * 4, args.scale_samples // sensors)
+        model = train(tmp / f"m-{window}-{channels}", window, stride, channels)
+        topics = make_topics(bootstrap, args.partitions)
+        produce_stream(bootstrap, topics["input"], sensors, rows, channels)
+        cfg = write_config(
+            tmp / f"s-{sensors}-{window}.yaml", bootstrap, topics, model, window, stride, channels
+        )
+        expected = expected_windows(sensors, rows, window, stride)
+        d = daemon_run(cfg, bootstrap, topics["scores"], expected)
+        total = sensors * rows
+        rate = total * (d["windows"] / max(expected, 1)) / d["publish_s"]
+        rows_out.append(
+            f"| {sensors:,} | {window} | {channels} | {total:,} | {rate:,.0f} | {d['rss_mb']:.0f} |"
+        )
+        print(rows_out[-1], file=sys.stderr)
+    report += ["## Scale", "", *rows_out, ""]
+
+
+def main() -> None:
+    """Run the chosen suites and print (and optionally write) the Markdown report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--only", choices=["throughput", "latency", "scale"], action="append")
+    ap.add_argument("--bootstrap", default=os.environ.get("STREAMER_BENCH_BOOTSTRAP"))
+    ap.add_argument("--sensors", type=int, default=1000)
+    ap.add_argument("--channels", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--floor-seconds", type=float, default=30.0)
+    ap.add_argument("--latency-seconds", type=float, default=60.0)
+    ap.add_argument("--scale-sensors", default="100,10000,100000")
+    ap.add_argument("--scale-window", type=int, default=64)
+    ap.add_argument("--scale-channels", type=int, default=8)
+    ap.add_argument("--scale-windows", default="32,128,512")
+    ap.add_argument("--scale-samples", type=int, default=1_000_000)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    suites = args.only or ["throughput", "latency", "scale"]
+
+    report = [
+        f"# streamer benchmarks ({dt.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__} "
+        f"({'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}).",
+        "",
+        "Command: `" + " ".join(["python", "benchmarks/e2e.py", *sys.argv[1:]]) + "`",
+        "",
+    ]
+    broker = None
+    bootstrap = args.bootstrap
+    with tempfile.TemporaryDirectory(prefix="streamer-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if bootstrap is None:
+            broker = LocalBroker()
+            bootstrap = broker.start()
+        try:
+            rate = None
+            if "throughput" in suites:
+                rate = throughput(bootstrap, tmp, args, report)
+            if "latency" in suites:
+                if rate is None:
+                    rate = throughput(bootstrap, tmp, args, [])
+                latency(bootstrap, tmp, args, rate, report)
+            if "scale" in suites:
+                scale(bootstrap, tmp, args, report)
+        finally:
+            if broker is not None:
+                broker.stop()
+    text = "\n".join(report)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
