@@ -180,6 +180,21 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def consumer_from_start(bootstrap: str, topic: str, purpose: str) -> Consumer:
+    """A consumer (own throwaway group) assigned to every partition of ``topic`` from offset 0."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{purpose}-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+        }
+    )
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    return consumer
+
+
 def count_scores(
     bootstrap: str,
     topic: str,
@@ -189,16 +204,7 @@ def count_scores(
     latencies: list[float] | None = None,
 ) -> tuple[int, float, float, float]:
     """Read the scores topic until ``expected`` distinct ids; returns (n, first, last, peak_rss)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"count-{time.time_ns()}",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
-    )
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    consumer = consumer_from_start(bootstrap, topic, "count")
     seen: set[bytes] = set()
     first = last = 0.0
     rss = 0.0
@@ -235,16 +241,7 @@ def expected_windows(sensors: int, rows: int, window: int, stride: int) -> int:
 
 def ceiling(bootstrap: str, topic: str, total: int) -> float:
     """Samples/s of consume + JSON decode and nothing else."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"ceiling-{time.time_ns()}",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
-    )
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    consumer = consumer_from_start(bootstrap, topic, "ceiling")
     n = 0
     started = time.perf_counter()
     while n < total:
@@ -291,15 +288,7 @@ def floor(bootstrap: str, topic: str, out_topic: str, model_dir: Path, seconds: 
     model = load_checkpoint(model_dir)
     module = model.module
     window, stride = model.window, model.stride
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"floor-{time.time_ns()}",
-            "enable.auto.commit": False,
-        }
-    )
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    consumer = consumer_from_start(bootstrap, topic, "floor")
     producer = Producer({"bootstrap.servers": bootstrap})
     buffers: dict[str, list[list[float]]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)

@@ -206,6 +206,9 @@ class ModelConfig(_Section):
 
     path: Path = Path("models/current")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The daemon reloads the model when the checkpoint files change (checked this often)
+    # and on SIGHUP; 0 turns the file watch off (SIGHUP still reloads).
+    watch_interval_s: Annotated[float, Field(ge=0)] = 5.0
 
 
 class InferenceConfig(_Section):
@@ -279,8 +282,13 @@ class MetricsConfig(_Section):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108  # 0: an ephemeral port (logged)
     stats_interval_s: PositiveFloat = 30.0
+    # The main loop counts as stalled after this long without completing an iteration:
+    # /healthz answers 503 and the systemd watchdog pings stop. An iteration is one
+    # consume (kafka.poll_timeout_ms) plus, now and then, a commit round or a partition
+    # restore (bounded by kafka.restore_timeout_s), so keep this well above those.
+    stall_after_s: PositiveFloat = 30.0
 
 
 class CsvConfig(_Section):

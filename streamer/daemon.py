@@ -24,6 +24,17 @@ a window is emitted only if its last offset is above ``max(h, upto)`` of its
 sensor. The replay from C_p rebuilds the rings (the anchors keep the stride phase
 of the original run), so a clean restart emits every window exactly once and a
 crash re-emits only byte-identical records.
+
+Operations (``streamer.metrics``, ``streamer.notify``, ``streamer.reload``): the
+loop beats a heartbeat each iteration, which drives ``/healthz`` and the systemd
+watchdog; counters are incremented once per batch; gauges (lag, queue depth,
+paused partitions, open alerts) are refreshed about once a second. READY=1 goes
+to systemd after the first consume returns: the topics were checked, the model is
+loaded and the consumer is in the loop. Waiting for an assignment instead would
+never make a spare instance (more instances than partitions) ready; ``/readyz``
+is the per-instance "partitions assigned" signal. SIGHUP, or a change of the
+checkpoint files, loads the new model in a background thread; the swap happens
+between inference batches and keeps every sensor's threshold and alert state.
 """
 
 from __future__ import annotations
@@ -57,12 +68,21 @@ from streamer.codec import (
 )
 from streamer.config import Config
 from streamer.engine import Engine, PendingBatch, ScoredBatch
-from streamer.errors import ConfigError, KafkaError, StateError, StreamerError
+from streamer.errors import (
+    ConfigError,
+    InferenceError,
+    KafkaError,
+    StateError,
+    StreamerError,
+)
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import Source, read_partitions
+from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model.checkpoint import load_checkpoint
 from streamer.model.train import resolve_device
+from streamer.notify import Notifier, Watchdog, watchdog_interval_s
+from streamer.reload import CheckpointWatcher, ModelReloader, ReloadOutcome
 from streamer.windows import WindowBatch
 
 __all__ = ["STATE_VERSION", "Daemon", "configure_logging", "run_daemon"]
@@ -74,6 +94,9 @@ STATE_VERSION = 1
 COMMIT_META_VERSION = 1
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
 _FLUSH_TIMEOUT_S = 60.0
+# Gauges (lag, queue depth, ...) are refreshed this often; Prometheus scrapes every 15 s
+# or so, and the refresh reads the consumer, so it is kept off the per-batch path.
+_GAUGE_REFRESH_S = 1.0
 
 
 def configure_logging(json_logs: bool | None = None) -> None:
@@ -148,7 +171,9 @@ class Daemon:
         self.cfg = cfg
         self.topics = cfg.topics
         device = resolve_device(cfg.model.device)
+        load_started = time.perf_counter()
         model = load_checkpoint(cfg.model.path, device)
+        load_s = time.perf_counter() - load_started
         if model.window != cfg.stream.window or tuple(model.channels) != tuple(cfg.stream.channels):
             raise ConfigError(
                 f"model {cfg.model.path} has window {model.window} and channels "
@@ -157,6 +182,10 @@ class Daemon:
             )
         self.channels = list(model.channels)
         self.decoder = Decoder(cfg.stream)
+        self.metrics = Metrics()
+        self.health = Health(cfg.metrics.stall_after_s)
+        self.metrics.track_health(self.health)
+        self.notifier = Notifier()
         self.engine = Engine(
             model,
             max_gap_s=cfg.stream.max_gap_s,
@@ -166,7 +195,17 @@ class Daemon:
             device=device,
             stride=cfg.stream.stride,
             position_label=_label,
+            on_batch=self.metrics.inference_batch_done,
         )
+        self.metrics.model_in_use(model.version, load_s)
+        self.health.model_version = model.version
+        self.reloader = ModelReloader(
+            cfg.model.path, device, model.window, model.channels, cfg.threshold
+        )
+        self.watcher = CheckpointWatcher(cfg.model.path) if cfg.model.watch_interval_s > 0 else None
+        self._reload_requested = False
+        self._server: MetricsServer | None = None
+        self._watchdog: Watchdog | None = None
         self.parts: dict[int, _Partition] = {}
         self.sensor_part: dict[str, int] = {}
         # Offset of the ring anchor last written to the state topic, per live sensor.
@@ -189,6 +228,8 @@ class Daemon:
             input=self.topics.input,
             group=cfg.kafka.group_id,
             bootstrap=cfg.kafka.bootstrap_servers,
+            kafka_client=cfg.redacted()["kafka"]["client"],  # secrets masked
+            load_s=round(load_s, 3),
         )
 
     # -- signals ---------------------------------------------------------------------------
@@ -204,6 +245,10 @@ class Daemon:
         self._stop_requested = True
         self._stop_signal = signal.Signals(signum).name
 
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        # As for SIGTERM: only a flag; the loop starts the reload.
+        self._reload_requested = True
+
     def request_stop(self) -> None:
         """Ask the main loop to drain, commit and return (as SIGTERM does)."""
         self._stop_requested = True
@@ -213,65 +258,175 @@ class Daemon:
     def run(self) -> int:
         """Run until stopped; 0 after a clean shutdown. Raises StreamerError on failure."""
         cfg = self.cfg
-        ensure_topics(cfg.kafka, self.topics)
-        self.sink = Sink(cfg.kafka)
-        self.source = Source(
-            cfg.kafka,
-            self.topics.input,
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
-        batch_n = cfg.kafka.consume_batch
-        poll_s = cfg.kafka.poll_timeout_ms / 1000.0
-        commit_every = cfg.kafka.commit_interval_s
-        stats_every = cfg.metrics.stats_interval_s
-        next_commit = time.monotonic() + commit_every
-        next_stats = time.monotonic() + stats_every
-        last_stats = (time.monotonic(), self.stats.messages, self.stats.windows)
-        worker = self.engine.worker
-        resume_below = cfg.inference.queue_size / 2.0
+        signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            while not self._stop_requested:
-                worker.raise_if_failed()
-                if self.paused and worker.queue_depth < resume_below:
-                    self._set_paused(False)
-                if not self.paused and worker.is_full:
-                    self._set_paused(True)
-                # Consume even while paused: it serves rebalances and keeps us in the group.
-                msgs = self.source.consume(batch_n, 0.0 if self.paused else poll_s)
-                if msgs:
-                    self._process(msgs)
-                self._publish_done(block_s=0.05 if self.paused else 0.0)
-                self.sink.poll(0)
-                now = time.monotonic()
-                if now >= next_commit:
-                    self._commit_round(list(self.parts), reason="interval")
-                    next_commit = time.monotonic() + commit_every
-                if now >= next_stats:
-                    last_stats = self._log_stats(last_stats)
-                    next_stats = now + stats_every
-            log.info(
-                "shutdown_started", signal=self._stop_signal, pending_batches=len(self.pending)
+            self._start_ops()
+            ensure_topics(cfg.kafka, self.topics)
+            self.sink = Sink(cfg.kafka)
+            self.source = Source(
+                cfg.kafka,
+                self.topics.input,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
             )
-            self._commit_round(list(self.parts), reason="shutdown")
-            # Leaving the group revokes everything: the callback finds nothing left to commit.
-            self.source.close()
-            self.source = None
-            self.sink.flush(_FLUSH_TIMEOUT_S)
-            self._log_stats(last_stats)
-            log.info("shutdown_complete")
-            return 0
+            log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
+            return self._loop()
         finally:
+            self._stop_ops()
             self.engine.close()
             if self.sink is not None:
                 self.sink.close()
             if self.source is not None:
                 with contextlib.suppress(StreamerError):
                     self.source.close()
+
+    def _loop(self) -> int:
+        assert self.sink is not None and self.source is not None
+        cfg = self.cfg
+        batch_n = cfg.kafka.consume_batch
+        poll_s = cfg.kafka.poll_timeout_ms / 1000.0
+        commit_every = cfg.kafka.commit_interval_s
+        stats_every = cfg.metrics.stats_interval_s
+        watch_every = cfg.model.watch_interval_s
+        next_commit = time.monotonic() + commit_every
+        next_stats = time.monotonic() + stats_every
+        next_gauges = next_watch = time.monotonic()
+        last_stats = (time.monotonic(), self.stats.messages, self.stats.windows)
+        worker = self.engine.worker
+        resume_below = cfg.inference.queue_size / 2.0
+        ready = False
+        while not self._stop_requested:
+            self.health.beat()
+            worker.raise_if_failed()
+            if self.paused and worker.queue_depth < resume_below:
+                self._set_paused(False)
+            if not self.paused and worker.is_full:
+                self._set_paused(True)
+            # Consume even while paused: it serves rebalances and keeps us in the group.
+            msgs = self.source.consume(batch_n, 0.0 if self.paused else poll_s)
+            if not ready:
+                ready = True
+                self.notifier.ready(f"consuming {self.topics.input}")
+                log.info("daemon_ready", input=self.topics.input)
+            if msgs:
+                self._process(msgs)
+            self._publish_done(block_s=0.05 if self.paused else 0.0)
+            self.sink.poll(0)
+            if self._reload_requested:
+                self._reload_requested = False
+                self._request_reload("signal")
+            outcome = self.reloader.take()
+            if outcome is not None:
+                self._apply_reload(outcome)
+            now = time.monotonic()
+            if now >= next_commit:
+                self._commit_round(list(self.parts), reason="interval")
+                next_commit = time.monotonic() + commit_every
+            if now >= next_gauges:
+                self._refresh_gauges()
+                next_gauges = now + _GAUGE_REFRESH_S
+            if self.watcher is not None and now >= next_watch:
+                next_watch = now + watch_every
+                if self.watcher.changed():
+                    self._request_reload("file_changed")
+            if now >= next_stats:
+                last_stats = self._log_stats(last_stats)
+                next_stats = now + stats_every
+        log.info("shutdown_started", signal=self._stop_signal, pending_batches=len(self.pending))
+        self.notifier.stopping("draining, flushing and committing")
+        self._commit_round(list(self.parts), reason="shutdown")
+        # Leaving the group revokes everything: the callback finds nothing left to commit.
+        self.source.close()
+        self.source = None
+        self.sink.flush(_FLUSH_TIMEOUT_S)
+        self._log_stats(last_stats)
+        log.info("shutdown_complete")
+        return 0
+
+    # -- operations: metrics, health, watchdog, reload ---------------------------------------
+
+    def _start_ops(self) -> None:
+        mc = self.cfg.metrics
+        if mc.enabled:
+            self._server = MetricsServer(self.metrics.registry, self.health, mc.host, mc.port)
+            host, port = self._server.start()
+            log.info("metrics_listening", host=host, port=port)
+        interval_s = watchdog_interval_s()
+        if interval_s is not None and self.notifier.enabled:
+            self._watchdog = Watchdog(self.notifier, interval_s, lambda: self.health.healthy)
+            self._watchdog.start()
+            log.info(
+                "watchdog_enabled",
+                timeout_s=interval_s,
+                ping_every_s=self._watchdog.period_s,
+                stall_after_s=self.health.stall_after_s,
+            )
+
+    def _stop_ops(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._server is not None:
+            self._server.close()
+        self.notifier.close()
+
+    def _request_reload(self, trigger: str) -> None:
+        if self.watcher is not None:
+            self.watcher.rebase()  # the files as they are now are what this load reads
+        log.info("model_reload_started", trigger=trigger, path=str(self.cfg.model.path))
+        self.notifier.reloading(f"loading model from {self.cfg.model.path}")
+        self.reloader.request(trigger)
+
+    def _apply_reload(self, out: ReloadOutcome) -> None:
+        """Swap in a validated model between batches, or keep the running one and say why."""
+        running = self.engine.worker.model_version
+        ctx = {"trigger": out.trigger, "path": str(self.cfg.model.path)}
+        error = out.error
+        if out.model is not None and out.model.version == running:
+            self.metrics.reload_result("unchanged")
+            log.info("model_reload_skipped", reason="same version", model=running, **ctx)
+        elif out.model is not None:
+            try:
+                self.engine.swap_model(out.model, out.prototype)
+            except InferenceError as exc:
+                error = str(exc)
+            else:
+                self.metrics.reload_result("ok")
+                self.metrics.model_in_use(out.model.version, out.seconds)
+                self.health.model_version = out.model.version
+                log.info(
+                    "model_reloaded",
+                    model=out.model.version,
+                    previous=running,
+                    load_s=round(out.seconds, 3),
+                    **ctx,
+                )
+        if error is not None:
+            self.metrics.reload_result("failed")
+            log.warning("model_reload_failed", reason=error, model=running, **ctx)
+        self.notifier.ready(f"consuming {self.topics.input} with model {self.engine.model.version}")
+
+    def _lag(self) -> dict[int, int]:
+        """Messages behind the partition's high watermark, per owned partition (cached)."""
+        out: dict[int, int] = {}
+        if self.source is None:
+            return out
+        for p, part in self.parts.items():
+            _, hi = self.source.watermarks(p)
+            if hi >= 0:
+                out[p] = max(0, hi - (part.consumed + 1))
+        return out
+
+    def _refresh_gauges(self) -> None:
+        m = self.metrics
+        m.set_lag(self._lag())
+        m.queue_depth.set(self.engine.worker.queue_depth)
+        m.partitions_assigned.set(len(self.parts))
+        m.partitions_paused.set(len(self.parts) if self.paused else 0)
+        m.alerts_open.set(self.engine.alerts.open_count())
+        m.sensors.set(len(self.sensor_part))
 
     def _set_paused(self, paused: bool) -> None:
         assert self.source is not None
@@ -297,16 +452,13 @@ class Daemon:
         now = time.monotonic()
         st = self.stats
         dt_s = max(now - last[0], 1e-9)
-        lag = 0
-        if self.source is not None:
-            for p, part in self.parts.items():
-                _, hi = self.source.watermarks(p)
-                if hi >= 0:
-                    lag += max(0, hi - (part.consumed + 1))
+        lag = sum(self._lag().values())
+        messages_per_s = round((st.messages - last[1]) / dt_s, 1)
+        windows_per_s = round((st.windows - last[2]) / dt_s, 1)
         log.info(
             "stats",
-            messages_per_s=round((st.messages - last[1]) / dt_s, 1),
-            windows_per_s=round((st.windows - last[2]) / dt_s, 1),
+            messages_per_s=messages_per_s,
+            windows_per_s=windows_per_s,
             messages=st.messages,
             windows=st.windows,
             alerts=st.alerts,
@@ -318,6 +470,11 @@ class Daemon:
             partitions=sorted(self.parts),
             sensors=len(self.sensor_part),
             commits=st.commits,
+            model=self.engine.model.version,
+        )
+        self.notifier.status(
+            f"{messages_per_s} msg/s, {windows_per_s} windows/s, lag {lag}, "
+            f"partitions {sorted(self.parts)}, model {self.engine.model.version}"
         )
         return now, st.messages, st.windows
 
@@ -345,6 +502,7 @@ class Daemon:
         if not msgs:
             return
         self.stats.messages += len(msgs)
+        self.metrics.messages_consumed.inc(len(msgs))
         positions = to_position(part_arr, off_arr)
         samples, dead = self.decoder.decode(
             [m.value() for m in msgs], [m.key() for m in msgs], positions
@@ -354,6 +512,7 @@ class Daemon:
         if len(samples) == 0:
             return
         self.stats.samples += len(samples)
+        self.metrics.samples_decoded.inc(len(samples))
         s_parts = part_arr[samples.index]
         self._track_sensors(samples.keys, s_parts)
         keep_fn = self._keep_fn(s_parts, samples.positions)
@@ -407,7 +566,9 @@ class Daemon:
                 if off <= part.replay_until:
                     mark = part.skip.get(str(sensors[i]), part.restored_h)
                     out[i] = off > max(mark, part.restored_h)
-            self.stats.skipped_windows += int((~out).sum())
+            skipped = int((~out).sum())
+            self.stats.skipped_windows += skipped
+            self.metrics.windows_skipped.inc(skipped)
             return out
 
         return keep
@@ -420,6 +581,7 @@ class Daemon:
             return  # published before the restart
         self.stats.dead_letters += 1
         self.stats.dead_by_kind[d.kind] = self.stats.dead_by_kind.get(d.kind, 0) + 1
+        self.metrics.dead_letter(d.kind)
         self.sink.produce(
             self.topics.dlq,
             msg.value(),
@@ -468,6 +630,15 @@ class Daemon:
         likelihood = b.likelihood.tolist()
         errors = b.channel_errors.tolist()
         model = b.model_version
+        end_ts = b.windows.end_ts
+        e2e = self.metrics.end_to_end
+
+        def delivered() -> None:
+            # Hooked on the batch's last score only: its records leave in the same producer
+            # batches, so one acknowledgement times them all, at one callback per batch.
+            e2e.observe(np.maximum(time.time() - end_ts, 0.0))
+
+        last = n - 1
         for i in range(n):
             pos = end_pos[i]
             p, off = pos >> OFFSET_BITS, pos & _OFFSET_MASK
@@ -485,9 +656,12 @@ class Daemon:
                 partition=p,
                 offset=off,
             )
-            produce(topic_out, record, key=sensors[i])
+            produce(
+                topic_out, record, key=sensors[i], on_delivered=delivered if i == last else None
+            )
         for ev in b.events:
             produce(self.topics.alerts, encode_alert(ev), key=ev.sensor)
+            (self.metrics.alerts_opened if ev.state == "open" else self.metrics.alerts_closed).inc()
             log.info(
                 "alert_opened" if ev.state == "open" else "alert_closed",
                 alert=ev.id,
@@ -497,6 +671,7 @@ class Daemon:
             )
         self.stats.windows += n
         self.stats.alerts += len(b.events)
+        self.metrics.windows_scored.inc(n)
         # Their thresholds and alert state moved: checkpoint them at the next round.
         for s in set(sensors):
             p = self.sensor_part.get(s)
@@ -533,6 +708,7 @@ class Daemon:
         for p, h in heads.items():
             self.parts[p].committed_h = h
         self.stats.commits += 1
+        self.metrics.commits.inc()
         log.debug(
             "offsets_committed",
             reason=reason,
@@ -674,6 +850,7 @@ class Daemon:
             self._restore(part, start, state[p], started)
         if self.paused:
             self.source.pause(partitions)
+        self.health.partitions = tuple(sorted(self.parts))
         log.info("partitions_assigned", partitions=partitions, owned=sorted(self.parts))
 
     @staticmethod
@@ -813,6 +990,7 @@ class Daemon:
                 self._forget_ring(s, part)
             engine.thresholds.drop(sensors)
             engine.alerts.drop(sensors)
+        self.health.partitions = tuple(sorted(self.parts))
 
 
 def run_daemon(cfg: Config) -> int:

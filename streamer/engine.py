@@ -85,7 +85,9 @@ class Engine:
         device: str = "cpu",
         stride: int | None = None,
         position_label: Callable[[NDArray[np.int64]], list[str]] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
+        """``on_batch(windows, seconds)`` is called by the worker after each forward pass."""
         self.model = model
         # How a window's last position is written into alert ids: the daemon packs
         # partition and offset into one int64 and labels it "partition:offset".
@@ -106,7 +108,19 @@ class Engine:
             close_after=alerts.close_after,
             top_k=alerts.top_channels,
         )
-        self.worker = InferenceWorker(model, inference, device).start()
+        self.worker = InferenceWorker(model, inference, device, on_batch=on_batch).start()
+
+    def swap_model(self, model: LoadedModel, prototype: Threshold | None = None) -> None:
+        """Score with ``model`` from the worker's next micro-batch on (hot reload).
+
+        Per-sensor thresholds and alert state are kept. ``prototype``, when given,
+        is what sensors seen for the first time from now on start from (calibrated on
+        the new model's residuals). Raises InferenceError if window or channels differ.
+        """
+        self.worker.swap_model(model)
+        self.model = model
+        if prototype is not None:
+            self.thresholds.set_prototype(prototype)
 
     def close(self) -> None:
         """Stop the inference worker after it scores what is queued."""

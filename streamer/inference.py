@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -51,8 +52,16 @@ _STOP = object()
 class InferenceWorker:
     """Owns a model on one device and scores window batches in a background thread."""
 
-    def __init__(self, model: LoadedModel, cfg: InferenceConfig, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        cfg: InferenceConfig,
+        device: str = "cpu",
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """``on_batch(windows, seconds)`` runs on the worker thread after each forward pass."""
         self._cfg = cfg
+        self._on_batch = on_batch
         self._device = torch.device(device)
         self._model = model
         self._pending_model: LoadedModel | None = None
@@ -255,6 +264,8 @@ class InferenceWorker:
                 self.batches += 1
                 self.windows += windows.shape[0]
                 self.last_batch_size = windows.shape[0]
+                if self._on_batch is not None:
+                    self._on_batch(self.last_batch_size, self.last_batch_s)
                 lo = 0
                 for it in items:
                     hi = lo + it.windows.shape[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -51,6 +51,14 @@ class Sink:
             return
         self.delivered += 1
 
+    def _then(self, on_delivered: Callable[[], None]) -> Callable[[Any, Message], None]:
+        def callback(err: Any, msg: Message) -> None:
+            self._on_delivery(err, msg)
+            if err is None:
+                on_delivered()
+
+        return callback
+
     def _on_error(self, err: Any) -> None:
         # Client-level errors: most are transient and librdkafka retries them; a fatal
         # one (e.g. the idempotent producer lost its sequence) must stop the daemon.
@@ -72,10 +80,16 @@ class Sink:
         key: bytes | str | None = None,
         headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None = None,
         partition: int | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> None:
-        """Queue one record; waits (serving callbacks) while the local queue is full."""
+        """Queue one record; waits (serving callbacks) while the local queue is full.
+
+        ``on_delivered`` runs (on the thread serving ``poll``/``flush``) once the broker
+        acknowledged this record.
+        """
         self.raise_if_failed()
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        callback = self._on_delivery if on_delivered is None else self._then(on_delivered)
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": callback}
         if headers:
             kwargs["headers"] = list(headers.items()) if isinstance(headers, Mapping) else headers
         if partition is not None:

@@ -386,6 +386,10 @@ class AlertBank:
                 out.append(snap)
         return out
 
+    def open_count(self) -> int:
+        """Sensors with an open alert."""
+        return sum(1 for tr in self._trackers.values() if tr.is_open)
+
     def is_open(self, sensor: str) -> bool:
         """Whether the sensor has an open alert."""
         tr = self._trackers.get(sensor)

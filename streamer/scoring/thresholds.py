@@ -1040,6 +1040,10 @@ class ThresholdBank:
         """The calibrated threshold new sensors start from."""
         return self._prototype
 
+    def set_prototype(self, prototype: Threshold) -> None:
+        """Start sensors seen from now on from ``prototype``; known sensors keep theirs."""
+        self._prototype = prototype
+
     def get(self, sensor: str) -> Threshold | None:
         """The sensor's threshold, or None if it has not been seen (or was dropped)."""
         return self._by_sensor.get(sensor)

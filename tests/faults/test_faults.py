@@ -60,8 +60,8 @@ def daemons() -> Iterator[list[DaemonProcess]]:
         d.__exit__()
 
 
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[bytes]:
-    """Every record value of a topic, from the beginning (stops when nothing new comes)."""
+def from_start(bootstrap: str, topic: str) -> Consumer:
+    """A consumer in a throwaway group, assigned to every partition of ``topic`` from offset 0."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -69,10 +69,16 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[byte
             "enable.auto.commit": False,
         }
     )
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    return consumer
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[bytes]:
+    """Every record value of a topic, from the beginning (stops when nothing new comes)."""
+    consumer = from_start(bootstrap, topic)
     out: list[bytes] = []
     try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         deadline = Timeout(timeout_s)
         idle = 0
         while not deadline.expired and idle < 3:
@@ -88,17 +94,9 @@ def wait_scores(
     bootstrap: str, topic: str, wanted: set[str], timeout: Timeout, daemons: list[DaemonProcess]
 ) -> dict[str, list[bytes]]:
     """Score record bytes by id, read until every wanted id arrived (or time runs out)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"watch-{time.time_ns()}",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = from_start(bootstrap, topic)
     by_id: dict[str, list[bytes]] = defaultdict(list)
     try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         while not timeout.expired and not wanted <= by_id.keys():
             if daemons and all(d.proc.poll() is not None for d in daemons):
                 break

@@ -141,9 +141,16 @@ class Sample:
 
 
 def plant_samples(
-    sensors: int, rows: int, *, seed: int = 0, anomalies: Sequence[tuple[int, int, int]] = ()
+    sensors: int,
+    rows: int,
+    *,
+    seed: int = 0,
+    anomalies: Sequence[tuple[int, int, int]] = (),
+    t0: float = T0,
 ) -> list[Sample]:
     """Simulated samples, sensor-interleaved in time order; ``anomalies``: (sensor, row, len).
+
+    Row r of every sensor has timestamp ``t0 + r`` seconds.
 
     Each anomaly adds 40 standard deviations to the temperature channel: far outside
     anything a tiny model reconstructs, so its windows must be flagged.
@@ -159,7 +166,7 @@ def plant_samples(
             name = f"sensor-{s}"
             doc = {
                 "sensor": name,
-                "ts": T0 + r,
+                "ts": t0 + r,
                 "values": [round(v, 6) for v in values[s, r].tolist()],
             }
             out.append(Sample(name, name.encode(), orjson.dumps(doc), True, row=r))
@@ -265,6 +272,7 @@ class DaemonProcess:
     """``python -m streamer run`` as a real subprocess, its JSON log lines collected."""
 
     config: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to the test's environment
     proc: subprocess.Popen[str] = field(init=False)
     lines: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -272,7 +280,7 @@ class DaemonProcess:
     _reader: threading.Thread | None = None
 
     def start(self) -> DaemonProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamer", "run", "--config", str(self.config)],
             cwd=REPO,

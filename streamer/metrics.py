@@ -1,0 +1,429 @@
+"""Prometheus metrics, and the ``/metrics``, ``/healthz`` and ``/readyz`` HTTP endpoints.
+
+Every series lives in the daemon's own registry (never prometheus-client's global
+one), so two daemons in one test process, or a library user, never collide.
+Labels are bounded: DLQ error kinds (a fixed set), input partitions, reload
+results. Nothing is labelled per sensor: a plant with 50,000 sensors would
+otherwise make 50,000 series per metric.
+
+The daemon increments counters once per consumed or published batch, never per
+message; the per-window end-to-end latency goes into an ``ArrayHistogram``, which
+takes a numpy array per observation. Gauges that need a look at the consumer
+(lag, queue depth, paused partitions, open alerts) are refreshed by the main
+loop about once a second rather than read from the HTTP thread, because the
+Kafka client and the engine are not thread-safe.
+
+Health is the main loop's heartbeat: ``/healthz`` answers 200 while the loop
+completed an iteration within ``metrics.stall_after_s`` (else 503), and the
+systemd watchdog pings are sent only under the same condition
+(``streamer.notify``). ``/readyz`` answers 200 once partitions are assigned and
+the model is loaded.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from streamer.codec import DLQ_KINDS
+from streamer.errors import StreamerError
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "LATENCY_BUCKETS_S",
+    "ArrayHistogram",
+    "Health",
+    "Metrics",
+    "MetricsServer",
+    "metric_names",
+]
+
+PREFIX = "streamer"
+BATCH_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 .. 16384 windows
+INFERENCE_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+# Sample timestamp to score acknowledged: milliseconds when live, hours for a backlog.
+LATENCY_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+RELOAD_RESULTS = ("ok", "failed", "unchanged")
+
+
+class ArrayHistogram(Collector):
+    """A Prometheus histogram observed a numpy array at a time (one call per batch).
+
+    ``prometheus_client.Histogram.observe`` takes one value under a lock; per
+    window on the hot path that would cost more than the window's bookkeeping.
+    Here a batch is bucketed with one ``searchsorted`` and one ``bincount``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or any(not np.isfinite(b) for b in bounds):
+            raise ValueError(f"{name}: buckets must be finite and non-empty, got {buckets!r}")
+        self.name = name
+        self.documentation = documentation
+        self._bounds = np.asarray(bounds, dtype=np.float64)
+        self._labels = [repr(b) for b in bounds] + ["+Inf"]  # as prometheus-client writes le
+        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the HTTP thread collects while the main thread observes
+        registry.register(self)
+
+    def observe(self, values: NDArray[np.floating[Any]] | Sequence[float]) -> None:
+        """Add every finite value of ``values`` to the histogram."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return
+        # side="left": bucket i counts values <= bound i, Prometheus' "le" semantics.
+        counts = np.bincount(
+            np.searchsorted(self._bounds, v, side="left"), minlength=self._counts.size
+        )
+        total = float(v.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    @property
+    def count(self) -> int:
+        """Observations so far."""
+        with self._lock:
+            return int(self._counts.sum())
+
+    def describe(self) -> Iterable[Metric]:
+        """The family without samples (registration needs only the name)."""
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        """Cumulative buckets, count and sum, as Prometheus expects."""
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        family = HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=list(zip(self._labels, cumulative, strict=True)),
+            sum_value=total,
+        )
+        return [family]
+
+
+class Health:
+    """The main loop's heartbeat and what readiness needs; read from other threads.
+
+    Plain attribute writes and reads are atomic under the GIL, so the loop's
+    ``beat()`` costs one ``time.monotonic()`` call and no lock.
+    """
+
+    __slots__ = ("_last_beat", "model_version", "partitions", "stall_after_s")
+
+    def __init__(self, stall_after_s: float) -> None:
+        if stall_after_s <= 0:
+            raise ValueError(f"stall_after_s must be positive, got {stall_after_s}")
+        self.stall_after_s = stall_after_s
+        self._last_beat = time.monotonic()
+        self.partitions: tuple[int, ...] = ()
+        self.model_version: str | None = None
+
+    def beat(self) -> None:
+        """The main loop completed an iteration."""
+        self._last_beat = time.monotonic()
+
+    @property
+    def since_progress_s(self) -> float:
+        """Seconds since the last heartbeat."""
+        return time.monotonic() - self._last_beat
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the loop made progress within ``stall_after_s``."""
+        return self.since_progress_s <= self.stall_after_s
+
+    @property
+    def ready(self) -> bool:
+        """Whether partitions are assigned and a model is loaded."""
+        return bool(self.partitions) and self.model_version is not None
+
+
+class Metrics:
+    """Every series the daemon exports, in one registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = self.registry = registry if registry is not None else CollectorRegistry()
+        # Process (RSS, CPU, open fds), Python GC and version: cheap, and what an
+        # operator looks at first when a long-running process misbehaves.
+        process_collector.ProcessCollector(registry=reg)
+        platform_collector.PlatformCollector(registry=reg)
+        gc_collector.GCCollector(registry=reg)
+
+        def name(n: str) -> str:
+            return f"{PREFIX}_{n}"
+
+        self.messages_consumed = Counter(
+            name("messages_consumed"), "Input messages consumed.", registry=reg
+        )
+        self.samples_decoded = Counter(
+            name("samples_decoded"), "Input messages decoded into valid samples.", registry=reg
+        )
+        self.dead_letters = Counter(
+            name("dead_letters"),
+            "Input messages sent to the dead-letter topic, by error kind.",
+            ["kind"],
+            registry=reg,
+        )
+        self._dead_by_kind = {k: self.dead_letters.labels(kind=k) for k in DLQ_KINDS}
+        self.windows_scored = Counter(
+            name("windows_scored"), "Windows scored and published.", registry=reg
+        )
+        self.windows_skipped = Counter(
+            name("windows_skipped"),
+            "Windows rebuilt during a replay and not published again (already published).",
+            registry=reg,
+        )
+        self.alerts_opened = Counter(name("alerts_opened"), "Alerts opened.", registry=reg)
+        self.alerts_closed = Counter(name("alerts_closed"), "Alerts closed.", registry=reg)
+        self.alerts_open = Gauge(
+            name("alerts_open"), "Alerts open now on this instance's sensors.", registry=reg
+        )
+        self.inference_batch = Histogram(
+            name("inference_batch_windows"),
+            "Windows per forward pass of the inference worker.",
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.inference_latency = Histogram(
+            name("inference_latency_seconds"),
+            "Duration of one forward pass (one micro-batch).",
+            buckets=INFERENCE_BUCKETS_S,
+            registry=reg,
+        )
+        self.end_to_end = ArrayHistogram(
+            name("end_to_end_latency_seconds"),
+            "Sample timestamp of a window's last sample to its score acknowledged by Kafka.",
+            LATENCY_BUCKETS_S,
+            reg,
+        )
+        self.consumer_lag = Gauge(
+            name("consumer_lag_messages"),
+            "Messages in the input partition after the last one consumed.",
+            ["partition"],
+            registry=reg,
+        )
+        self.queue_depth = Gauge(
+            name("inference_queue_depth"), "Window batches waiting for the worker.", registry=reg
+        )
+        self.partitions_assigned = Gauge(
+            name("partitions_assigned"), "Input partitions assigned.", registry=reg
+        )
+        self.partitions_paused = Gauge(
+            name("partitions_paused"),
+            "Input partitions paused for backpressure (queue to the worker full).",
+            registry=reg,
+        )
+        self.sensors = Gauge(name("sensors"), "Sensors with a live window buffer.", registry=reg)
+        self.commits = Counter(name("commits"), "Offset commit rounds completed.", registry=reg)
+        self.model = Info(name("model"), "The model scoring now.", registry=reg)
+        self.model_load_seconds = Gauge(
+            name("model_load_seconds"),
+            "Duration of loading and validating the current model.",
+            registry=reg,
+        )
+        self.model_loaded = Gauge(
+            name("model_loaded_timestamp_seconds"),
+            "Unix time the current model started scoring.",
+            registry=reg,
+        )
+        self.model_reloads = Counter(
+            name("model_reloads"),
+            "Model reload attempts by result: ok, failed (the old model keeps scoring), "
+            "unchanged (same version).",
+            ["result"],
+            registry=reg,
+        )
+        self._reload_results = {r: self.model_reloads.labels(result=r) for r in RELOAD_RESULTS}
+        self.seconds_since_progress = Gauge(
+            name("seconds_since_progress"),
+            "Seconds since the main loop last completed an iteration (health).",
+            registry=reg,
+        )
+        self.ready = Gauge(
+            name("ready"), "1 when partitions are assigned and the model loaded.", registry=reg
+        )
+        self._lag_partitions: set[int] = set()
+
+    # -- hooks for the daemon -----------------------------------------------------------
+
+    def dead_letter(self, kind: str) -> None:
+        """Count one dead letter (a rare path: one call per bad message is fine)."""
+        child = self._dead_by_kind.get(kind)
+        if child is None:  # a kind added to the codec later; the set stays bounded
+            child = self._dead_by_kind[kind] = self.dead_letters.labels(kind=kind)
+        child.inc()
+
+    def inference_batch_done(self, windows: int, seconds: float) -> None:
+        """Called by the inference worker after each forward pass (thread-safe)."""
+        self.inference_batch.observe(windows)
+        self.inference_latency.observe(seconds)
+
+    def model_in_use(self, version: str, load_s: float) -> None:
+        """A model started scoring."""
+        self.model.info({"version": version})
+        self.model_load_seconds.set(load_s)
+        self.model_loaded.set(time.time())
+
+    def reload_result(self, result: str) -> None:
+        """Count one reload attempt (``ok``, ``failed`` or ``unchanged``)."""
+        self._reload_results[result].inc()
+
+    def set_lag(self, lag: dict[int, int]) -> None:
+        """Per-partition lag; partitions no longer assigned drop out of the export."""
+        for p in self._lag_partitions - set(lag):
+            self.consumer_lag.remove(str(p))
+        for p, n in lag.items():
+            self.consumer_lag.labels(partition=str(p)).set(n)
+        self._lag_partitions = set(lag)
+
+    def track_health(self, health: Health) -> None:
+        """Export the heartbeat and readiness, computed at scrape time."""
+        self.seconds_since_progress.set_function(lambda: health.since_progress_s)
+        self.ready.set_function(lambda: 1.0 if health.ready else 0.0)
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry can export (``_total``, ``_bucket``, ... included)."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "summary": ("_count", "_sum", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+    }
+    out: set[str] = set()
+    for family in registry.collect():
+        out.add(family.name)
+        out.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        out.update(s.name for s in family.samples)
+    return out
+
+
+# -- HTTP --------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow scraper never holds up shutdown
+    registry: CollectorRegistry
+    health: Health
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "streamer"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            h = self.server.health
+            healthy = h.healthy
+            body: dict[str, Any] = {
+                "healthy": healthy,
+                "seconds_since_progress": round(h.since_progress_s, 3),
+            }
+            self._json(200 if healthy else 503, body)
+        elif path == "/readyz":
+            h = self.server.health
+            ready = h.ready
+            body = {"ready": ready, "partitions": list(h.partitions), "model": h.model_version}
+            self._json(200 if ready else 503, body)
+        else:
+            self._json(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
+
+    def _json(self, code: int, body: dict[str, Any]) -> None:
+        self._send(code, orjson.dumps(body) + b"\n", "application/json")
+
+    def _send(self, code: int, payload: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Scrapes every few seconds would drown the daemon's own log.
+        return
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a small threaded HTTP server."""
+
+    def __init__(self, registry: CollectorRegistry, health: Health, host: str, port: int) -> None:
+        self._registry = registry
+        self._health = health
+        self._host = host
+        self._port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve in a daemon thread; returns the bound (host, port).
+
+        Port 0 binds an ephemeral port. Raises StreamerError if the address is unusable.
+        """
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        server_cls = type("_BoundServer", (_Server,), {"address_family": family})
+        try:
+            server = server_cls((self._host, self._port), _Handler)
+        except OSError as exc:
+            raise StreamerError(
+                f"metrics: cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
+            ) from exc
+        server.registry = self._registry
+        server.health = self._health
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="metrics", daemon=True
+        )
+        self._thread.start()
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self._server = None
