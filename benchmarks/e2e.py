@@ -323,6 +323,16 @@ def floor(bootstrap: str, topic: str, out_topic: str, model_dir: Path, seconds: 
 # ----------------------------------------------------------------------------- suites
 
 
+def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Config sections set from the command line."""
+    inference: dict[str, Any] = {}
+    if args.queue_size is not None:
+        inference["queue_size"] = args.queue_size
+    if args.max_batch is not None:
+        inference["max_batch"] = args.max_batch
+    return {"inference": inference} if inference else {}
+
+
 def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> float:
     """The headline comparison; returns the daemon's steady rate (samples/s)."""
     sensors, channels, window, stride = args.sensors, args.channels, args.window, args.stride
@@ -335,7 +345,9 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list
     print(f"produced {total:,} samples in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     ceil = ceiling(bootstrap, topics["input"], total)
     expected = expected_windows(sensors, rows, window, stride)
-    cfg = write_config(tmp / "tp.yaml", bootstrap, topics, model, window, stride, channels)
+    cfg = write_config(
+        tmp / "tp.yaml", bootstrap, topics, model, window, stride, channels, **overrides(args)
+    )
     d = daemon_run(cfg, bootstrap, topics["scores"], expected)
     flo = floor(bootstrap, topics["input"], topics["alerts"], model, args.floor_seconds)
     d_wall = total / d["wall_s"]
@@ -467,6 +479,8 @@ def main() -> None:
     ap.add_argument("--scale-channels", type=int, default=8)
     ap.add_argument("--scale-windows", default="32,128,512")
     ap.add_argument("--scale-samples", type=int, default=1_000_000)
+    ap.add_argument("--queue-size", type=int, default=None, help="inference.queue_size override")
+    ap.add_argument("--max-batch", type=int, default=None, help="inference.max_batch override")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     suites = args.only or ["throughput", "latency", "scale"]
