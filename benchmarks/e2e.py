@@ -99,6 +99,9 @@ def produce_stream(
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
+            # Idempotence keeps each partition in order across retries (a fresh topic's
+            # first requests are often retried); reordered samples would be dead-lettered.
+            "enable.idempotence": True,
             "linger.ms": 20,
             "batch.size": 1_000_000,
             "queue.buffering.max.messages": 2_000_000,
@@ -349,7 +352,10 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         inference["queue_size"] = args.queue_size
     if args.max_batch is not None:
         inference["max_batch"] = args.max_batch
-    return {"inference": inference} if inference else {}
+    out: dict[str, dict[str, Any]] = {"inference": inference} if inference else {}
+    if args.commit_interval is not None:
+        out["kafka"] = {"commit_interval_s": args.commit_interval}
+    return out
 
 
 def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> float:
@@ -505,6 +511,9 @@ def main() -> None:
     ap.add_argument("--scale-samples", type=int, default=1_000_000)
     ap.add_argument("--queue-size", type=int, default=None, help="inference.queue_size override")
     ap.add_argument("--max-batch", type=int, default=None, help="inference.max_batch override")
+    ap.add_argument(
+        "--commit-interval", type=float, default=None, help="kafka.commit_interval_s override"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     suites = args.only or ["throughput", "latency", "scale"]
