@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from streamer import __version__
-from streamer.errors import CheckpointError, ConfigError, DataError, StreamerError
+from streamer.errors import ConfigError, StreamerError
 
 if TYPE_CHECKING:
     from streamer.config import Config
@@ -207,9 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamer: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError) as exc:
-        print(f"streamer: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
     except StreamerError as exc:
         print(f"streamer: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from streamer.config import TrainConfig
-from streamer.errors import DataError
+from streamer.errors import ConfigError, DataError
 from streamer.model.networks import Architecture, ScoringModel
 from streamer.model.scaler import Scaler
 
@@ -26,8 +26,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from streamer.errors import ConfigError
-
         raise ConfigError("model.device: 'cuda' requested but no CUDA device is available")
     return device
 
