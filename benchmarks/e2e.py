@@ -355,6 +355,12 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"inference": inference} if inference else {}
     if args.commit_interval is not None:
         out["kafka"] = {"commit_interval_s": args.commit_interval}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        out.setdefault(section, {})[name] = yaml.safe_load(raw)
     return out
 
 
@@ -513,6 +519,13 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="inference.max_batch override")
     ap.add_argument(
         "--commit-interval", type=float, default=None, help="kafka.commit_interval_s override"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any daemon config override, e.g. inference.threads=1 (repeatable)",
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
