@@ -246,6 +246,12 @@ def _load(kind: str, state: Mapping[str, Any], build: Any) -> Any:
 # ------------------------------------------------------------------------ shared maths
 
 
+def _frozen(a: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``a``, read-only: calibration references are shared between a prototype's clones."""
+    a.flags.writeable = False
+    return a
+
+
 def _reference(values: NDArray[np.float64]) -> NDArray[np.float64]:
     """Sorted sample of at most ``_REFERENCE_SIZE`` evenly spaced order statistics."""
     s = np.sort(values)
@@ -257,6 +263,55 @@ def _reference(values: NDArray[np.float64]) -> NDArray[np.float64]:
 def _ecdf(ref: NDArray[np.float64], x: NDArray[np.float64]) -> NDArray[np.float64]:
     """Empirical CDF of the sorted sample ``ref`` at ``x`` (fraction of ref <= x)."""
     out: NDArray[np.float64] = np.searchsorted(ref, x, side="right") / ref.size
+    return out
+
+
+def _ecdf_each(refs: Sequence[NDArray[np.float64]], x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``_ecdf(refs[i], x[i])`` for every i, one search per distinct reference array."""
+    first = refs[0]
+    if all(r is first for r in refs):
+        return _ecdf(first, x)  # the usual case: every sensor shares its prototype's sample
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(refs):
+        groups.setdefault(id(r), []).append(i)
+    out = np.empty(x.size)
+    for rows in groups.values():
+        idx = np.asarray(rows)
+        out[idx] = _ecdf(refs[rows[0]], x[idx])
+    return out
+
+
+def _at(v: float | NDArray[np.float64], mask: NDArray[np.bool_]) -> float | NDArray[np.float64]:
+    return v[mask] if isinstance(v, np.ndarray) else v
+
+
+def _spot_likelihood(
+    x: NDArray[np.float64],
+    t: float | NDArray[np.float64],
+    rate: float | NDArray[np.float64],
+    gamma: float | NDArray[np.float64],
+    sigma: float | NDArray[np.float64],
+    below: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """GPD tail above ``t``; ``below`` (the empirical CDF at x) scaled into [0, 1 - rate].
+
+    The parameters are scalars (one series) or arrays aligned with ``x`` (one value per
+    series, in a batch across sensors): the arithmetic per element is the same either
+    way, so both give bit-identical results.
+    """
+    out: NDArray[np.float64] = (1.0 - rate) * below
+    above = x > t
+    if above.any():
+        ta, ra, ga, sa = _at(t, above), _at(rate, above), _at(gamma, above), _at(sigma, above)
+        y = x[above] - ta
+        with np.errstate(all="ignore"):
+            exponential = np.exp(-y / sa)
+            arg = np.maximum(ga * y / sa, -1.0)
+            # Beyond the end point of a bounded tail (arg = -1) the survival is 0.
+            pareto = np.where(arg > -1.0, np.exp(-np.log1p(arg) / ga), 0.0)
+            surv = np.where(np.abs(ga) < _GAMMA_ZERO, exponential, pareto)
+        # surv is in [0, 1] and the CDF in [0, 1], so out is in [0, 1] without clipping.
+        out[above] = 1.0 - ra * np.minimum(np.nan_to_num(surv, nan=0.0), 1.0)
     return out
 
 
@@ -417,7 +472,9 @@ class _SpotCore:
         self.t = 0.0
         self.n = 0  # points learned from (calibration + online non-alarmed), as in the paper
         self.nt = 0  # peaks ever seen; with n it estimates P(X > t) beyond the kept peaks
-        self.peaks = np.zeros(max_peaks)  # ring buffer of the most recent excesses over t
+        # Ring buffer of the most recent excesses over t. It grows on demand up to max_peaks
+        # (most sensors keep few peaks: a full buffer per sensor would cost 8 KB each).
+        self.peaks = np.zeros(0)
         self.npk = 0
         self.head = 0
         self.gamma, self.sigma, self.z = 0.0, 1.0, 1.0
@@ -425,7 +482,7 @@ class _SpotCore:
         # does not depend on how the stream is cut into batches.
         self.rate = 1.0
         self.floor = 1e-12
-        self.ref = np.zeros(0)
+        self.ref = _frozen(np.zeros(0))
 
     def calibrate(self, values: NDArray[np.float64]) -> None:
         t = float(np.quantile(values, self.level))
@@ -435,11 +492,10 @@ class _SpotCore:
         excess = values[values > t] - t
         self.n, self.nt = int(values.size), int(excess.size)
         kept = excess[-self.max_peaks :]
-        self.peaks = np.zeros(self.max_peaks)
-        self.peaks[: kept.size] = kept
+        self.peaks = kept.copy()
         self.npk = int(kept.size)
         self.head = self.npk % self.max_peaks
-        self.ref = _reference(values[values <= t])
+        self.ref = _frozen(_reference(values[values <= t]))
         self.refit()
 
     def chronological(self) -> NDArray[np.float64]:
@@ -463,6 +519,11 @@ class _SpotCore:
         self.z = max(z, self.t + self.floor)
 
     def add_peak(self, excess: float) -> None:
+        if self.head >= self.peaks.size:
+            # Still filling (head == npk < max_peaks): grow geometrically, up to max_peaks.
+            grown = np.zeros(min(max(2 * self.peaks.size, 16), self.max_peaks))
+            grown[: self.peaks.size] = self.peaks
+            self.peaks = grown
         self.peaks[self.head] = excess
         self.head = (self.head + 1) % self.max_peaks
         self.npk = min(self.npk + 1, self.max_peaks)
@@ -471,21 +532,15 @@ class _SpotCore:
 
     def likelihood(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
         """GPD tail above t, scaled empirical CDF of the calibration sample below it."""
-        p = self.rate
-        out = (1.0 - p) * _ecdf(self.ref, x)
-        above = x > self.t
-        if above.any():
-            y = x[above] - self.t
-            with np.errstate(all="ignore"):
-                if abs(self.gamma) < _GAMMA_ZERO:
-                    surv = np.exp(-y / self.sigma)
-                else:
-                    arg = np.maximum(self.gamma * y / self.sigma, -1.0)
-                    # Beyond the end point of a bounded tail (arg = -1) the survival is 0.
-                    surv = np.where(arg > -1.0, np.exp(-np.log1p(arg) / self.gamma), 0.0)
-            # surv is in [0, 1] and ecdf in [0, 1], so out is in [0, 1] without clipping.
-            out[above] = 1.0 - p * np.minimum(np.nan_to_num(surv, nan=0.0), 1.0)
-        return out
+        return _spot_likelihood(x, self.t, self.rate, self.gamma, self.sigma, _ecdf(self.ref, x))
+
+    def copy(self) -> _SpotCore:
+        """Independent copy that shares the (never mutated) calibration reference."""
+        new = _SpotCore.__new__(_SpotCore)
+        for name in self.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.peaks = self.peaks.copy()
+        return new
 
     def state(self) -> dict[str, Any]:
         return {
@@ -514,7 +569,7 @@ class _SpotCore:
         peaks = _vec(state, "peaks")
         if peaks.size > max_peaks or peaks.size > core.nt or np.any(peaks <= 0.0):
             raise _CorruptStateError("peaks must be positive, at most max_peaks and at most nt")
-        core.peaks[: peaks.size] = peaks
+        core.peaks = peaks
         core.npk = int(peaks.size)
         core.head = core.npk % max_peaks
         core.gamma, core.sigma = _num(state, "gamma"), _num(state, "sigma")
@@ -524,7 +579,7 @@ class _SpotCore:
             raise _CorruptStateError("sigma and floor must be > 0 and z in (t, 1e300]")
         if core.nt > core.n or not 0.0 < core.rate <= 1.0:
             raise _CorruptStateError("nt must not exceed n, and rate must be in (0, 1]")
-        core.ref = _sorted_ref(state, "ref")
+        core.ref = _frozen(_sorted_ref(state, "ref"))
         if core.ref.size == 0:
             raise _CorruptStateError("ref must not be empty")
         return core
@@ -627,8 +682,33 @@ class SpotThreshold:
         self._core = core
 
     def clone(self) -> SpotThreshold:
-        """Independent deep copy."""
-        return copy.deepcopy(self)
+        """Independent copy (the read-only calibration reference is shared)."""
+        new = copy.copy(self)
+        new._core = None if self._core is None else self._core.copy()
+        return new
+
+    @classmethod
+    def step_each(
+        cls, items: Sequence[SpotThreshold], scores: NDArray[np.floating]
+    ) -> ThresholdResult:
+        """``items[i].step(scores[i:i+1])`` for every i at once: one score per distinct series."""
+        cores = [_ensure(th._core, cls.kind) for th in items]
+        x = _live_scores(scores)
+        n = len(cores)
+        z = np.fromiter((c.z for c in cores), np.float64, n)
+        t = np.fromiter((c.t for c in cores), np.float64, n)
+        rate = np.fromiter((c.rate for c in cores), np.float64, n)
+        gamma = np.fromiter((c.gamma for c in cores), np.float64, n)
+        sigma = np.fromiter((c.sigma for c in cores), np.float64, n)
+        lik = _spot_likelihood(x, t, rate, gamma, sigma, _ecdf_each([c.ref for c in cores], x))
+        anom = x > z
+        peak = (x > t) & ~anom
+        for i in np.flatnonzero(~anom).tolist():
+            cores[i].n += 1
+        for i in np.flatnonzero(peak).tolist():
+            core = cores[i]
+            core.add_peak(float(x[i]) - core.t)
+        return ThresholdResult(z, anom, lik)
 
 
 # ------------------------------------------------------------------------------ DSPOT
@@ -790,8 +870,53 @@ class DspotThreshold:
         self._window, self._head, self._wsum = window, 0, wsum
 
     def clone(self) -> DspotThreshold:
-        """Independent deep copy."""
-        return copy.deepcopy(self)
+        """Independent copy (the read-only calibration reference is shared)."""
+        new = copy.copy(self)
+        new._core = None if self._core is None else self._core.copy()
+        new._window = self._window.copy()
+        return new
+
+    @classmethod
+    def step_each(
+        cls, items: Sequence[DspotThreshold], scores: NDArray[np.floating]
+    ) -> ThresholdResult:
+        """``items[i].step(scores[i:i+1])`` for every i at once: one score per distinct series.
+
+        The arithmetic per point is the same as in :meth:`step` (M = sum / depth, the sum
+        moved by ``x - evicted``), so results are bit-identical to stepping each alone.
+        """
+        cores = [_ensure(th._core, cls.kind) for th in items]
+        x = _live_scores(scores)
+        n = len(cores)
+        wsum = np.fromiter((th._wsum for th in items), np.float64, n)
+        depth = np.fromiter((th._depth for th in items), np.int64, n)
+        z = np.fromiter((c.z for c in cores), np.float64, n)
+        t = np.fromiter((c.t for c in cores), np.float64, n)
+        rate = np.fromiter((c.rate for c in cores), np.float64, n)
+        gamma = np.fromiter((c.gamma for c in cores), np.float64, n)
+        sigma = np.fromiter((c.sigma for c in cores), np.float64, n)
+        with np.errstate(invalid="ignore"):
+            m = wsum / depth
+            thr = z + m
+            anom = x > thr
+            resid = x - m
+            peak = (resid > t) & ~anom
+        lik = _spot_likelihood(
+            resid, t, rate, gamma, sigma, _ecdf_each([c.ref for c in cores], resid)
+        )
+        xs = x.tolist()
+        for i in np.flatnonzero(~anom).tolist():
+            th = items[i]
+            # Every non-alarmed point is learned: it enters the moving window.
+            w, h = th._window, th._head
+            th._wsum = th._wsum + (xs[i] - float(w[h]))
+            w[h] = xs[i]
+            th._head = (h + 1) % th._depth
+            cores[i].n += 1
+        for i in np.flatnonzero(peak).tolist():
+            core = cores[i]
+            core.add_peak(float(resid[i]) - core.t)
+        return ThresholdResult(thr, anom, lik)
 
 
 # --------------------------------------------------------------------------- quantile
@@ -946,7 +1071,7 @@ class FixedThreshold:
 
     def calibrate(self, scores: NDArray[np.floating]) -> None:
         """Validate the scores and keep a sample of them for the likelihood."""
-        self._ref = _reference(_calibration_scores(scores, MIN_CALIBRATION))
+        self._ref = _frozen(_reference(_calibration_scores(scores, MIN_CALIBRATION)))
 
     @property
     def value(self) -> float:
@@ -986,11 +1111,25 @@ class FixedThreshold:
             return _positive("value", s["value"]), _sorted_ref(s, "ref")
 
         value, ref = _load(self.kind, state, build)
-        self._value, self._ref = value, (ref if ref.size else None)
+        self._value, self._ref = value, (_frozen(ref) if ref.size else None)
 
     def clone(self) -> FixedThreshold:
-        """Independent deep copy."""
-        return copy.deepcopy(self)
+        """Independent copy (the read-only calibration sample is shared)."""
+        return copy.copy(self)
+
+    @classmethod
+    def step_each(
+        cls, items: Sequence[FixedThreshold], scores: NDArray[np.floating]
+    ) -> ThresholdResult:
+        """``items[i].step(scores[i:i+1])`` for every i at once (nothing is learned)."""
+        x = _live_scores(scores)
+        value = np.fromiter((th._value for th in items), np.float64, len(items))
+        first = items[0]
+        if all(th._ref is first._ref and th._value == first._value for th in items):
+            lik = first._lik(x)
+        else:
+            lik = np.concatenate([th._lik(x[i : i + 1]) for i, th in enumerate(items)])
+        return ThresholdResult(value, x > value, lik)
 
 
 # ---------------------------------------------------------------------------- factory
@@ -1017,6 +1156,14 @@ def make_threshold(
 
 
 # ------------------------------------------------------------------------------- bank
+
+
+# A sensor with at least this many rows in one batch is stepped on its own.
+_ALONE_FROM = 8
+
+
+def _concat(results: list[ThresholdResult]) -> ThresholdResult:
+    return ThresholdResult(*(np.concatenate(parts) for parts in zip(*results, strict=True)))
 
 
 class ThresholdBank:
@@ -1073,15 +1220,56 @@ class ThresholdBank:
         names, inverse = np.unique(keys, return_inverse=True)
         if names.size == 1:
             return self._of(str(names[0])).step(x)
+        owners = [self._of(str(name)) for name in names.tolist()]
+        counts = np.bincount(inverse, minlength=names.size)
         order = np.argsort(inverse, kind="stable")  # stable: keeps each sensor's rows in order
-        ends = np.cumsum(np.bincount(inverse, minlength=names.size)).tolist()
-        start = 0
-        for name, end in zip(names.tolist(), ends, strict=True):
-            idx = order[start:end]
-            res = self._of(str(name)).step(x[idx])
+        ends = np.cumsum(counts)
+        # A sensor with many rows in the batch is stepped alone (its own step vectorises
+        # over them); the others, usually nearly all, in rounds across sensors.
+        for j in np.flatnonzero(counts >= _ALONE_FROM).tolist():
+            idx = order[ends[j] - counts[j] : ends[j]]
+            res = owners[j].step(x[idx])
             thr[idx], anom[idx], lik[idx] = res.threshold, res.anomalous, res.likelihood
-            start = end
+        if counts.min() < _ALONE_FROM:
+            # Round k holds the k-th row of every sensor: one row per sensor, so a sensor's
+            # rows are still stepped in order, and each round is one vectorised call.
+            rank = np.empty(size, dtype=np.intp)
+            rank[order] = np.arange(size) - np.repeat(ends - counts, counts)
+            rank[(counts >= _ALONE_FROM)[inverse]] = -1
+            for k in range(min(int(counts.max()), _ALONE_FROM - 1)):
+                rows = np.flatnonzero(rank == k)
+                if rows.size:
+                    self._round(
+                        rows, [owners[j] for j in inverse[rows].tolist()], x, thr, anom, lik
+                    )
         return ThresholdResult(thr, anom, lik)
+
+    @staticmethod
+    def _round(
+        rows: NDArray[np.intp],
+        owners: list[Threshold],
+        x: NDArray[np.float64],
+        thr: NDArray[np.float64],
+        anom: NDArray[np.bool_],
+        lik: NDArray[np.float64],
+    ) -> None:
+        """Step ``x[rows[i]]`` on ``owners[i]`` (distinct thresholds), writing the results."""
+        kinds = {type(o) for o in owners}
+        for kind in kinds:
+            if len(kinds) == 1:
+                sel, group = rows, owners
+            else:
+                mask = np.fromiter((type(o) is kind for o in owners), bool, len(owners))
+                sel = rows[mask]
+                group = [o for o, m in zip(owners, mask.tolist(), strict=True) if m]
+            step_each = getattr(kind, "step_each", None)
+            if step_each is not None:
+                res = step_each(group, x[sel])
+            else:
+                res = _concat(
+                    [o.step(x[r : r + 1]) for o, r in zip(group, sel.tolist(), strict=True)]
+                )
+            thr[sel], anom[sel], lik[sel] = res.threshold, res.anomalous, res.likelihood
 
     def drop(self, sensors: Sequence[str]) -> None:
         """Forget these sensors (e.g. on partition revocation); unknown names are ignored."""
@@ -1096,4 +1284,29 @@ class ThresholdBank:
         """Install a sensor's state; StateError leaves the sensor as it was."""
         th = self._prototype.clone()
         th.load_state_dict(state)
+        _share_reference(th, self._prototype)
         self._by_sensor[sensor] = th
+
+
+def _share_reference(th: Threshold, prototype: Threshold) -> None:
+    """Point a restored threshold at the prototype's equal calibration sample.
+
+    Saves the sample's memory per sensor, and lets a batch across sensors search one
+    array instead of one per sensor.
+    """
+    if isinstance(th, SpotThreshold | DspotThreshold) and isinstance(
+        prototype, SpotThreshold | DspotThreshold
+    ):
+        mine, theirs = th._core, prototype._core
+        if mine is not None and theirs is not None and np.array_equal(mine.ref, theirs.ref):
+            mine.ref = theirs.ref
+    elif (
+        isinstance(th, FixedThreshold)
+        and isinstance(prototype, FixedThreshold)
+        and (
+            th._ref is not None
+            and prototype._ref is not None
+            and np.array_equal(th._ref, prototype._ref)
+        )
+    ):
+        th._ref = prototype._ref

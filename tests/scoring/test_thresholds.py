@@ -465,18 +465,27 @@ class TestFixed:
 class TestThresholdBank:
     """Per-sensor thresholds behind one batch call."""
 
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=60, deadline=None)
     @given(
         kind=st.sampled_from(sorted(FACTORIES)),
-        owners=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=120),
-        cut=st.integers(0, 120),
+        owners=st.lists(st.sampled_from(list("abcdefghijkl")), min_size=1, max_size=160),
+        cut=st.integers(0, 160),
+        offset=st.integers(0, 500),
+        spoil=st.lists(st.integers(0, 159), max_size=3),
     )
     def test_interleaved_sensors_match_stepping_each_alone(
-        self, kind: str, owners: list[str], cut: int
+        self, kind: str, owners: list[str], cut: int, offset: int, spoil: list[int]
     ) -> None:
-        """A batch mixing sensors gives each sensor the results it gets when stepped alone."""
+        """A batch mixing sensors gives each sensor the results it gets when stepped alone.
+
+        Covers both paths of a batch: sensors with few rows are stepped in rounds across
+        sensors, sensors with many rows on their own; non-finite scores included.
+        """
         proto = calibrated(kind)
-        scores = np.resize(STREAM, len(owners))
+        scores = np.resize(np.roll(STREAM, offset), len(owners))
+        for i in spoil:
+            if i < scores.size:
+                scores[i] = np.nan if i % 2 else np.inf
         bank = ThresholdBank(proto)
         mixed = concat(
             [bank.step(owners[:cut], scores[:cut]), bank.step(owners[cut:], scores[cut:])]
@@ -484,10 +493,52 @@ class TestThresholdBank:
         keys = np.array(owners)
         for sensor in set(owners):
             rows = keys == sensor
-            alone = proto.clone().step(scores[rows])
+            single = proto.clone()
+            alone = single.step(scores[rows])
             assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone)
-            state = bank.get(sensor)
-            assert state is not None
+            assert bank.export(sensor) == single.state_dict()
+
+    @pytest.mark.parametrize("kind", sorted(FACTORIES))
+    def test_many_small_batches_across_many_sensors_match_each_alone(self, kind: str) -> None:
+        """The daemon's shape: each batch holds a few rows of many sensors, for many batches."""
+        proto = calibrated(kind)
+        rng = np.random.default_rng(3)
+        sensors = [f"s{i}" for i in range(40)]
+        owners: list[str] = []
+        batches = []
+        for _ in range(40):
+            batch = [s for s in sensors for _ in range(int(rng.integers(0, 4)))]
+            batch = [batch[i] for i in rng.permutation(len(batch))]
+            batches.append(batch)
+            owners += batch
+        scores = rng.exponential(size=len(owners))
+        scores[rng.choice(len(owners), 20, replace=False)] = 60.0  # certain alarms
+        bank = ThresholdBank(proto)
+        parts, lo = [], 0
+        for batch in batches:
+            parts.append(bank.step(batch, scores[lo : lo + len(batch)]))
+            lo += len(batch)
+        mixed = concat(parts)
+        keys = np.array(owners)
+        for sensor in sensors:
+            rows = keys == sensor
+            single = proto.clone()
+            alone = single.step(scores[rows])
+            assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone), sensor
+            assert bank.export(sensor) == single.state_dict(), sensor
+
+    def test_restored_sensors_share_the_prototype_reference(self) -> None:
+        """A restored sensor with the prototype's calibration sample shares its array."""
+        proto = calibrated("dspot")
+        bank = ThresholdBank(proto)
+        bank.step(["a", "b"], STREAM[:2])
+        bank.restore("c", json_round_trip(bank.export("a")))
+        got = [bank.get(s) for s in "abc"]
+        refs = [th._core.ref for th in got if isinstance(th, DspotThreshold) and th._core]
+        assert len(refs) == 3
+        assert all(r is refs[0] for r in refs)
+        res = bank.step(["a", "c"], STREAM[2:4])
+        assert res.threshold[0] == res.threshold[1]  # same state, same result
 
     def test_new_sensor_starts_from_the_prototype(self) -> None:
         """A sensor seen for the first time behaves like a clone of the calibrated prototype."""
