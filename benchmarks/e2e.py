@@ -50,7 +50,6 @@ from streamer.config import TrainConfig
 from streamer.kafka.localbroker import LocalBroker
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
 from streamer.model.train import train_model
-from streamer.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_764_201_600.0
@@ -59,13 +58,26 @@ T0 = 1_764_201_600.0
 # ----------------------------------------------------------------------------- setup
 
 
+def stream_rows(
+    rows: range, sensors: int, channels: int, rng: np.random.Generator, phase: float = 0.1
+) -> Any:
+    """The benchmark's normal signal, one ``(sensors, channels)`` array per row.
+
+    Each sensor is a phase-shifted sine per channel plus Gaussian noise; the model is
+    trained on the same kind of data, so the stream is normal to it (as a plant's is).
+    """
+    sensor_phase = np.arange(sensors)[:, None] * phase + np.arange(channels)[None, :]
+    for r in rows:
+        yield np.sin(r / 20 + sensor_phase) + rng.normal(0, 0.05, (sensors, channels))
+
+
 def train(out: Path, window: int, stride: int, channels: int) -> Path:
-    """A small conv1d model on simulated normal data (channels beyond 5 are copies)."""
-    plant = simulate(4, max(600, 4 * window), seed=1)
-    vals = np.concatenate([plant.values] * (channels // 5 + 1), axis=2)[..., :channels]
+    """A small conv1d model on the benchmark's normal signal (16 sensors, phases 0..2 pi)."""
+    rows = max(600, 4 * window)
+    data = np.stack(list(stream_rows(range(rows), 16, channels, np.random.default_rng(1), 0.4)))
     names = [f"c{i}" for i in range(channels)]
-    cfg = TrainConfig(preset="conv1d", epochs=2, hidden=32, latent=16, train_stride=4)
-    res = train_model(list(vals), names, window, cfg, progress=False)
+    cfg = TrainConfig(preset="conv1d", epochs=5, hidden=32, latent=16, train_stride=4)
+    res = train_model(list(data.transpose(1, 0, 2)), names, window, cfg, progress=False)
     save_checkpoint(out, res.module, res.scaler, names, stride, {"bench": True}, res.calibration)
     return out
 
@@ -108,15 +120,11 @@ def produce_stream(
             "compression.type": "lz4",
         }
     )
-    rng = np.random.default_rng(0)
     keys = [f"s{i:06d}".encode() for i in range(sensors)]
-    t = np.arange(rows, dtype=np.float64)
     started = time.monotonic()
     n = 0
-    for r in range(rows):
-        vals = np.sin(
-            t[r] / 20 + np.arange(sensors)[:, None] * 0.1 + np.arange(channels)[None, :]
-        ) + rng.normal(0, 0.05, (sensors, channels))
+    rng = np.random.default_rng(0)
+    for r, vals in enumerate(stream_rows(range(rows), sensors, channels, rng)):
         ts = time.time() if wall_clock else T0 + r
         for s in range(sensors):
             doc = orjson.dumps(
@@ -170,6 +178,29 @@ def write_config(
         data.setdefault(k, {}).update(v)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+DAEMON_LOG_DIR: Path | None = None  # --daemon-logs: keep each daemon's log here
+
+
+def start_daemon(cfg: Path) -> subprocess.Popen[bytes]:
+    """``streamer run`` on ``cfg``; its log goes to ``DAEMON_LOG_DIR/<config>.log`` if set."""
+    out: Any = subprocess.DEVNULL
+    if DAEMON_LOG_DIR is not None:
+        DAEMON_LOG_DIR.mkdir(parents=True, exist_ok=True)
+        out = (DAEMON_LOG_DIR / f"{cfg.stem}.log").open("wb")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    finally:
+        if out is not subprocess.DEVNULL:
+            out.close()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -265,15 +296,8 @@ def daemon_run(
     cfg: Path, bootstrap: str, scores_topic: str, expected: int, timeout_s: float = 1800
 ) -> dict[str, float]:
     """Start the daemon, wait for every expected score; wall time from start, and first->last."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    proc = start_daemon(cfg)
     try:
         n, first, last, rss = count_scores(bootstrap, scores_topic, expected, timeout_s, proc)
         done = time.time()
@@ -430,14 +454,7 @@ def latency(
     )
     rows = max(window * 3, int(args.latency_seconds * rate / 2 / sensors))
     rate_hz = rate / 2 / sensors  # rows per second so samples/s = rate / 2
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    proc = start_daemon(cfg)
     try:
         time.sleep(12)  # let it start and take its partitions before the clock matters
         produce_stream(
@@ -527,8 +544,13 @@ def main() -> None:
         metavar="SECTION.KEY=VALUE",
         help="any daemon config override, e.g. inference.threads=1 (repeatable)",
     )
+    ap.add_argument(
+        "--daemon-logs", type=Path, default=None, help="keep each daemon's log in this folder"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    global DAEMON_LOG_DIR
+    DAEMON_LOG_DIR = args.daemon_logs
     suites = args.only or ["throughput", "latency", "scale"]
 
     report = [
