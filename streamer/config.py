@@ -221,7 +221,12 @@ class InferenceConfig(_Section):
     chunk: PositiveInt = 64
     max_wait_ms: Annotated[float, Field(ge=0)] = 5.0
     queue_size: PositiveInt = 64
-    threads: Annotated[int, Field(ge=0)] = 0  # 0: let torch decide
+    # torch CPU threads; 0: one fewer than the CPUs the process may use (at least 1), so
+    # the consumer thread keeps a core.
+    threads: Annotated[int, Field(ge=0)] = 0
+    # On CPU, run the model as a TorchScript trace (checked bit for bit against the
+    # module): the whole forward pass then runs without holding the GIL.
+    trace: bool = True
 
 
 class ThresholdConfig(_Section):

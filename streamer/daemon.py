@@ -97,6 +97,9 @@ _FLUSH_TIMEOUT_S = 60.0
 # Gauges (lag, queue depth, ...) are refreshed this often; Prometheus scrapes every 15 s
 # or so, and the refresh reads the consumer, so it is kept off the per-batch path.
 _GAUGE_REFRESH_S = 1.0
+# With scores in flight and no new message, wait this long for the oldest batch's scores
+# before polling Kafka again (short: messages arriving meanwhile wait in librdkafka).
+_RESULT_WAIT_S = 0.002
 
 
 def configure_logging(json_logs: bool | None = None) -> None:
@@ -306,14 +309,19 @@ class Daemon:
             if not self.paused and worker.is_full:
                 self._set_paused(True)
             # Consume even while paused: it serves rebalances and keeps us in the group.
-            msgs = self.source.consume(batch_n, 0.0 if self.paused else poll_s)
+            # With scores in flight, do not wait in consume: wait on the worker below.
+            busy = self.paused or bool(self.pending)
+            msgs = self.source.consume(batch_n, 0.0 if busy else poll_s)
             if not ready:
                 ready = True
                 self.notifier.ready(f"consuming {self.topics.input}")
                 log.info("daemon_ready", input=self.topics.input)
             if msgs:
                 self._process(msgs)
-            self._publish_done(block_s=0.05 if self.paused else 0.0)
+            if self.paused:
+                self._publish_done(block_s=0.05)
+            else:
+                self._publish_done(block_s=0.0 if msgs else _RESULT_WAIT_S)
             self.sink.poll(0)
             if self._reload_requested:
                 self._reload_requested = False
@@ -516,10 +524,15 @@ class Daemon:
         s_parts = part_arr[samples.index]
         self._track_sensors(samples.keys, s_parts)
         keep_fn = self._keep_fn(s_parts, samples.positions)
-        pending = self.engine.submit(
-            samples.keys, samples.ts, samples.values, samples.positions, keep=keep_fn
+        push, pieces = self.engine.submit_pieces(
+            samples.keys,
+            samples.ts,
+            samples.values,
+            samples.positions,
+            piece=self.cfg.inference.chunk,
+            keep=keep_fn,
         )
-        for r in pending.push.rejected.tolist():
+        for r in push.rejected.tolist():
             i = int(samples.index[r])
             self._dead_letter(
                 msgs[i],
@@ -529,8 +542,7 @@ class Daemon:
                     f"timestamp {float(samples.ts[r])!r} is not after the sensor's previous sample",
                 ),
             )
-        if len(pending.windows):
-            self.pending.append(pending)
+        self.pending.extend(pieces)
         # The worker may already be done with older batches: publish them without waiting.
         self._publish_done(block_s=0.0)
 
@@ -683,8 +695,11 @@ class Daemon:
     def _commit_round(self, partitions: Iterable[int], reason: str) -> None:
         """Deliver everything, checkpoint changed sensors, commit (see the module docstring)."""
         assert self.sink is not None and self.source is not None
+        started = time.perf_counter()
+        written = self.stats.state_written
         self._drain()
         self.sink.flush(_FLUSH_TIMEOUT_S)
+        drained = time.perf_counter()
         commits: dict[int, tuple[int, str]] = {}
         heads: dict[int, int] = {}
         for p in partitions:
@@ -708,12 +723,16 @@ class Daemon:
         for p, h in heads.items():
             self.parts[p].committed_h = h
         self.stats.commits += 1
-        self.metrics.commits.inc()
+        seconds = time.perf_counter() - started
+        self.metrics.commit_done(seconds)
         log.debug(
             "offsets_committed",
             reason=reason,
             offsets={p: off for p, (off, _) in commits.items()},
             heads=heads,
+            states=self.stats.state_written - written,
+            drain_s=round(drained - started, 4),
+            seconds=round(seconds, 4),
         )
 
     def _write_state(self, part: _Partition, h: int) -> None:

@@ -162,6 +162,36 @@ class Engine:
         fut = self.worker.submit(wins.data)
         return PendingBatch(wins, sensors, fut, res)
 
+    def submit_pieces(
+        self,
+        keys: Sequence[Hashable] | NDArray[np.object_],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+        piece: int,
+        keep: Callable[[WindowBatch], NDArray[np.bool_]] | None = None,
+    ) -> tuple[PushResult, list[PendingBatch]]:
+        """As :meth:`submit`, queued in pieces of at most ``piece`` windows.
+
+        Each piece has its own future, so the first windows of a burst can be decided
+        and published while the worker still scores the rest (latency under bursts).
+        """
+        res, sensors = self.push(keys, ts, values, positions)
+        wins = res.windows
+        if keep is not None:
+            idx = np.flatnonzero(keep(wins))
+            wins = wins.take(idx)
+            sensors = [sensors[i] for i in idx]
+        if len(wins) == 0:
+            return res, []
+        futures = self.worker.submit_pieces(wins.data, piece)
+        out = []
+        for i, fut in enumerate(futures):
+            lo = i * piece
+            part = wins if len(futures) == 1 else wins.take(slice(lo, lo + piece))
+            out.append(PendingBatch(part, sensors[lo : lo + piece], fut, res))
+        return res, out
+
     def complete(self, pending: PendingBatch, timeout_s: float | None = None) -> ScoredBatch:
         """Wait for a batch's scores, then run thresholds and alerts (call in submit order)."""
         result = pending.future.result(timeout=timeout_s)

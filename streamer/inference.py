@@ -11,10 +11,13 @@ pending future, latched, and re-raised by ``submit`` and ``raise_if_failed``.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -41,9 +44,22 @@ class InferenceResult(NamedTuple):
     model_version: str
 
 
+def _host(t: torch.Tensor) -> NDArray[np.float64]:
+    return t.float().cpu().numpy().astype(np.float64)
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as systemd's CPUAffinity sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class _Item(NamedTuple):
     windows: NDArray[np.float32]
-    future: Future[InferenceResult]
+    # One future per piece of ``windows``, in order, with the piece's size.
+    pieces: list[tuple[int, Future[InferenceResult]]]
 
 
 _STOP = object()
@@ -75,8 +91,15 @@ class InferenceWorker:
         self.last_batch_size = 0
         self.last_batch_s = 0.0
         model.module.to(self._device)
+        # The traced forward pass of the model in use (CPU only): built on the worker thread.
+        self._traced: tuple[LoadedModel, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] | None
+        self._traced = None
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        elif self._device.type == "cpu":
+            # The consumer thread needs a core of its own: intra-op threads that share it
+            # with a busy Python thread spin at their barriers and slow each other down.
+            torch.set_num_threads(max(1, _cpus() - 1))
 
     # -- caller side -------------------------------------------------------------------
 
@@ -114,6 +137,17 @@ class InferenceWorker:
         Raises InferenceError if the worker has failed or is closed, and ``queue.Full``
         if ``timeout_s`` passes with the queue still full.
         """
+        return self.submit_pieces(windows, 0, timeout_s)[0]
+
+    def submit_pieces(
+        self, windows: NDArray[np.floating], piece: int, timeout_s: float | None = None
+    ) -> list[Future[InferenceResult]]:
+        """As :meth:`submit`, with one future per ``piece`` windows (0: one for all).
+
+        The batch is one queue entry (backpressure counts it once), but each piece's
+        future is resolved as soon as its windows are scored, so the first windows of a
+        burst can be published while the rest are computed.
+        """
         self.raise_if_failed()
         if self._closed:
             raise InferenceError("inference worker is closed")
@@ -123,21 +157,24 @@ class InferenceWorker:
             raise InferenceError(
                 f"windows must have shape (n, {expected[0]}, {expected[1]}), got {arr.shape}"
             )
-        fut: Future[InferenceResult] = Future()
-        if arr.shape[0] == 0:
+        n = arr.shape[0]
+        if n == 0:
+            fut: Future[InferenceResult] = Future()
             fut.set_result(
                 InferenceResult(np.empty(0), np.empty((0, expected[1])), self.model_version)
             )
-            return fut
+            return [fut]
+        step = piece if piece > 0 else n
+        pieces = [(min(step, n - lo), Future[InferenceResult]()) for lo in range(0, n, step)]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
-                self._queue.put(_Item(arr, fut), timeout=0.1)
+                self._queue.put(_Item(arr, pieces), timeout=0.1)
                 if self._failure is not None:
                     # The worker died between our check and the put: it will never
                     # drain this item, so fail it here rather than leave it pending.
                     self._fail_queued(InferenceError(f"inference worker failed: {self._failure!r}"))
-                return fut
+                return [f for _, f in pieces]
             except queue.Full:
                 self.raise_if_failed()
                 if deadline is not None and time.monotonic() >= deadline:
@@ -182,8 +219,10 @@ class InferenceWorker:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Item) and not item.future.done():
-                item.future.set_exception(exc)
+            if isinstance(item, _Item):
+                for _, fut in item.pieces:
+                    if not fut.done():
+                        fut.set_exception(exc)
 
     def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
         items = [first]
@@ -208,9 +247,65 @@ class InferenceWorker:
             total += nxt.windows.shape[0]
         return items, stop
 
-    def _forward(
+    def _runner(self, model: LoadedModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The callable that scores one chunk: a TorchScript trace on CPU, else the module.
+
+        An eager forward pass takes and releases the GIL around each of its ~20 operators;
+        while the consumer thread runs Python, each re-acquisition waits up to the
+        interpreter's switch interval (5 ms), which cut the worker's CPU throughput by an
+        order of magnitude in the daemon. A traced module runs the whole pass in C++
+        without the GIL. The trace is checked against the eager module, bit for bit, on a
+        sample chunk, and the eager module is used if they differ.
+        """
+        if self._device.type != "cpu" or not self._cfg.trace:
+            return model.module
+        if self._traced is not None and self._traced[0] is model:
+            return self._traced[1]
+        runner: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = model.module
+        gen = torch.Generator().manual_seed(0)
+        shape = (self._cfg.chunk, model.window, len(model.channels))
+        # Raw-unit windows around the scaler's offset; the check uses a second sample, so a
+        # network whose Python control flow depends on its input is caught.
+        example, check = (
+            torch.randn(shape, generator=gen) * model.module.scale + model.module.offset
+            for _ in range(2)
+        )
+        try:
+            with warnings.catch_warnings():
+                # Deprecation and "tensor to bool" notices: the window length is fixed per
+                # model and every call has the same chunk shape, so the trace is exact.
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+                    model.module, example, check_trace=False
+                )
+            want, got = model.module(check), traced(check)
+            if all(torch.equal(a, b) for a, b in zip(want, got, strict=True)):
+                runner = traced
+                log.info("model_traced", model=model.version, chunk=self._cfg.chunk)
+            else:
+                log.warning("model_trace_differs", model=model.version, using="eager")
+        except Exception as exc:
+            log.warning("model_trace_failed", model=model.version, error=repr(exc), using="eager")
+        self._traced = (model, runner)
+        return runner
+
+    @property
+    def traced(self) -> bool:
+        """Whether the model in use runs as a checked TorchScript trace."""
+        cached = self._traced
+        return (
+            cached is not None and cached[0] is self._model and cached[1] is not self._model.module
+        )
+
+    def _segments(
         self, model: LoadedModel, windows: NDArray[np.float32]
-    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    ) -> Iterator[tuple[NDArray[np.float64], NDArray[np.float64]]]:
+        """Scores and channel errors of ``windows``, in order, a segment at a time.
+
+        On CPU each segment is one chunk, so the first windows of a large batch are
+        handed back (and published) while the rest are still computed. On CUDA the whole
+        batch is one segment: the copies back to the host would otherwise serialise it.
+        """
         cuda = self._device.type == "cuda"
         n = windows.shape[0]
         chunk = self._cfg.chunk
@@ -221,20 +316,22 @@ class InferenceWorker:
             buf = np.zeros((padded, *windows.shape[1:]), dtype=np.float32)
             buf[:n] = windows
             windows = buf
-        scores, errors = [], []
         autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
         with torch.inference_mode(), autocast:
+            run = self._runner(model)
             x_all = torch.from_numpy(windows)
             if cuda:
                 # Pinned host memory lets the host-to-device copy run asynchronously.
                 x_all = x_all.pin_memory().to(self._device, non_blocking=True)
+                outs = [run(x_all[i : i + chunk]) for i in range(0, padded, chunk)]
+                score_t = torch.cat([s.float() for s, _ in outs])[:n]
+                error_t = torch.cat([e.float() for _, e in outs])[:n]
+                yield _host(score_t), _host(error_t)
+                return
             for i in range(0, padded, chunk):
-                s, e = model.module(x_all[i : i + chunk])
-                scores.append(s.float())
-                errors.append(e.float())
-            score_t = torch.cat(scores)[:n].cpu().numpy().astype(np.float64)
-            error_t = torch.cat(errors)[:n].cpu().numpy().astype(np.float64)
-        return score_t, error_t
+                s, e = run(x_all[i : i + chunk])
+                k = min(chunk, n - i)
+                yield _host(s[:k]), _host(e[:k])
 
     def _run(self) -> None:
         try:
@@ -248,31 +345,42 @@ class InferenceWorker:
                     if self._pending_model is not None:
                         self._model, self._pending_model = self._pending_model, None
                 model = self._model
+                windows = (
+                    items[0].windows
+                    if len(items) == 1
+                    else np.concatenate([it.windows for it in items])
+                )
+                started = time.perf_counter()
+                pieces = deque(p for it in items for p in it.pieces)
+                scores: list[NDArray[np.float64]] = []
+                errors: list[NDArray[np.float64]] = []
+                done = 0  # windows scored so far
+                lo = 0  # first window of the oldest piece not handed back yet
                 try:
-                    windows = (
-                        items[0].windows
-                        if len(items) == 1
-                        else np.concatenate([it.windows for it in items])
-                    )
-                    started = time.perf_counter()
-                    scores, errors = self._forward(model, windows)
-                    self.last_batch_s = time.perf_counter() - started
+                    for seg_scores, seg_errors in self._segments(model, windows):
+                        scores.append(seg_scores)
+                        errors.append(seg_errors)
+                        done += seg_scores.shape[0]
+                        # Hand back every piece whose windows are all scored.
+                        while pieces and lo + pieces[0][0] <= done:
+                            size, fut = pieces.popleft()
+                            all_s, all_e = np.concatenate(scores), np.concatenate(errors)
+                            base = done - all_s.shape[0]  # all_s holds windows [base, done)
+                            a, b = lo - base, lo - base + size
+                            fut.set_result(InferenceResult(all_s[a:b], all_e[a:b], model.version))
+                            # Keep only what later pieces still need.
+                            scores, errors = [all_s[b:]], [all_e[b:]]
+                            lo += size
                 except BaseException as exc:
-                    for it in items:
-                        it.future.set_exception(exc)
+                    for _, fut in pieces:
+                        fut.set_exception(exc)
                     raise
+                self.last_batch_s = time.perf_counter() - started
                 self.batches += 1
                 self.windows += windows.shape[0]
                 self.last_batch_size = windows.shape[0]
                 if self._on_batch is not None:
                     self._on_batch(self.last_batch_size, self.last_batch_s)
-                lo = 0
-                for it in items:
-                    hi = lo + it.windows.shape[0]
-                    it.future.set_result(
-                        InferenceResult(scores[lo:hi], errors[lo:hi], model.version)
-                    )
-                    lo = hi
                 if stop:
                     return
         except BaseException as exc:

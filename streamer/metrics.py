@@ -252,6 +252,13 @@ class Metrics:
         )
         self.sensors = Gauge(name("sensors"), "Sensors with a live window buffer.", registry=reg)
         self.commits = Counter(name("commits"), "Offset commit rounds completed.", registry=reg)
+        self.commit_round = Histogram(
+            name("commit_round_seconds"),
+            "Duration of a commit round (drain, deliver, checkpoint state, commit); the "
+            "consumer stands still meanwhile.",
+            buckets=INFERENCE_BUCKETS_S,
+            registry=reg,
+        )
         self.model = Info(name("model"), "The model scoring now.", registry=reg)
         self.model_load_seconds = Gauge(
             name("model_load_seconds"),
@@ -294,6 +301,11 @@ class Metrics:
         """Called by the inference worker after each forward pass (thread-safe)."""
         self.inference_batch.observe(windows)
         self.inference_latency.observe(seconds)
+
+    def commit_done(self, seconds: float) -> None:
+        """A commit round completed in ``seconds``."""
+        self.commits.inc()
+        self.commit_round.observe(seconds)
 
     def model_in_use(self, version: str, load_s: float) -> None:
         """A model started scoring."""

@@ -52,6 +52,47 @@ class Exploding(torch.nn.Module):
         return x
 
 
+class Counting(torch.nn.Module):
+    """Output depends on Python state (calls so far): a trace cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.calls
+
+
+class TestTrace:
+    """On CPU the model runs as a TorchScript trace, checked against the module."""
+
+    def test_traced_scores_are_bit_identical_to_eager(self) -> None:
+        """The trace and the module give the same bits, whatever the batch."""
+        rng = np.random.default_rng(5)
+        batches = [rng.normal(size=(n, 8, 2)).astype(np.float32) for n in (1, 7, 64, 130)]
+        results = {}
+        for trace in (True, False):
+            worker = InferenceWorker(make_model(), InferenceConfig(trace=trace)).start()
+            results[trace] = [worker.submit(b).result(timeout=30) for b in batches]
+            assert worker.traced is trace
+            worker.close()
+        for a, b in zip(results[True], results[False], strict=True):
+            assert np.array_equal(a.scores, b.scores)
+            assert np.array_equal(a.channel_errors, b.channel_errors)
+
+    def test_untraceable_model_falls_back_to_the_module(self) -> None:
+        """A network whose output the trace would freeze is run eagerly instead."""
+        model = make_model()
+        model.module.network = Counting()
+        worker = InferenceWorker(model, InferenceConfig()).start()
+        first = worker.submit(np.ones((2, 8, 2), np.float32)).result(timeout=30)
+        second = worker.submit(np.ones((2, 8, 2), np.float32)).result(timeout=30)
+        assert not worker.traced
+        assert not np.array_equal(first.scores, second.scores)  # the module ran, not a trace
+        worker.close()
+
+
 class TestInferenceWorker:
     """Scoring through the worker thread."""
 
@@ -76,12 +117,28 @@ class TestInferenceWorker:
         assert worker.batches < len(batches)
         worker.close()
 
+    def test_pieces_match_one_submission(self) -> None:
+        """A batch split into pieces (one future each) scores as one submission does."""
+        rng = np.random.default_rng(11)
+        x = rng.normal(size=(150, 8, 2)).astype(np.float32)
+        worker = InferenceWorker(make_model(), InferenceConfig(chunk=16, max_batch=64)).start()
+        whole = worker.submit(x).result(timeout=30)
+        futures = worker.submit_pieces(x, 40)
+        assert [len(f.result(timeout=30).scores) for f in futures] == [40, 40, 40, 30]
+        parts = [f.result(timeout=30) for f in futures]
+        assert np.array_equal(np.concatenate([p.scores for p in parts]), whole.scores)
+        assert np.array_equal(
+            np.concatenate([p.channel_errors for p in parts]), whole.channel_errors
+        )
+        worker.close()
+
     def test_worker_exception_reaches_the_caller(self) -> None:
         """A failing forward pass fails the futures and later submits; nothing hangs."""
         model = make_model()
         model.module.network = Exploding()
+        # Eager: tracing would spend the network's one good call.
         worker = InferenceWorker(
-            model, InferenceConfig(max_batch=4, max_wait_ms=0, queue_size=2)
+            model, InferenceConfig(max_batch=4, max_wait_ms=0, queue_size=2, trace=False)
         ).start()
         x = np.zeros((4, 8, 2), np.float32)
         assert worker.submit(x).result(timeout=10).scores.shape == (4,)

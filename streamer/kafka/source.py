@@ -146,9 +146,22 @@ class Source:
             raise KafkaError(self._fatal)
 
     def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
-        """Up to ``max_messages`` messages (rebalance callbacks run in here too)."""
+        """Up to ``max_messages`` messages; waits up to ``timeout_s`` only for the first one.
+
+        librdkafka's batch consume waits out its whole timeout unless the batch fills,
+        which would hold every sample of a moderate stream for up to the poll timeout.
+        Here what has already been fetched is taken at once; with nothing fetched, the
+        call waits for one message and then takes whatever arrived with it. Rebalance
+        callbacks run in here too.
+        """
+        consumer = self._consumer
         try:
-            msgs = self._consumer.consume(max_messages, timeout_s)
+            msgs = consumer.consume(max_messages, 0)
+            if not msgs and timeout_s > 0:
+                first = consumer.poll(timeout_s)
+                if first is not None:
+                    more = consumer.consume(max_messages - 1, 0) if max_messages > 1 else []
+                    msgs = [first, *more]
         except KafkaException as exc:
             raise KafkaError(f"consume failed: {exc}") from exc
         self._raise()
