@@ -215,8 +215,12 @@ class RingWindows:
         new = max(needed, cap * 2)
 
         def grown(arr: NDArray[np.generic], fill: float) -> NDArray[np.generic]:
-            out = np.full((new, *arr.shape[1:]), fill, dtype=arr.dtype)
+            # np.zeros maps fresh zero pages: the new slots cost memory only once used, so
+            # the peak while growing is old + copied, not old + the whole doubled array.
+            out = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
             out[:cap] = arr
+            if fill != 0.0:
+                out[cap:] = fill
             return out
 
         self._values = grown(self._values, 0.0)  # type: ignore[assignment]
