@@ -538,6 +538,9 @@ def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]
         model = train(tmp / f"m-{window}-{channels}", window, stride, channels)
         topics = make_topics(bootstrap, args.partitions)
         produce_stream(bootstrap, topics["input"], sensors, rows, channels)
+        # A window spans `window` samples of every sensor of its partition: the replay
+        # bound must be above that, or every sensor is evicted before its window fills.
+        replay = max(1_000_000, 2 * window * sensors // args.partitions)
         cfg = write_config(
             tmp / f"s-{sensors}-{window}.yaml",
             bootstrap,
@@ -546,7 +549,7 @@ def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]
             window,
             stride,
             channels,
-            **overrides(args),
+            **merged({"stream": {"max_replay_messages": replay}}, args),
         )
         expected = expected_windows(sensors, rows, window, stride)
         d = daemon_run(cfg, bootstrap, topics["scores"], expected)

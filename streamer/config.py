@@ -153,7 +153,8 @@ class StreamConfig(_Section):
     values_field: str = "values"
     max_message_bytes: PositiveInt = 65536
     # Bound on the replay after a restart: a sensor whose oldest held sample is this many
-    # messages behind its partition's position is evicted (its window restarts).
+    # messages behind its partition's position is evicted (its window restarts). Must
+    # exceed window x sensors per partition, or every window is evicted before it fills.
     max_replay_messages: PositiveInt = 1_000_000
 
     @field_validator("channels")

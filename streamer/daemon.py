@@ -72,6 +72,7 @@ from streamer.errors import (
     ConfigError,
     InferenceError,
     KafkaError,
+    StaleStateError,
     StateError,
     StreamerError,
 )
@@ -100,6 +101,8 @@ _GAUGE_REFRESH_S = 1.0
 # With scores in flight and no new message, wait this long for the oldest batch's scores
 # before polling Kafka again (short: messages arriving meanwhile wait in librdkafka).
 _RESULT_WAIT_S = 0.002
+# Per-sensor eviction warnings per partition and round; the rest are summed in one line.
+_EVICTIONS_LOGGED = 20
 
 
 def configure_logging(json_logs: bool | None = None) -> None:
@@ -145,6 +148,7 @@ class _Partition:
     # Sensor -> offset up to which its windows were published (state newer than commit).
     skip: dict[str, int] = field(default_factory=dict)
     replay_until: int = -1  # max(restored_h, every skip value)
+    stale: int = 0  # restored thresholds written under another model (re-warmed)
     sensors: set[str] = field(default_factory=set)  # sensors with a ring (or a pending anchor)
     known: set[str] = field(default_factory=set)  # every sensor seen or restored here
     dirty: set[str] = field(default_factory=set)  # state to write at the next round
@@ -816,22 +820,43 @@ class Daemon:
         held = np.sort(last_ts[has_samples])
         now_ts = float(held[held.size // 2]) if held.size else float("-inf")
         silent = has_samples & (now_ts - last_ts > self.cfg.stream.max_gap_s)
-        behind = (h - anchor) > self.cfg.stream.max_replay_messages
-        for i in np.flatnonzero(silent | behind).tolist():
+        limit = self.cfg.stream.max_replay_messages
+        behind = (h - anchor) > limit
+        evict = np.flatnonzero(silent | behind).tolist()
+        for n, i in enumerate(evict):
             s = names[i]
-            why = "silent" if silent[i] else "replay_bound"
-            log.warning(
-                "sensor_evicted",
-                sensor=s,
-                partition=part.partition,
-                reason=why,
-                samples_dropped=engine.windows.count(int(slots[i])),
-                silent_s=round(float(now_ts - last_ts[i]), 3),
-                messages_behind=int(h - anchor[i]),
-            )
+            if n < _EVICTIONS_LOGGED:
+                log.warning(
+                    "sensor_evicted",
+                    sensor=s,
+                    partition=part.partition,
+                    reason="silent" if silent[i] else "replay_bound",
+                    samples_dropped=engine.windows.count(int(slots[i])),
+                    silent_s=round(float(now_ts - last_ts[i]), 3),
+                    messages_behind=int(h - anchor[i]),
+                )
             self._forget_ring(s, part)
             part.evicted.add(s)
             self.stats.evicted += 1
+        if len(evict) > _EVICTIONS_LOGGED:
+            log.warning(
+                "sensors_evicted",
+                partition=part.partition,
+                silent=int(silent.sum()),
+                replay_bound=int((behind & ~silent).sum()),
+                logged=_EVICTIONS_LOGGED,
+            )
+        if (behind & ~silent).sum() > len(names) // 2:
+            # Most of the partition's sensors: the bound is too small for the fleet, since
+            # a window spans `window` samples of every sensor in the partition.
+            log.error(
+                "replay_bound_too_small",
+                partition=part.partition,
+                max_replay_messages=limit,
+                sensors=len(names),
+                needed_at_least=self.cfg.stream.window * len(names),
+                hint="raise stream.max_replay_messages above window x sensors per partition",
+            )
 
     def _forget_ring(self, sensor: str, part: _Partition) -> None:
         engine = self.engine
@@ -917,6 +942,7 @@ class Daemon:
             partition=p,
             sensors=restored,
             corrupt=corrupt,
+            stale_thresholds=part.stale,
             anchors=anchors,
             records=len(msgs),
             start_offset=start,
@@ -960,7 +986,12 @@ class Daemon:
         sensor: str = rec["sensor"]
         part.known.add(sensor)
         if rec["threshold"] is not None:
-            engine.thresholds.restore(sensor, rec["threshold"])
+            try:
+                engine.thresholds.restore(sensor, rec["threshold"])
+            except StaleStateError:
+                # Written under another model: the threshold starts from the current
+                # model's calibration; alerts and the ring anchor still apply.
+                part.stale += 1
         if rec["alerts"] is not None:
             try:
                 engine.alerts.restore(sensor, rec["alerts"])

@@ -29,3 +29,7 @@ class KafkaError(StreamerError):
 
 class StateError(StreamerError):
     """A persisted state record is unknown or corrupt."""
+
+
+class StaleStateError(StateError):
+    """A state record is sound but was written for another model's calibration."""

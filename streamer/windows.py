@@ -472,17 +472,17 @@ class RingWindows:
                 values[src_sorted],
                 self._values[e_slots[:, None], ring_src],
             )
-            win_ts = np.where(in_batch, ts[src_sorted], self._ts[e_slots[:, None], ring_src])
-            win_pos = np.where(
-                in_batch, positions[src_sorted], self._pos[e_slots[:, None], ring_src]
-            )
+            # Only the first and last samples' timestamps and positions are reported; the
+            # last is the emitting sample itself, always in the batch.
+            first_in, first_src, first_ring = in_batch[:, 0], src_sorted[:, 0], ring_src[:, 0]
+            last_src = src_sorted[:, -1]
             windows = WindowBatch(
                 e_slots,
                 np.ascontiguousarray(data, dtype=np.float32),
-                win_ts[:, 0].copy(),
-                win_ts[:, -1].copy(),
-                win_pos[:, 0].copy(),
-                win_pos[:, -1].copy(),
+                np.where(first_in, ts[first_src], self._ts[e_slots, first_ring]),
+                ts[last_src],
+                np.where(first_in, positions[first_src], self._pos[e_slots, first_ring]),
+                positions[last_src],
             )
         else:
             windows = self._empty()

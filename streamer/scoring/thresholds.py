@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
 import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from streamer.errors import ConfigError, DataError, StateError
+from streamer.errors import ConfigError, DataError, StaleStateError, StateError
 
 __all__ = [
     "MIN_CALIBRATION",
@@ -1277,15 +1278,59 @@ class ThresholdBank:
             self._by_sensor.pop(s, None)
 
     def export(self, sensor: str) -> dict[str, Any]:
-        """The sensor's state dict (KeyError if it has none)."""
-        return self._by_sensor[sensor].state_dict()
+        """The sensor's state dict (KeyError if it has none).
+
+        A calibration sample shared with the prototype is written as its SHA-256
+        (``ref_sha256``) instead of 256 numbers: most of a state record otherwise, and
+        every changed sensor's record is written at every commit round.
+        """
+        th = self._by_sensor[sensor]
+        state = th.state_dict()
+        ref = _reference_of(th)
+        if ref is not None and ref is _reference_of(self._prototype) and "ref" in state:
+            del state["ref"]
+            state["ref_sha256"] = _digest(ref)
+        return state
 
     def restore(self, sensor: str, state: Mapping[str, Any]) -> None:
         """Install a sensor's state; StateError leaves the sensor as it was."""
         th = self._prototype.clone()
+        if isinstance(state, Mapping) and "ref_sha256" in state:
+            ref = _reference_of(self._prototype)
+            if ref is None or state["ref_sha256"] != _digest(ref):
+                raise StaleStateError(
+                    f"state refers to calibration sample {state['ref_sha256']!r}, which is not "
+                    "the current model's (the model changed since it was written)"
+                )
+            state = {k: v for k, v in state.items() if k != "ref_sha256"}
+            state["ref"] = ref.tolist()
         th.load_state_dict(state)
         _share_reference(th, self._prototype)
         self._by_sensor[sensor] = th
+
+
+def _reference_of(th: Threshold) -> NDArray[np.float64] | None:
+    """The calibration sample a threshold's likelihood uses, if it keeps one."""
+    if isinstance(th, SpotThreshold | DspotThreshold):
+        return None if th._core is None else th._core.ref
+    if isinstance(th, FixedThreshold):
+        return th._ref
+    return None
+
+
+_DIGESTS: dict[int, tuple[NDArray[np.float64], str]] = {}
+
+
+def _digest(ref: NDArray[np.float64]) -> str:
+    """SHA-256 of a (read-only) calibration sample, cached per array."""
+    hit = _DIGESTS.get(id(ref))
+    if hit is not None and hit[0] is ref:
+        return hit[1]
+    if len(_DIGESTS) > 64:
+        _DIGESTS.clear()  # prototypes change only on reload: a handful of arrays at most
+    digest = hashlib.sha256(np.ascontiguousarray(ref, dtype="<f8").tobytes()).hexdigest()
+    _DIGESTS[id(ref)] = (ref, digest)
+    return digest
 
 
 def _share_reference(th: Threshold, prototype: Threshold) -> None:

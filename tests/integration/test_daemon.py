@@ -6,6 +6,7 @@ Every record the daemon publishes is validated against the JSON schemas in
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 import uuid
@@ -366,6 +367,91 @@ class TestRestart:
         assert not differing, f"{len(differing)} repeated windows differ"
         repeats = len(msgs) - len(by_id)
         print(f"\n{len(by_id)} windows, {repeats} repeated byte-identically after SIGKILL")
+
+
+class TestModelChangeAcrossRestart:
+    """State written under one model, restored under another."""
+
+    def test_thresholds_rewarm_and_nothing_else_is_lost(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """A retrained model's calibration differs: thresholds re-warm, windows stay whole."""
+        timeout = Timeout(150)
+        current = tmp_path / "current"
+        shutil.copytree(model_dir, current)
+        retrained = train_tiny(tmp_path / "retrained", epochs=2)
+        samples = plant_samples(6, 300, seed=5)
+        head, tail = samples[:900], samples[900:]
+        produce(kafka_bootstrap, topics2.input, head)
+        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics2, group_id, current)
+        first = DaemonProcess(cfg).start()
+        daemon_factory.append(first)
+        wait_for_ids(
+            kafka_bootstrap,
+            topics2.scores,
+            set(expected_windows(topics2.input, head, W, S)),
+            timeout,
+            first,
+        )
+        assert first.stop() == 0, first.tail()
+
+        shutil.rmtree(current)
+        shutil.copytree(retrained, current)
+        produce(kafka_bootstrap, topics2.input, tail)
+        second = DaemonProcess(cfg).start()
+        daemon_factory.append(second)
+        expected = expected_windows(topics2.input, samples, W, S)
+        wait_for_ids(kafka_bootstrap, topics2.scores, set(expected), timeout, second)
+        assert second.stop() == 0, second.tail()
+
+        restored = second.seen("state_restored")
+        assert sum(e["sensors"] for e in restored) == 6, second.tail()
+        assert sum(e["stale_thresholds"] for e in restored) == 6, second.tail()
+        assert sum(e["corrupt"] for e in restored) == 0, second.tail()
+        assert sum(e["anchors"] for e in restored) == 6, second.tail()
+        counts = Counter(ids_of(read_scores(kafka_bootstrap, topics2)))
+        assert set(counts) == set(expected)
+        assert max(counts.values()) == 1, "a window was published twice"
+
+
+class TestReplayBound:
+    """A replay bound below window x sensors per partition is reported, not silently fatal."""
+
+    def test_too_small_bound_is_named_in_an_error(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """Every sensor falls behind the bound: the daemon logs which key to raise."""
+        timeout = Timeout(120)
+        samples = plant_samples(6, 60, seed=3)
+        produce(kafka_bootstrap, topics2.input, samples)
+        cfg = write_config(
+            tmp_path / "cfg.yaml",
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            model_dir,
+            stream={"max_replay_messages": 5},
+            kafka={"commit_interval_s": 0.2},
+        )
+        daemon = DaemonProcess(cfg).start()
+        daemon_factory.append(daemon)
+        event = daemon.wait_event("replay_bound_too_small", timeout)
+        assert event["max_replay_messages"] == 5
+        assert event["needed_at_least"] >= W * event["sensors"]
+        assert "stream.max_replay_messages" in event["hint"]
+        assert daemon.stop() == 0, daemon.tail()
 
 
 @pytest.fixture(scope="module")

@@ -462,6 +462,13 @@ class TestFixed:
         assert th.likelihood(np.array([0.0, 50.0, 100.0])).tolist() == [0.0, 0.5, 1.0]
 
 
+def state_of(bank: ThresholdBank, sensor: str) -> dict[str, Any]:
+    """The sensor's full state dict (calibration sample included)."""
+    th = bank.get(sensor)
+    assert th is not None
+    return th.state_dict()
+
+
 class TestThresholdBank:
     """Per-sensor thresholds behind one batch call."""
 
@@ -496,7 +503,7 @@ class TestThresholdBank:
             single = proto.clone()
             alone = single.step(scores[rows])
             assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone)
-            assert bank.export(sensor) == single.state_dict()
+            assert state_of(bank, sensor) == single.state_dict()
 
     @pytest.mark.parametrize("kind", sorted(FACTORIES))
     def test_many_small_batches_across_many_sensors_match_each_alone(self, kind: str) -> None:
@@ -525,7 +532,7 @@ class TestThresholdBank:
             single = proto.clone()
             alone = single.step(scores[rows])
             assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone), sensor
-            assert bank.export(sensor) == single.state_dict(), sensor
+            assert state_of(bank, sensor) == single.state_dict(), sensor
 
     def test_restored_sensors_share_the_prototype_reference(self) -> None:
         """A restored sensor with the prototype's calibration sample shares its array."""
@@ -563,9 +570,44 @@ class TestThresholdBank:
         assert len(bank) == 1
         other = ThresholdBank(calibrated("dspot"))
         other.restore("a", exported)
-        threshold = other.get("a")
-        assert threshold is not None
-        assert threshold.state_dict() == exported
+        assert other.export("a") == exported
+
+    def test_export_names_the_shared_calibration_sample_by_digest(self) -> None:
+        """A sensor still on the prototype's sample exports its SHA-256, not 256 numbers."""
+        bank = ThresholdBank(calibrated("dspot"))
+        bank.step(["a"], STREAM[:1])
+        exported = json_round_trip(bank.export("a"))
+        assert "ref" not in exported
+        assert len(exported["ref_sha256"]) == 64
+        assert len(json.dumps(exported)) < len(json.dumps(state_of(bank, "a"))) / 2
+        other = ThresholdBank(calibrated("dspot"))
+        other.restore("a", exported)
+        assert state_of(other, "a") == state_of(bank, "a")
+        res = [b.step(["a"] * 39, STREAM[1:40]) for b in (bank, other)]
+        assert same_result(*res)
+
+    def test_digest_of_another_models_sample_is_refused(self) -> None:
+        """After a model change the digest no longer matches: StateError, sensor untouched."""
+        bank = ThresholdBank(calibrated("dspot"))
+        bank.step(["a"], STREAM[:1])
+        exported = json_round_trip(bank.export("a"))
+        retrained = DspotThreshold(risk=1e-3, depth=20)
+        retrained.calibrate(CALIBRATION * 1.1)
+        other = ThresholdBank(retrained)
+        with pytest.raises(StateError, match="calibration sample"):
+            other.restore("a", exported)
+        assert "a" not in other
+
+    def test_sensor_kept_through_a_prototype_change_exports_its_own_sample(self) -> None:
+        """After a reload, a known sensor keeps its old sample, and its state carries it."""
+        bank = ThresholdBank(calibrated("dspot"))
+        bank.step(["a"], STREAM[:1])
+        retrained = DspotThreshold(risk=1e-3, depth=20)
+        retrained.calibrate(CALIBRATION * 1.1)
+        bank.set_prototype(retrained)
+        exported = bank.export("a")
+        assert "ref_sha256" not in exported
+        assert exported == state_of(bank, "a")
 
     def test_restore_of_another_kind_raises_and_keeps_the_sensor(self) -> None:
         """Restoring a state of another kind raises StateError and leaves the sensor as it was."""
