@@ -531,7 +531,7 @@ def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]
     cases = [
         (int(s), args.scale_window, args.scale_channels) for s in args.scale_sensors.split(",")
     ]
-    cases += [(args.sensors, int(w), args.channels) for w in args.scale_windows.split(",")]
+    cases += [(args.sensors, int(w), args.channels) for w in args.scale_windows.split(",") if w]
     for sensors, window, channels in cases:
         stride = max(1, window // 8)
         rows = max(window + stride * 4, args.scale_samples // sensors)

@@ -101,6 +101,8 @@ _GAUGE_REFRESH_S = 1.0
 # With scores in flight and no new message, wait this long for the oldest batch's scores
 # before polling Kafka again (short: messages arriving meanwhile wait in librdkafka).
 _RESULT_WAIT_S = 0.002
+# State records produced between waits for delivery within one commit round.
+_STATE_FLUSH_EVERY = 5000
 # Per-sensor eviction warnings per partition and round; the rest are summed in one line.
 _EVICTIONS_LOGGED = 20
 
@@ -780,6 +782,11 @@ class Daemon:
         )
         self.sink.produce(self.topics.state, value, key=sensor, partition=p)
         self.stats.state_written += 1
+        if self.stats.state_written % _STATE_FLUSH_EVERY == 0:
+            # Bound what the producer holds: at 100,000 changed sensors one round is
+            # hundreds of MB of records. Everything must be delivered before the commit
+            # anyway, so waiting for this slice now costs only a round trip.
+            self.sink.flush(_FLUSH_TIMEOUT_S)
 
     def _expire_anchors(self, part: _Partition) -> None:
         """Anchors the replay went past without meeting (record older than the log) are void."""
