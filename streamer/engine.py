@@ -144,6 +144,23 @@ class Engine:
         res = self.windows.push(slots, ts, values, positions)
         return res, self.index.keys_of(res.windows.slots)
 
+    def _kept(
+        self,
+        keys: Sequence[Hashable] | NDArray[np.object_],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+        keep: Callable[[WindowBatch], NDArray[np.bool_]] | None,
+    ) -> tuple[PushResult, WindowBatch, list[Hashable]]:
+        """Push samples; the completed windows ``keep`` retains, and their sensors."""
+        res, sensors = self.push(keys, ts, values, positions)
+        wins = res.windows
+        if keep is not None:
+            idx = np.flatnonzero(keep(wins))
+            wins = wins.take(idx)
+            sensors = [sensors[i] for i in idx]
+        return res, wins, sensors
+
     def submit(
         self,
         keys: Sequence[Hashable] | NDArray[np.object_],
@@ -153,12 +170,7 @@ class Engine:
         keep: Callable[[WindowBatch], NDArray[np.bool_]] | None = None,
     ) -> PendingBatch:
         """Push samples and queue the completed windows (``keep`` filters them) for scoring."""
-        res, sensors = self.push(keys, ts, values, positions)
-        wins = res.windows
-        if keep is not None:
-            idx = np.flatnonzero(keep(wins))
-            wins = wins.take(idx)
-            sensors = [sensors[i] for i in idx]
+        res, wins, sensors = self._kept(keys, ts, values, positions, keep)
         fut = self.worker.submit(wins.data)
         return PendingBatch(wins, sensors, fut, res)
 
@@ -176,12 +188,7 @@ class Engine:
         Each piece has its own future, so the first windows of a burst can be decided
         and published while the worker still scores the rest (latency under bursts).
         """
-        res, sensors = self.push(keys, ts, values, positions)
-        wins = res.windows
-        if keep is not None:
-            idx = np.flatnonzero(keep(wins))
-            wins = wins.take(idx)
-            sensors = [sensors[i] for i in idx]
+        res, wins, sensors = self._kept(keys, ts, values, positions, keep)
         if len(wins) == 0:
             return res, []
         futures = self.worker.submit_pieces(wins.data, piece)

@@ -586,6 +586,15 @@ class _SpotCore:
         return core
 
 
+def _core_params(cores: Sequence[_SpotCore]) -> tuple[NDArray[np.float64], ...]:
+    """``(z, t, rate, gamma, sigma)`` of many series, one array each."""
+    n = len(cores)
+    return tuple(
+        np.fromiter((getattr(c, name) for c in cores), np.float64, n)
+        for name in ("z", "t", "rate", "gamma", "sigma")
+    )
+
+
 def _ensure(core: _SpotCore | None, kind: str) -> _SpotCore:
     if core is None:
         raise StateError(f"{kind} threshold is not calibrated: call calibrate() or load a state")
@@ -695,12 +704,7 @@ class SpotThreshold:
         """``items[i].step(scores[i:i+1])`` for every i at once: one score per distinct series."""
         cores = [_ensure(th._core, cls.kind) for th in items]
         x = _live_scores(scores)
-        n = len(cores)
-        z = np.fromiter((c.z for c in cores), np.float64, n)
-        t = np.fromiter((c.t for c in cores), np.float64, n)
-        rate = np.fromiter((c.rate for c in cores), np.float64, n)
-        gamma = np.fromiter((c.gamma for c in cores), np.float64, n)
-        sigma = np.fromiter((c.sigma for c in cores), np.float64, n)
+        z, t, rate, gamma, sigma = _core_params(cores)
         lik = _spot_likelihood(x, t, rate, gamma, sigma, _ecdf_each([c.ref for c in cores], x))
         anom = x > z
         peak = (x > t) & ~anom
@@ -891,11 +895,7 @@ class DspotThreshold:
         n = len(cores)
         wsum = np.fromiter((th._wsum for th in items), np.float64, n)
         depth = np.fromiter((th._depth for th in items), np.int64, n)
-        z = np.fromiter((c.z for c in cores), np.float64, n)
-        t = np.fromiter((c.t for c in cores), np.float64, n)
-        rate = np.fromiter((c.rate for c in cores), np.float64, n)
-        gamma = np.fromiter((c.gamma for c in cores), np.float64, n)
-        sigma = np.fromiter((c.sigma for c in cores), np.float64, n)
+        z, t, rate, gamma, sigma = _core_params(cores)
         with np.errstate(invalid="ignore"):
             m = wsum / depth
             thr = z + m
