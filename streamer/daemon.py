@@ -101,6 +101,8 @@ _GAUGE_REFRESH_S = 1.0
 # With scores in flight and no new message, wait this long for the oldest batch's scores
 # before polling Kafka again (short: messages arriving meanwhile wait in librdkafka).
 _RESULT_WAIT_S = 0.002
+# The next commit round starts at least this many times the last round's duration later.
+_COMMIT_SPACING = 9.0
 # State records produced between waits for delivery within one commit round.
 _STATE_FLUSH_EVERY = 5000
 # Per-sensor eviction warnings per partition and round; the rest are summed in one line.
@@ -338,7 +340,10 @@ class Daemon:
             now = time.monotonic()
             if now >= next_commit:
                 self._commit_round(list(self.parts), reason="interval")
-                next_commit = time.monotonic() + commit_every
+                # A round stops the consumer; with many changed sensors it takes seconds.
+                # Space rounds so that they take at most a tenth of the time.
+                took = time.monotonic() - now
+                next_commit = time.monotonic() + max(commit_every, _COMMIT_SPACING * took)
             if now >= next_gauges:
                 self._refresh_gauges()
                 next_gauges = now + _GAUGE_REFRESH_S
