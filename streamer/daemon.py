@@ -834,6 +834,7 @@ class Daemon:
         silent = has_samples & (now_ts - last_ts > self.cfg.stream.max_gap_s)
         limit = self.cfg.stream.max_replay_messages
         behind = (h - anchor) > limit
+        replay_bound = behind & ~silent
         evict = np.flatnonzero(silent | behind).tolist()
         for n, i in enumerate(evict):
             s = names[i]
@@ -855,10 +856,10 @@ class Daemon:
                 "sensors_evicted",
                 partition=part.partition,
                 silent=int(silent.sum()),
-                replay_bound=int((behind & ~silent).sum()),
+                replay_bound=int(replay_bound.sum()),
                 logged=_EVICTIONS_LOGGED,
             )
-        if (behind & ~silent).sum() > len(names) // 2:
+        if replay_bound.sum() > len(names) // 2:
             # Most of the partition's sensors: the bound is too small for the fleet, since
             # a window spans `window` samples of every sensor in the partition.
             log.error(

@@ -1173,6 +1173,8 @@ class ThresholdBank:
     def __init__(self, prototype: Threshold) -> None:
         self._prototype = prototype
         self._by_sensor: dict[str, Threshold] = {}
+        # The prototype's calibration sample and its SHA-256, while it is the same array.
+        self._sample_digest: tuple[NDArray[np.float64], str] | None = None
 
     def __len__(self) -> int:
         return len(self._by_sensor)
@@ -1286,24 +1288,34 @@ class ThresholdBank:
         """
         th = self._by_sensor[sensor]
         state = th.state_dict()
-        ref = _reference_of(th)
-        if ref is not None and ref is _reference_of(self._prototype) and "ref" in state:
+        shared = self._prototype_sample()
+        if shared is not None and _reference_of(th) is shared[0] and "ref" in state:
             del state["ref"]
-            state["ref_sha256"] = _digest(ref)
+            state["ref_sha256"] = shared[1]
         return state
+
+    def _prototype_sample(self) -> tuple[NDArray[np.float64], str] | None:
+        """The prototype's calibration sample and its SHA-256 (None if it keeps none)."""
+        ref = _reference_of(self._prototype)
+        if ref is None:
+            return None
+        if self._sample_digest is None or self._sample_digest[0] is not ref:
+            digest = hashlib.sha256(np.ascontiguousarray(ref, dtype="<f8").tobytes()).hexdigest()
+            self._sample_digest = (ref, digest)
+        return self._sample_digest
 
     def restore(self, sensor: str, state: Mapping[str, Any]) -> None:
         """Install a sensor's state; StateError leaves the sensor as it was."""
         th = self._prototype.clone()
         if isinstance(state, Mapping) and "ref_sha256" in state:
-            ref = _reference_of(self._prototype)
-            if ref is None or state["ref_sha256"] != _digest(ref):
+            shared = self._prototype_sample()
+            if shared is None or state["ref_sha256"] != shared[1]:
                 raise StaleStateError(
                     f"state refers to calibration sample {state['ref_sha256']!r}, which is not "
                     "the current model's (the model changed since it was written)"
                 )
             state = {k: v for k, v in state.items() if k != "ref_sha256"}
-            state["ref"] = ref.tolist()
+            state["ref"] = shared[0].tolist()
         th.load_state_dict(state)
         _share_reference(th, self._prototype)
         self._by_sensor[sensor] = th
@@ -1318,40 +1330,16 @@ def _reference_of(th: Threshold) -> NDArray[np.float64] | None:
     return None
 
 
-_DIGESTS: dict[int, tuple[NDArray[np.float64], str]] = {}
-
-
-def _digest(ref: NDArray[np.float64]) -> str:
-    """SHA-256 of a (read-only) calibration sample, cached per array."""
-    hit = _DIGESTS.get(id(ref))
-    if hit is not None and hit[0] is ref:
-        return hit[1]
-    if len(_DIGESTS) > 64:
-        _DIGESTS.clear()  # prototypes change only on reload: a handful of arrays at most
-    digest = hashlib.sha256(np.ascontiguousarray(ref, dtype="<f8").tobytes()).hexdigest()
-    _DIGESTS[id(ref)] = (ref, digest)
-    return digest
-
-
 def _share_reference(th: Threshold, prototype: Threshold) -> None:
     """Point a restored threshold at the prototype's equal calibration sample.
 
     Saves the sample's memory per sensor, and lets a batch across sensors search one
     array instead of one per sensor.
     """
-    if isinstance(th, SpotThreshold | DspotThreshold) and isinstance(
-        prototype, SpotThreshold | DspotThreshold
-    ):
-        mine, theirs = th._core, prototype._core
-        if mine is not None and theirs is not None and np.array_equal(mine.ref, theirs.ref):
-            mine.ref = theirs.ref
-    elif (
-        isinstance(th, FixedThreshold)
-        and isinstance(prototype, FixedThreshold)
-        and (
-            th._ref is not None
-            and prototype._ref is not None
-            and np.array_equal(th._ref, prototype._ref)
-        )
-    ):
-        th._ref = prototype._ref
+    mine, theirs = _reference_of(th), _reference_of(prototype)
+    if mine is None or theirs is None or mine is theirs or not np.array_equal(mine, theirs):
+        return
+    if isinstance(th, SpotThreshold | DspotThreshold) and th._core is not None:
+        th._core.ref = theirs
+    elif isinstance(th, FixedThreshold):
+        th._ref = theirs
