@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -127,14 +128,21 @@ def produce_stream(
         }
     )
     keys = [f"s{i:06d}".encode() for i in range(sensors)]
+    # This process imported torch to train the model: without freezing, a full garbage
+    # collection (~100 ms) now and then would hold samples stamped before it.
+    gc.collect()
+    gc.freeze()
     started = time.monotonic()
     n = 0
     rng = np.random.default_rng(0)
     for r, vals in enumerate(stream_rows(range(rows), sensors, channels, rng)):
-        ts = time.time() if wall_clock else T0 + r
+        row_ts = T0 + r
         for s in range(sensors):
             if first_row is not None and r < first_row[s]:
                 continue
+            # Wall-clock samples are stamped as they are sent, as a sensor gateway would:
+            # a row of 1,000 messages takes ~10 ms to encode, which is not the daemon's.
+            ts = time.time() if wall_clock else row_ts
             doc = orjson.dumps(
                 {"sensor": keys[s].decode(), "ts": ts, "values": vals[s].tolist()},
                 option=orjson.OPT_SERIALIZE_NUMPY,
