@@ -10,13 +10,21 @@ Delivery (at-least-once in, deterministic ids out). A sample's position is
 ``partition << 40 | offset``; a window's id hashes (input topic, partition, offset
 of its last sample). A commit round, for each partition p:
 
-1. completes every queued batch (thresholds, alerts) and produces its records;
-2. flushes the producer: every score, alert and dead letter so far is acknowledged;
-3. writes the state of every sensor that changed (threshold, alerts, and a ring
-   anchor: the offset and count of a sample the ring still needs) to the compacted
-   state topic, partition p, with ``upto`` = H_p, the last consumed offset; flushes;
-4. commits offset C_p = min(each live sensor's anchor offset, H_p + 1) with
-   metadata ``{"v": 1, "h": H_p}``.
+1. takes H_p, the last consumed offset, evicts silent sensors, and notes each
+   sensor's ring anchor (the offset and count of the oldest sample its ring still
+   needs) as of H_p;
+2. once every batch consumed up to H_p is scored and its records (scores, alerts,
+   dead letters) produced, and before any later batch is: writes the state of every
+   sensor that changed (threshold, alerts, ring anchor) to the compacted state
+   topic, partition p, with ``upto`` = H_p;
+3. once every record produced up to step 2 is acknowledged, commits offset
+   C_p = min(each live sensor's anchor offset, H_p + 1) with metadata
+   ``{"v": 1, "h": H_p}``.
+
+The loop goes on consuming and scoring past H_p meanwhile: the state written in
+step 2 is the engine's exactly at H_p, because batches complete in order. Rounds
+at shutdown and on revocation instead drain and flush first, and are done when
+they return.
 
 On assignment the partition's state is read back before any of its messages: the
 thresholds and alerts are restored, the anchors are set on the ring buffers, and
@@ -85,6 +93,7 @@ from streamer.model.checkpoint import load_checkpoint
 from streamer.model.train import resolve_device
 from streamer.notify import Notifier, Watchdog, watchdog_interval_s
 from streamer.reload import CheckpointWatcher, ModelReloader, ReloadOutcome
+from streamer.scoring.thresholds import Threshold
 from streamer.windows import WindowBatch
 
 __all__ = ["STATE_VERSION", "Daemon", "configure_logging", "run_daemon", "settle_heap"]
@@ -106,14 +115,29 @@ _RESULT_WAIT_S = 0.002
 _COMMIT_SPACING = 9.0
 # State records produced between waits for delivery within one commit round.
 _STATE_FLUSH_EVERY = 5000
+# An interval round snapshots at most this many sensors' state at H and serialises and
+# produces _STATE_SLICE per loop iteration; with more, it produces them all at H,
+# flushing as above (a snapshot holds ~2 KB per sensor until it is serialised).
+_DEFER_STATES_MAX = 20_000
+_STATE_SLICE = 100
 # Per-sensor eviction warnings per partition and round; the rest are summed in one line.
 _EVICTIONS_LOGGED = 20
 
 
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
 def configure_logging(json_logs: bool | None = None) -> None:
-    """structlog to stdout: JSON lines when stdout is not a TTY (journald), console otherwise."""
+    """structlog to stdout: JSON lines when stdout is not a TTY (journald), console otherwise.
+
+    The level is ``STREAMER_LOG_LEVEL`` (debug, info, warning; default info). Debug adds
+    one line per commit round (offsets, heads, timings) and per heap settle.
+    """
     if json_logs is None:
         json_logs = not sys.stdout.isatty()
+    name = os.environ.get("STREAMER_LOG_LEVEL", "info").strip().lower()
+    if name not in _LOG_LEVELS:
+        raise ConfigError(f"STREAMER_LOG_LEVEL={name!r} is not one of {', '.join(_LOG_LEVELS)}")
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_logs
@@ -128,7 +152,7 @@ def configure_logging(json_logs: bool | None = None) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(_LOG_LEVELS[name]),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
@@ -183,6 +207,45 @@ class _Partition:
     known: set[str] = field(default_factory=set)  # every sensor seen or restored here
     dirty: set[str] = field(default_factory=set)  # state to write at the next round
     evicted: set[str] = field(default_factory=set)  # state records to clear at the next round
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    """One partition's part of a commit round, taken at H (see ``Daemon._snapshot``)."""
+
+    partition: int
+    h: int
+    # Sensors of the partition at H, and the ring anchor (offset, count) of those whose
+    # ring held samples then.
+    sensors: set[str]
+    anchors: dict[str, tuple[int, int]]
+    # Evicted at H: their state is written without a ring anchor.
+    evicted: set[str]
+
+
+# sensor, partition, H, ring anchor, threshold snapshot, alerts state
+_StateAtH = tuple[str, int, int, dict[str, int] | None, Threshold | None, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Round:
+    """A commit round in flight; the loop keeps consuming while it completes."""
+
+    started: float  # perf_counter
+    # The round's state is the engine's after this many batches were published: every
+    # batch submitted before H, and none after.
+    barrier: int
+    checkpoints: list[_Checkpoint]
+    reason: str
+    # Set once the state records are produced: the commits, and the sink mark that
+    # every record behind them (scores, alerts, dead letters, state) was produced under.
+    commits: dict[int, tuple[int, str]] | None = None
+    # The state at H, serialised and produced a slice per loop iteration.
+    unsent: deque[_StateAtH] = field(default_factory=deque)
+    token: int = -1  # the sink mark once every state record is produced
+    states: int = 0
+    stalled_s: float = 0.0  # loop time spent on the round
+    serialise_s: float = 0.0  # of which serialising the state at H
 
 
 @dataclass(slots=True)
@@ -248,6 +311,10 @@ class Daemon:
         # Offset of the ring anchor last written to the state topic, per live sensor.
         self.anchor_offset: dict[str, int] = {}
         self.pending: deque[PendingBatch] = deque()
+        # Batches submitted to and published from the engine, for a round's barrier.
+        self.submitted = 0
+        self.published = 0
+        self.round: _Round | None = None
         self.paused = False
         self.stats = _Stats()
         self._stop_requested = False
@@ -365,12 +432,14 @@ class Daemon:
             if outcome is not None:
                 self._apply_reload(outcome)
             now = time.monotonic()
-            if now >= next_commit:
-                self._commit_round(list(self.parts), reason="interval")
-                # A round stops the consumer; with many changed sensors it takes seconds.
-                # Space rounds so that they take at most a tenth of the time.
-                took = time.monotonic() - now
-                next_commit = time.monotonic() + max(commit_every, _COMMIT_SPACING * took)
+            if self.round is None and now >= next_commit:
+                self._start_round(list(self.parts), reason="interval")
+            if self.round is not None:
+                stalled = self._advance_round()
+                if stalled is not None:
+                    # With many changed sensors a round's checkpoint takes seconds of the
+                    # loop's time. Space rounds so that they take at most a tenth of it.
+                    next_commit = time.monotonic() + max(commit_every, _COMMIT_SPACING * stalled)
             if now >= next_gauges:
                 self._refresh_gauges()
                 next_gauges = now + _GAUGE_REFRESH_S
@@ -383,6 +452,7 @@ class Daemon:
                 next_stats = now + stats_every
         log.info("shutdown_started", signal=self._stop_signal, pending_batches=len(self.pending))
         self.notifier.stopping("draining, flushing and committing")
+        self._abandon_round()
         self._commit_round(list(self.parts), reason="shutdown")
         # Leaving the group revokes everything: the callback finds nothing left to commit.
         self.source.close()
@@ -582,6 +652,7 @@ class Daemon:
                 ),
             )
         self.pending.extend(pieces)
+        self.submitted += len(pieces)
         # The worker may already be done with older batches: publish them without waiting.
         self._publish_done(block_s=0.0)
 
@@ -655,12 +726,19 @@ class Daemon:
             except TimeoutError:
                 return
         while pending and pending[0].future.done():
-            self._publish(self.engine.complete(pending.popleft()))
+            self._publish_next()
 
     def _drain(self) -> None:
         """Wait for and publish every queued batch."""
         while self.pending:
-            self._publish(self.engine.complete(self.pending.popleft()))
+            self._publish_next()
+
+    def _publish_next(self) -> None:
+        """Complete and publish the oldest queued batch (waiting for its scores)."""
+        self._publish(self.engine.complete(self.pending.popleft()))
+        self.published += 1
+        if self.round is not None and self.published == self.round.barrier:
+            self._checkpoint_round()
 
     def _publish(self, b: ScoredBatch) -> None:
         assert self.sink is not None
@@ -732,94 +810,240 @@ class Daemon:
     # -- commit rounds ---------------------------------------------------------------------
 
     def _commit_round(self, partitions: Iterable[int], reason: str) -> None:
-        """Deliver everything, checkpoint changed sensors, commit (see the module docstring)."""
+        """Deliver everything, checkpoint changed sensors, commit, all before returning.
+
+        For shutdown and revocation, which must be done when the call returns; the
+        interval rounds are ``_start_round``'s, and let the loop run meanwhile.
+        """
         assert self.sink is not None and self.source is not None
         started = time.perf_counter()
         written = self.stats.state_written
         self._drain()
         self.sink.flush(_FLUSH_TIMEOUT_S)
         drained = time.perf_counter()
-        commits: dict[int, tuple[int, str]] = {}
-        heads: dict[int, int] = {}
-        for p in partitions:
-            part = self.parts.get(p)
-            if part is None or part.consumed <= part.committed_h:
-                continue  # nothing consumed since the last commit (or still replaying)
-            h = part.consumed
-            self._expire_anchors(part)
-            self._evict(part, h)
-            self._write_state(part, h)
-            anchors = [self.anchor_offset[s] for s in part.sensors if s in self.anchor_offset]
-            offset = min([*anchors, h + 1])
-            meta = orjson.dumps({"v": COMMIT_META_VERSION, "h": h}).decode()
-            commits[p] = (offset, meta)
-            heads[p] = h
-        if not commits:
-            return
+        checkpoints = [c for c in (self._snapshot(p) for p in partitions) if c is not None]
+        commits = {c.partition: self._checkpoint(c) for c in checkpoints}
         self.sink.flush(_FLUSH_TIMEOUT_S)
-        if not self.source.commit(commits):
-            return  # a rebalance is under way: the next round (or the revoke) commits
+        stalled = time.perf_counter() - started
+        self._commit(
+            checkpoints,
+            commits,
+            reason,
+            self.stats.state_written - written,
+            started,
+            stalled,
+            drain_s=round(drained - started, 4),
+        )
+
+    def _start_round(self, partitions: Iterable[int], reason: str) -> None:
+        """Start a commit round that completes while the loop goes on consuming.
+
+        1. Now, at H: evict, and note every sensor's ring anchor.
+        2. When the batches queued before H are published (``_publish_next``), and before
+           any later one is: produce the state records, whose thresholds and alerts are
+           then exactly those at H.
+        3. Once every record produced until then is acknowledged (``_advance_round``):
+           commit. The records produced meanwhile are newer than H, and not covered.
+        """
+        started = time.perf_counter()
+        checkpoints = [c for c in (self._snapshot(p) for p in partitions) if c is not None]
+        if not checkpoints:
+            return
+        self.round = _Round(started, self.submitted, checkpoints, reason)
+        self.round.stalled_s = time.perf_counter() - started
+        if self.published == self.submitted:
+            self._checkpoint_round()
+
+    def _checkpoint_round(self) -> None:
+        """Step 2 of a round: serialise the state at H (``_advance_round`` produces it)."""
+        r = self.round
+        assert r is not None
+        started = time.perf_counter()
+        # A fleet's worth of records at once (100,000 sensors: hundreds of MB) is produced
+        # at once instead, with the producer flushed every _STATE_FLUSH_EVERY records.
+        defer = sum(len(c.evicted) + len(c.sensors) for c in r.checkpoints) <= _DEFER_STATES_MAX
+        written = self.stats.state_written
+        r.commits = {
+            c.partition: self._checkpoint(c, r.unsent if defer else None) for c in r.checkpoints
+        }
+        r.states = self.stats.state_written - written + len(r.unsent)
+        r.serialise_s = time.perf_counter() - started
+        r.stalled_s += r.serialise_s
+
+    def _advance_round(self) -> float | None:
+        """Step 3 of a round: produce its state, commit once delivered.
+
+        Returns the loop time the round took, once it is done.
+        """
+        r = self.round
+        assert r is not None and self.sink is not None
+        if r.commits is None:
+            return None
+        if r.token < 0:
+            started = time.perf_counter()
+            for _ in range(min(_STATE_SLICE, len(r.unsent))):
+                state = r.unsent.popleft()
+                self._produce_state(state[0], state[1], self._state_value(*state))
+            if not r.unsent:
+                r.token = self.sink.mark()
+            r.stalled_s += time.perf_counter() - started
+        if r.token < 0 or not self.sink.acknowledged(r.token):
+            return None
+        self.round = None
+        return self._commit(
+            r.checkpoints,
+            r.commits,
+            r.reason,
+            r.states,
+            r.started,
+            r.stalled_s,
+            serialise_s=round(r.serialise_s, 4),
+        )
+
+    def _abandon_round(self) -> None:
+        """Drop the round in flight (a blocking round or a rebalance supersedes it)."""
+        r = self.round
+        if r is None:
+            return
+        self.round = None
+        if r.commits is None:
+            # Its evictions were not written yet: the next round writes them.
+            for c in r.checkpoints:
+                part = self.parts.get(c.partition)
+                if part is not None:
+                    part.evicted |= c.evicted
+        log.debug("commit_round_abandoned", reason=r.reason, checkpointed=r.commits is not None)
+
+    def _commit(
+        self,
+        checkpoints: list[_Checkpoint],
+        commits: dict[int, tuple[int, str]],
+        reason: str,
+        states: int,
+        started: float,
+        stalled: float,
+        **extra: Any,
+    ) -> float:
+        """Commit what a round checkpointed (its records are acknowledged).
+
+        ``started``: the round's start (perf_counter); ``stalled``: the loop time it took
+        so far. Returns the loop time it took in all.
+        """
+        assert self.source is not None
+        before = time.perf_counter()
+        if not commits or not self.source.commit(commits):
+            # A rebalance is under way: the next round (or the revoke) commits.
+            return stalled + time.perf_counter() - before
+        now = time.perf_counter()
+        stalled += now - before
+        heads = {c.partition: c.h for c in checkpoints}
         for p, h in heads.items():
-            self.parts[p].committed_h = h
+            if p in self.parts:
+                self.parts[p].committed_h = h
         self.stats.commits += 1
-        seconds = time.perf_counter() - started
-        self.metrics.commit_done(seconds)
+        self.metrics.commit_done(now - started, stalled)
         log.debug(
             "offsets_committed",
             reason=reason,
             offsets={p: off for p, (off, _) in commits.items()},
             heads=heads,
-            states=self.stats.state_written - written,
-            drain_s=round(drained - started, 4),
-            seconds=round(seconds, 4),
+            states=states,
+            seconds=round(now - started, 4),
+            stalled_s=round(stalled, 4),
+            **extra,
         )
+        return stalled
 
-    def _write_state(self, part: _Partition, h: int) -> None:
-        assert self.sink is not None
+    def _snapshot(self, p: int) -> _Checkpoint | None:
+        """Step 1 of a round for partition p: evict, and take the ring anchors at H."""
+        part = self.parts.get(p)
+        if part is None or part.consumed <= part.committed_h:
+            return None  # nothing consumed since the last commit (or still replaying)
+        h = part.consumed
+        self._expire_anchors(part)
+        self._evict(part, h)
+        evicted, part.evicted = part.evicted, set()
+        names = sorted(part.sensors)
         engine = self.engine
-        p = part.partition
-        for s in sorted(part.evicted):
-            # Keep what was learned; only the ring anchor is gone.
-            self._produce_state(s, p, h, None)
-        part.evicted.clear()
-        dirty = sorted(part.dirty & part.sensors)
-        part.dirty.clear()
-        if not dirty:
-            return
-        slots = np.asarray([engine.index.slot(s) for s in dirty], dtype=np.int64)
+        slots = np.asarray([engine.index.slot(s) for s in names], dtype=np.int64)
         oldest_pos, oldest_count = engine.windows.oldest(slots)
-        for s, pos, count in zip(dirty, oldest_pos.tolist(), oldest_count.tolist(), strict=True):
-            ring = None
-            if count > 0:
-                off = pos & _OFFSET_MASK
-                ring = {"anchor_offset": off, "anchor_count": count}
-                self.anchor_offset[s] = off
-            self._produce_state(s, p, h, ring)
+        anchors = {
+            s: (pos & _OFFSET_MASK, count)
+            for s, pos, count in zip(names, oldest_pos.tolist(), oldest_count.tolist(), strict=True)
+            if count > 0
+        }
+        return _Checkpoint(p, h, set(names), anchors, evicted)
 
-    def _produce_state(self, sensor: str, p: int, h: int, ring: dict[str, int] | None) -> None:
+    def _checkpoint(self, c: _Checkpoint, defer: deque[_StateAtH] | None = None) -> tuple[int, str]:
+        """Produce the state records of a snapshot; its commit (offset, metadata).
+
+        Written: the sensors evicted at H, and those present at H whose thresholds or
+        alerts changed. A sensor that appeared after H stays dirty for the next round.
+        With ``defer``, the sensors' state at H is appended there, to be serialised and
+        produced later: a threshold snapshot takes a quarter of the time of its record.
+        """
         assert self.sink is not None
+        p, h = c.partition, c.h
+        part = self.parts[p]
+        # Keep what was learned by evicted sensors; only the ring anchor is gone.
+        records: list[tuple[str, dict[str, int] | None]] = [(s, None) for s in sorted(c.evicted)]
+        c.evicted = set()
+        dirty = sorted(part.dirty & part.sensors & c.sensors)
+        part.dirty.difference_update(dirty)
+        for s in dirty:
+            ring = None
+            anchor = c.anchors.get(s)
+            if anchor is not None:
+                ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
+                self.anchor_offset[s] = anchor[0]
+            records.append((s, ring))
         engine = self.engine
-        threshold = engine.thresholds.export(sensor) if sensor in engine.thresholds else None
-        alerts = engine.alerts.export(sensor)
-        value = orjson.dumps(
+        for n, (s, ring) in enumerate(records, 1):
+            threshold = engine.thresholds.get(s)
+            alerts = engine.alerts.export(s)
+            if defer is not None:
+                # The threshold as of H: a copy, serialised later.
+                snapshot = None if threshold is None else threshold.clone()
+                defer.append((s, p, h, ring, snapshot, alerts))
+                continue
+            self._produce_state(s, p, self._state_value(s, p, h, ring, threshold, alerts))
+            if n % _STATE_FLUSH_EVERY == 0:
+                # Bound what the producer holds: at 100,000 changed sensors one round is
+                # hundreds of MB of records. Everything must be delivered before the
+                # commit anyway, so waiting for this slice now costs only a round trip.
+                self.sink.flush(_FLUSH_TIMEOUT_S)
+        anchors = [self.anchor_offset[s] for s in part.sensors if s in self.anchor_offset]
+        offset = min([*anchors, h + 1])
+        return offset, orjson.dumps({"v": COMMIT_META_VERSION, "h": h}).decode()
+
+    def _state_value(
+        self,
+        sensor: str,
+        p: int,
+        h: int,
+        ring: dict[str, int] | None,
+        threshold: Threshold | None,
+        alerts: dict[str, Any],
+    ) -> bytes:
+        """A sensor's state record for H = h, from its threshold (snapshot) and alerts."""
+        th = None if threshold is None else self.engine.thresholds.export(sensor, of=threshold)
+        return orjson.dumps(
             {
                 "version": STATE_VERSION,
                 "sensor": sensor,
                 "partition": p,
                 "upto": h,
-                "threshold": threshold,
+                "threshold": th,
                 "alerts": alerts,
                 "ring": ring,
             },
             option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY,
         )
+
+    def _produce_state(self, sensor: str, p: int, value: bytes) -> None:
+        assert self.sink is not None
         self.sink.produce(self.topics.state, value, key=sensor, partition=p)
         self.stats.state_written += 1
-        if self.stats.state_written % _STATE_FLUSH_EVERY == 0:
-            # Bound what the producer holds: at 100,000 changed sensors one round is
-            # hundreds of MB of records. Everything must be delivered before the commit
-            # anyway, so waiting for this slice now costs only a round trip.
-            self.sink.flush(_FLUSH_TIMEOUT_S)
 
     def _expire_anchors(self, part: _Partition) -> None:
         """Anchors the replay went past without meeting (record older than the log) are void."""
@@ -1059,6 +1283,7 @@ class Daemon:
         mine = [p for p in partitions if p in self.parts]
         if not mine:
             return
+        self._abandon_round()
         self._commit_round(mine, reason="revoke")
         self._drop(mine)
         log.info("partitions_revoked", partitions=mine, owned=sorted(self.parts))
@@ -1069,6 +1294,7 @@ class Daemon:
             return
         # Another member owns them now: publish what is scored (byte-identical to what
         # the new owner may publish) but commit nothing.
+        self._abandon_round()
         self._drain()
         self._drop(mine)
         log.warning("partitions_lost", partitions=mine, owned=sorted(self.parts))

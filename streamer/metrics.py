@@ -254,8 +254,16 @@ class Metrics:
         self.commits = Counter(name("commits"), "Offset commit rounds completed.", registry=reg)
         self.commit_round = Histogram(
             name("commit_round_seconds"),
-            "Duration of a commit round (drain, deliver, checkpoint state, commit); the "
-            "consumer stands still meanwhile.",
+            "Duration of a commit round, from H taken to offsets committed (checkpoint "
+            "the state at H, wait for every record to be acknowledged, commit).",
+            buckets=INFERENCE_BUCKETS_S,
+            registry=reg,
+        )
+        self.commit_stall = Histogram(
+            name("commit_stall_seconds"),
+            "Loop time a commit round took (snapshot, state records, the commit call); "
+            "interval rounds consume on while records are acknowledged, shutdown and "
+            "revocation rounds wait.",
             buckets=INFERENCE_BUCKETS_S,
             registry=reg,
         )
@@ -302,10 +310,11 @@ class Metrics:
         self.inference_batch.observe(windows)
         self.inference_latency.observe(seconds)
 
-    def commit_done(self, seconds: float) -> None:
-        """A commit round completed in ``seconds``."""
+    def commit_done(self, seconds: float, stalled_s: float) -> None:
+        """A commit round completed in ``seconds``, of which the loop spent ``stalled_s``."""
         self.commits.inc()
         self.commit_round.observe(seconds)
+        self.commit_stall.observe(stalled_s)
 
     def model_in_use(self, version: str, load_s: float) -> None:
         """A model started scoring."""

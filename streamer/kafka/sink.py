@@ -4,6 +4,10 @@ librdkafka reports delivery asynchronously, through a callback that runs inside
 ``poll``/``flush`` on the calling thread. The first error is latched there and
 raised by the next ``produce``, ``poll`` or ``flush``, so the daemon never commits
 an offset whose output was not delivered.
+
+Besides ``flush`` (wait for everything), ``mark`` and ``acknowledged`` tell without
+waiting when every record produced before a point is acknowledged, while newer
+records keep flowing: records are counted per epoch, and ``mark`` starts a new one.
 """
 
 from __future__ import annotations
@@ -43,21 +47,58 @@ class Sink:
         self._failure: str | None = None
         self.delivered = 0
         self.produced = 0
+        # Epoch -> its records not yet reported (delivered or failed), oldest first; the
+        # current epoch is always present. Closed epochs leave once fully reported.
+        self._epoch = 0
+        self._unreported: dict[int, int] = {0: 0}
+        self._on_delivery = self._reporter(0)
 
-    def _on_delivery(self, err: Any, msg: Message) -> None:
-        if err is not None:
-            if self._failure is None:
-                self._failure = f"delivery to {msg.topic()}[{msg.partition()}] failed: {err}"
-            return
-        self.delivered += 1
+    def _reporter(self, epoch: int) -> Callable[[Any, Message], None]:
+        unreported = self._unreported
+
+        def on_delivery(err: Any, msg: Message) -> None:
+            if err is not None:
+                if self._failure is None:
+                    self._failure = f"delivery to {msg.topic()}[{msg.partition()}] failed: {err}"
+            else:
+                self.delivered += 1
+            left = unreported[epoch] - 1
+            if left or epoch == self._epoch:
+                unreported[epoch] = left
+            else:
+                del unreported[epoch]
+
+        return on_delivery
 
     def _then(self, on_delivered: Callable[[], None]) -> Callable[[Any, Message], None]:
+        report = self._on_delivery
+
         def callback(err: Any, msg: Message) -> None:
-            self._on_delivery(err, msg)
+            report(err, msg)
             if err is None:
                 on_delivered()
 
         return callback
+
+    def mark(self) -> int:
+        """A token for "everything produced so far"; see ``acknowledged``."""
+        token = self._epoch
+        if self._unreported[token] == 0:
+            del self._unreported[token]
+        self._epoch += 1
+        self._unreported[self._epoch] = 0
+        self._on_delivery = self._reporter(self._epoch)
+        return token
+
+    def acknowledged(self, token: int) -> bool:
+        """Whether every record produced before ``mark`` returned ``token`` is reported.
+
+        Reported means acknowledged by the broker, or failed: a failure is latched and
+        raised by the next call, so a caller never acts on a failed record. Delivery
+        reports are served by ``poll``, ``produce`` (when the queue is full) and ``flush``.
+        """
+        self.raise_if_failed()
+        return next(iter(self._unreported)) > token
 
     def _on_error(self, err: Any) -> None:
         # Client-level errors: most are transient and librdkafka retries them; a fatal
@@ -88,6 +129,7 @@ class Sink:
         acknowledged this record.
         """
         self.raise_if_failed()
+        epoch = self._epoch
         callback = self._on_delivery if on_delivered is None else self._then(on_delivered)
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": callback}
         if headers:
@@ -97,6 +139,7 @@ class Sink:
         while True:
             try:
                 self._producer.produce(topic, **kwargs)
+                self._unreported[epoch] += 1
                 break
             except BufferError:
                 # Local queue full: serve delivery reports until there is room.

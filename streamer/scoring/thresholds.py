@@ -1279,14 +1279,18 @@ class ThresholdBank:
         for s in sensors:
             self._by_sensor.pop(s, None)
 
-    def export(self, sensor: str) -> dict[str, Any]:
+    def export(self, sensor: str, of: Threshold | None = None) -> dict[str, Any]:
         """The sensor's state dict (KeyError if it has none).
+
+        ``of``: export this copy (``clone``) of the sensor's threshold instead. A clone
+        takes a quarter of the time of an export: a commit round copies every changed
+        sensor's threshold at one point of the stream and exports them while it goes on.
 
         A calibration sample shared with the prototype is written as its SHA-256
         (``ref_sha256``) instead of 256 numbers: most of a state record otherwise, and
         every changed sensor's record is written at every commit round.
         """
-        th = self._by_sensor[sensor]
+        th = self._by_sensor[sensor] if of is None else of
         state = th.state_dict()
         shared = self._prototype_sample()
         if shared is not None and _reference_of(th) is shared[0] and "ref" in state:

@@ -1,4 +1,4 @@
-"""``settle_heap``: long-lived objects are frozen out of full collections, cycles still die."""
+"""Process housekeeping of the daemon: the heap settle, and the log level."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
-from streamer.daemon import settle_heap
+from streamer.daemon import configure_logging, settle_heap
+from streamer.errors import ConfigError
 
 
 class _Node:
@@ -62,3 +64,37 @@ def test_garbage_at_settle_time_is_collected_not_frozen() -> None:
     holder.clear()
     settle_heap("test")
     assert ref() is None
+
+
+class TestLogLevel:
+    """``STREAMER_LOG_LEVEL`` picks the daemon's log level; a bad one stops start-up."""
+
+    @pytest.fixture(autouse=True)
+    def _restore(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+        yield
+        monkeypatch.delenv("STREAMER_LOG_LEVEL", raising=False)
+        configure_logging(json_logs=True)
+
+    @pytest.mark.parametrize(("level", "shown"), [("debug", True), ("INFO", False)])
+    def test_debug_lines_follow_the_level(
+        self,
+        level: str,
+        shown: bool,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.setenv("STREAMER_LOG_LEVEL", level)
+        configure_logging(json_logs=True)
+        log = structlog.get_logger("test.level")
+        log.debug("detail_line")
+        log.info("info_line")
+        out = capsys.readouterr().out
+        assert "info_line" in out
+        assert ("detail_line" in out) is shown
+
+    def test_an_unknown_level_is_a_config_error_naming_it(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("STREAMER_LOG_LEVEL", "loud")
+        with pytest.raises(ConfigError, match="STREAMER_LOG_LEVEL='loud'"):
+            configure_logging(json_logs=True)
