@@ -127,11 +127,29 @@ def produce_stream(
             "compression.type": "lz4",
         }
     )
-    keys = [f"s{i:06d}".encode() for i in range(sensors)]
     # This process imported torch to train the model: without freezing, a full garbage
     # collection (~100 ms) now and then would hold samples stamped before it.
     gc.collect()
     gc.freeze()
+    try:
+        n = _send_rows(producer, topic, sensors, rows, channels, rate_hz, wall_clock, first_row)
+    finally:
+        gc.unfreeze()  # frozen objects are not freed at exit, and extensions report leaks
+    producer.flush(120)
+    return n
+
+
+def _send_rows(
+    producer: Producer,
+    topic: str,
+    sensors: int,
+    rows: int,
+    channels: int,
+    rate_hz: float | None,
+    wall_clock: bool,
+    first_row: list[int] | None,
+) -> int:
+    keys = [f"s{i:06d}".encode() for i in range(sensors)]
     started = time.monotonic()
     n = 0
     rng = np.random.default_rng(0)
@@ -159,7 +177,6 @@ def produce_stream(
             ahead = (r + 1) / rate_hz - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
-    producer.flush(120)
     return n
 
 

@@ -380,6 +380,8 @@ class Daemon:
             settle_heap("started")
             return self._loop()
         finally:
+            # Frozen objects are not freed at exit, and some extensions report them as leaks.
+            gc.unfreeze()
             self._stop_ops()
             self.engine.close()
             if self.sink is not None:
