@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import signal
@@ -963,17 +964,20 @@ class Daemon:
             return None  # nothing consumed since the last commit (or still replaying)
         h = part.consumed
         self._expire_anchors(part)
-        self._evict(part, h)
+        names, oldest_pos, oldest_count = self._evict(part, h)
         evicted, part.evicted = part.evicted, set()
-        names = sorted(part.sensors)
-        engine = self.engine
-        slots = np.asarray([engine.index.slot(s) for s in names], dtype=np.int64)
-        oldest_pos, oldest_count = engine.windows.oldest(slots)
-        anchors = {
-            s: (pos & _OFFSET_MASK, count)
-            for s, pos, count in zip(names, oldest_pos.tolist(), oldest_count.tolist(), strict=True)
-            if count > 0
-        }
+        has = oldest_count > 0
+        anchors = dict(
+            zip(
+                itertools.compress(names, has.tolist()),
+                zip(
+                    (oldest_pos[has] & _OFFSET_MASK).tolist(),
+                    oldest_count[has].tolist(),
+                    strict=True,
+                ),
+                strict=True,
+            )
+        )
         return _Checkpoint(p, h, set(names), anchors, evicted)
 
     def _checkpoint(self, c: _Checkpoint, defer: deque[_StateAtH] | None = None) -> tuple[int, str]:
@@ -1064,32 +1068,35 @@ class Daemon:
                 anchor_offset=pos & _OFFSET_MASK,
             )
 
-    def _evict(self, part: _Partition, h: int) -> None:
-        """Evict silent sensors and those that would make the replay too long."""
-        if not part.sensors:
-            return
+    def _evict(
+        self, part: _Partition, h: int
+    ) -> tuple[list[str], NDArray[np.int64], NDArray[np.int64]]:
+        """Evict silent sensors and those that would make the replay too long.
+
+        Returns the sensors kept, with the position and count of their oldest sample
+        held (``RingWindows.oldest``). Vectorised: at 100,000 sensors it runs at every
+        commit round.
+        """
         engine = self.engine
-        names = sorted(part.sensors)
-        slots = np.asarray([engine.index.slot(s) for s in names], dtype=np.int64)
-        last_ts = np.asarray([engine.windows.last_ts(int(s)) for s in slots])
-        oldest_pos, _ = engine.windows.oldest(slots)
-        anchor = np.asarray(
-            [
-                self.anchor_offset.get(s, int(o) & _OFFSET_MASK if o >= 0 else h)
-                for s, o in zip(names, oldest_pos.tolist(), strict=True)
-            ],
-            dtype=np.int64,
-        )
+        names = list(part.sensors)
+        slot_of, anchor_of = engine.index.slot, self.anchor_offset.get
+        slots = np.fromiter((slot_of(s) for s in names), dtype=np.int64, count=len(names))
+        last_ts = engine.windows.last_ts_of(slots)
+        oldest_pos, oldest_count = engine.windows.oldest(slots)
+        written = np.fromiter((anchor_of(s, -1) for s in names), dtype=np.int64, count=len(names))
+        held = np.where(oldest_pos >= 0, oldest_pos & _OFFSET_MASK, h)
+        anchor = np.where(written >= 0, written, held)
         has_samples = np.isfinite(last_ts)
         # The partition's clock: the (upper) median of its sensors' latest timestamps, so
         # one sensor with a clock far ahead cannot make all the others look silent.
-        held = np.sort(last_ts[has_samples])
-        now_ts = float(held[held.size // 2]) if held.size else float("-inf")
+        latest = np.sort(last_ts[has_samples])
+        now_ts = float(latest[latest.size // 2]) if latest.size else float("-inf")
         silent = has_samples & (now_ts - last_ts > self.cfg.stream.max_gap_s)
         limit = self.cfg.stream.max_replay_messages
         behind = (h - anchor) > limit
         replay_bound = behind & ~silent
-        evict = np.flatnonzero(silent | behind).tolist()
+        out = silent | behind
+        evict = sorted(np.flatnonzero(out).tolist(), key=names.__getitem__)
         for n, i in enumerate(evict):
             s = names[i]
             if n < _EVICTIONS_LOGGED:
@@ -1124,6 +1131,10 @@ class Daemon:
                 needed_at_least=self.cfg.stream.window * len(names),
                 hint="raise stream.max_replay_messages above window x sensors per partition",
             )
+        if not evict:
+            return names, oldest_pos, oldest_count
+        kept = np.flatnonzero(~out)
+        return [names[i] for i in kept.tolist()], oldest_pos[kept], oldest_count[kept]
 
     def _forget_ring(self, sensor: str, part: _Partition) -> None:
         engine = self.engine

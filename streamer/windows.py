@@ -237,6 +237,13 @@ class RingWindows:
         """Timestamp of the newest accepted sample of ``slot`` (-inf if none)."""
         return float(self._last_ts[slot]) if slot < self.capacity else float("-inf")
 
+    def last_ts_of(self, slots: NDArray[np.int64]) -> NDArray[np.float64]:
+        """``last_ts`` for an array of slots."""
+        out = np.full(len(slots), -np.inf)
+        inside = slots < self.capacity
+        out[inside] = self._last_ts[slots[inside]]
+        return out
+
     def oldest_position(self, slots: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
         """Position of the oldest sample held per slot (-1 where a slot holds nothing).
 

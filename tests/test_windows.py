@@ -160,6 +160,18 @@ class TestRingWindowsBasics:
         assert ring.oldest_position(np.array([0, 5]))[0] == 106
         assert ring.oldest_position(np.array([0, 5]))[1] == -1
 
+    def test_last_ts_of_matches_last_ts(self) -> None:
+        """The array form gives each slot's newest timestamp, -inf where none is held."""
+        ring = RingWindows(channels=1, window=4, stride=1, capacity=4)
+        slots = np.array([0, 2, 0, 2, 2], dtype=np.int64)
+        ring.push(slots, np.array([1.0, 5.0, 2.0, 6.0, 7.5]), np.zeros((5, 1)), np.arange(5))
+        ring.reset([2])
+        ring.push(np.array([2], np.int64), np.array([9.0]), np.zeros((1, 1)), np.array([5]))
+        query = np.array([0, 1, 2, 3, 1_000], dtype=np.int64)
+        got = ring.last_ts_of(query)
+        assert got.tolist() == [2.0, -np.inf, 9.0, -np.inf, -np.inf]
+        assert got.tolist() == [ring.last_ts(int(q)) for q in query]
+
     def test_bad_arguments(self) -> None:
         """Invalid construction and mismatched arrays raise errors naming the value."""
         with pytest.raises(ConfigError, match="stride"):
