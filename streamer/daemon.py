@@ -843,10 +843,12 @@ class Daemon:
 
         1. Now, at H: evict, and note every sensor's ring anchor.
         2. When the batches queued before H are published (``_publish_next``), and before
-           any later one is: produce the state records, whose thresholds and alerts are
-           then exactly those at H.
-        3. Once every record produced until then is acknowledged (``_advance_round``):
-           commit. The records produced meanwhile are newer than H, and not covered.
+           any later one is: copy the changed sensors' thresholds and alert state, which
+           are then exactly those at H.
+        3. Serialise and produce those records, a slice per loop iteration, then mark
+           the sink (``_advance_round``).
+        4. Once every record produced up to the mark is acknowledged: commit. Records
+           produced meanwhile are newer than H, and not covered by it.
         """
         started = time.perf_counter()
         checkpoints = [c for c in (self._snapshot(p) for p in partitions) if c is not None]
@@ -909,13 +911,21 @@ class Daemon:
         if r is None:
             return
         self.round = None
-        if r.commits is None:
-            # Its evictions were not written yet: the next round writes them.
-            for c in r.checkpoints:
-                part = self.parts.get(c.partition)
-                if part is not None:
-                    part.evicted |= c.evicted
-        log.debug("commit_round_abandoned", reason=r.reason, checkpointed=r.commits is not None)
+        # What it has not produced yet, the next round writes (as of its own H).
+        for c in r.checkpoints:
+            part = self.parts.get(c.partition)
+            if part is not None:
+                part.evicted |= c.evicted
+        for sensor, p, *_ in r.unsent:
+            part = self.parts.get(p)
+            if part is not None:
+                (part.dirty if sensor in part.sensors else part.evicted).add(sensor)
+        log.debug(
+            "commit_round_abandoned",
+            reason=r.reason,
+            checkpointed=r.commits is not None,
+            unsent=len(r.unsent),
+        )
 
     def _commit(
         self,
