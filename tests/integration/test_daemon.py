@@ -20,7 +20,8 @@ from confluent_kafka import Message
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from streamer.codec import DLQ_KINDS
-from streamer.config import KafkaConfig, TopicsConfig
+from streamer.config import KafkaConfig, TopicsConfig, load_config
+from streamer.daemon import Daemon, _Checkpoint, _Partition, _Round
 from streamer.kafka.admin import ensure_topics
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all
@@ -559,3 +560,41 @@ class TestTopics:
             assert state_cfg["cleanup.policy"].value == "compact"
         finally:
             kafka_admin.delete_topics(names, operation_timeout=0)
+
+
+class TestAbandonedRound:
+    """A round dropped in flight (rebalance, shutdown) leaves nothing unwritten behind."""
+
+    def test_unsent_sensors_are_handed_back_to_the_next_round(
+        self, tmp_path: Path, model_dir: Path
+    ) -> None:
+        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
+        cfg = load_config(write_config(tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir))
+        daemon = Daemon(cfg)  # no Kafka contact before run()
+        try:
+            part = _Partition(partition=0, consumed=100)
+            part.sensors |= {"live-a", "live-b"}
+            daemon.parts[0] = part
+            snapshot = _Checkpoint(0, 100, {"live-a", "live-b"}, {}, {"evicted-x"})
+            pending = _Round(0.0, 0, [snapshot], "interval")
+            daemon.round = pending
+            daemon._abandon_round()  # before its state was copied: evictions come back
+            assert daemon.round is None
+            assert part.evicted == {"evicted-x"} and part.dirty == set()
+
+            part.evicted.clear()
+            copied = _Round(0.0, 0, [_Checkpoint(0, 100, set(), {}, set())], "interval")
+            copied.commits = {0: (0, '{"v": 1, "h": 100}')}
+            copied.unsent.extend(
+                [
+                    ("live-b", 0, 100, None, None, {}),
+                    ("evicted-y", 0, 100, None, None, {}),
+                    ("elsewhere", 7, 100, None, None, {}),  # partition no longer owned
+                ]
+            )
+            daemon.round = copied
+            daemon._abandon_round()  # state copied, not all produced: those sensors come back
+            assert part.dirty == {"live-b"}
+            assert part.evicted == {"evicted-y"}
+        finally:
+            daemon.engine.close()
