@@ -96,10 +96,11 @@ class KafkaConfig(_Section):
     topic_partitions: PositiveInt = 1
     consume_batch: PositiveInt = 2000
     poll_timeout_ms: PositiveInt = 100
-    # How often the daemon delivers, checkpoints state and commits (also on revoke and
-    # shutdown). Longer: less overhead, more to replay after a crash. A round that takes
-    # long (many changed sensors) pushes the next one to at least 9x its duration later,
-    # so rounds never take more than a tenth of the time.
+    # How often the daemon checkpoints state and commits (also on revoke and shutdown);
+    # it consumes on while a round's records are delivered. Longer: less overhead, more
+    # to replay after a crash. A round that takes long (many changed sensors) pushes the
+    # next one to at least 9x the loop time it took, so rounds never take more than a
+    # tenth of the loop's time.
     commit_interval_s: PositiveFloat = 5.0
     # Upper bound on reading a partition's state back on assignment.
     restore_timeout_s: PositiveFloat = 60.0
