@@ -91,8 +91,12 @@ class Threshold(Protocol):
         """Anomaly likelihood of each score under the current state (no state change)."""
         ...
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state, including ``kind``, ``version`` and the parameters."""
+    def state_dict(self, *, reference: bool = True) -> dict[str, Any]:
+        """JSON-serialisable state, including ``kind``, ``version`` and the parameters.
+
+        ``reference=False`` leaves out the calibration sample (``ref``), for a caller
+        that writes its digest instead (``ThresholdBank.export``).
+        """
         ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -543,8 +547,8 @@ class _SpotCore:
         new.peaks = self.peaks.copy()
         return new
 
-    def state(self) -> dict[str, Any]:
-        return {
+    def state(self, reference: bool = True) -> dict[str, Any]:
+        state = {
             "risk": self.risk,
             "level": self.level,
             "max_peaks": self.max_peaks,
@@ -557,8 +561,10 @@ class _SpotCore:
             "z": self.z,
             "rate": self.rate,
             "floor": self.floor,
-            "ref": self.ref.tolist(),
         }
+        if reference:
+            state["ref"] = self.ref.tolist()
+        return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> _SpotCore:
@@ -679,10 +685,10 @@ class SpotThreshold:
         """Anomaly likelihood under the current tail fit."""
         return _ensure(self._core, self.kind).likelihood(_live_scores(scores))
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, reference: bool = True) -> dict[str, Any]:
         """JSON-serialisable state (parameters, t, counts, kept peaks, fit, reference)."""
         state: dict[str, Any] = {"kind": self.kind, "version": STATE_VERSION}
-        state.update(_ensure(self._core, self.kind).state())
+        state.update(_ensure(self._core, self.kind).state(reference))
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -847,10 +853,10 @@ class DspotThreshold:
         core = _ensure(self._core, self.kind)
         return core.likelihood(_live_scores(scores) - self._wsum / self._depth)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, reference: bool = True) -> dict[str, Any]:
         """JSON-serialisable state: the SPOT state on residuals plus the moving window."""
         state: dict[str, Any] = {"kind": self.kind, "version": STATE_VERSION}
-        state.update(_ensure(self._core, self.kind).state())
+        state.update(_ensure(self._core, self.kind).state(reference))
         state["depth"] = self._depth
         state["window"] = self._ordered().tolist()
         state["window_sum"] = self._wsum
@@ -1017,7 +1023,7 @@ class QuantileThreshold:
         self._threshold()
         return _ecdf(np.asarray(self._sorted), _live_scores(scores))
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, reference: bool = True) -> dict[str, Any]:
         """JSON-serialisable state: parameters and the window in arrival order."""
         self._threshold()
         return {
@@ -1096,13 +1102,13 @@ class FixedThreshold:
         """Empirical CDF of the calibration sample, or ``score / (score + value)``."""
         return self._lik(_live_scores(scores))
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, reference: bool = True) -> dict[str, Any]:
         """JSON-serialisable state: the value and the calibration sample (possibly empty)."""
         return {
             "kind": self.kind,
             "version": STATE_VERSION,
             "value": self._value,
-            "ref": [] if self._ref is None else self._ref.tolist(),
+            **({"ref": [] if self._ref is None else self._ref.tolist()} if reference else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1291,11 +1297,11 @@ class ThresholdBank:
         every changed sensor's record is written at every commit round.
         """
         th = self._by_sensor[sensor] if of is None else of
-        state = th.state_dict()
         shared = self._prototype_sample()
-        if shared is not None and _reference_of(th) is shared[0] and "ref" in state:
-            del state["ref"]
-            state["ref_sha256"] = shared[1]
+        if shared is None or _reference_of(th) is not shared[0]:
+            return th.state_dict()
+        state = th.state_dict(reference=False)
+        state["ref_sha256"] = shared[1]
         return state
 
     def _prototype_sample(self) -> tuple[NDArray[np.float64], str] | None:

@@ -100,6 +100,16 @@ class TestThresholdContract:
         assert res.anomalous.all()
         assert threshold.state_dict() == before
 
+    def test_state_without_reference_is_the_state_less_its_sample(
+        self, threshold: Threshold
+    ) -> None:
+        """state_dict(reference=False) is state_dict() without "ref", and nothing else."""
+        threshold.step(STREAM)
+        full = threshold.state_dict()
+        bare = threshold.state_dict(reference=False)
+        assert "ref" not in bare
+        assert {k: v for k, v in full.items() if k != "ref"} == bare
+
     def test_likelihood_is_pure(self, threshold: Threshold) -> None:
         """likelihood() changes no state."""
         before = threshold.state_dict()
