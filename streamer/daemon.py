@@ -661,9 +661,14 @@ class Daemon:
 
     def _track_sensors(self, keys: NDArray[np.object_], parts: NDArray[np.int64]) -> None:
         """Register new sensors: their ring anchor must be written at the next round."""
-        uniq, first = np.unique(keys, return_index=True)
-        for key, i in zip(uniq.tolist(), first.tolist(), strict=True):
-            if key not in self.sensor_part:
+        known = self.sensor_part
+        names = keys.tolist()
+        # One dict lookup per sample: cheaper than finding the distinct keys (np.unique
+        # sorts objects with Python comparisons), and almost every key is known.
+        new = [i for i, key in enumerate(names) if key not in known]
+        for i in new:
+            key = names[i]
+            if key not in known:
                 p = int(parts[i])
                 self.sensor_part[key] = p
                 part = self.parts[p]

@@ -197,6 +197,17 @@ class TestSensorIndex:
         assert idx.key(int(first[0])) == "a"
 
 
+    def test_new_keys_in_a_batch_take_slots_in_order_of_appearance(self) -> None:
+        """Known keys keep their slots; new ones (repeated or not) are allocated once each."""
+        idx = SensorIndex()
+        assert idx.slots(np.array(["k", "j"], dtype=object)).tolist() == [0, 1]
+        idx.release(["k"])
+        got = idx.slots(np.array(["x", "j", "y", "x", "j", "y", "z"], dtype=object))
+        assert got.tolist() == [0, 1, 2, 0, 1, 2, 3]  # "x" reuses k's slot
+        assert [idx.key(s) for s in got.tolist()] == ["x", "j", "y", "x", "j", "y", "z"]
+        assert idx.slots([]).tolist() == []
+
+
 class TestRingWindowsAnchor:
     """A replay from a commit point, anchored, emits exactly the original run's later windows."""
 
