@@ -196,7 +196,6 @@ class TestSensorIndex:
         assert idx.slot("d") == freed[0]
         assert idx.key(int(first[0])) == "a"
 
-
     def test_new_keys_in_a_batch_take_slots_in_order_of_appearance(self) -> None:
         """Known keys keep their slots; new ones (repeated or not) are allocated once each."""
         idx = SensorIndex()
