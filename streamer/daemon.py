@@ -116,9 +116,10 @@ _RESULT_WAIT_S = 0.002
 _COMMIT_SPACING = 9.0
 # State records produced between waits for delivery within one commit round.
 _STATE_FLUSH_EVERY = 5000
-# An interval round snapshots at most this many sensors' state at H and serialises and
-# produces _STATE_SLICE per loop iteration; with more, it produces them all at H,
-# flushing as above (a snapshot holds ~2 KB per sensor until it is serialised).
+# An interval round over at most this many sensors (its partitions' sensors and
+# evictions, an upper bound on the records) copies their state at H and serialises and
+# produces _STATE_SLICE records per loop iteration; a larger one produces them all at H,
+# flushing as above (a copy holds ~2 KB per sensor until it is serialised).
 _DEFER_STATES_MAX = 20_000
 _STATE_SLICE = 100
 # Per-sensor eviction warnings per partition and round; the rest are summed in one line.
@@ -238,12 +239,13 @@ class _Round:
     barrier: int
     checkpoints: list[_Checkpoint]
     reason: str
-    # Set once the state records are produced: the commits, and the sink mark that
-    # every record behind them (scores, alerts, dead letters, state) was produced under.
+    # Set at the barrier, once the state at H is copied (or, for a large round, produced).
     commits: dict[int, tuple[int, str]] | None = None
     # The state at H, serialised and produced a slice per loop iteration.
     unsent: deque[_StateAtH] = field(default_factory=deque)
-    token: int = -1  # the sink mark once every state record is produced
+    # The sink mark once every state record is produced: every record behind the commits
+    # (scores, alerts, dead letters, state) was produced before it.
+    token: int = -1
     states: int = 0
     stalled_s: float = 0.0  # loop time spent on the round
     serialise_s: float = 0.0  # of which serialising the state at H
@@ -1094,8 +1096,8 @@ class Daemon:
         """
         engine = self.engine
         names = list(part.sensors)
-        slot_of, anchor_of = engine.index.slot, self.anchor_offset.get
-        slots = np.fromiter((slot_of(s) for s in names), dtype=np.int64, count=len(names))
+        anchor_of = self.anchor_offset.get
+        slots = engine.index.slots(names)
         last_ts = engine.windows.last_ts_of(slots)
         oldest_pos, oldest_count = engine.windows.oldest(slots)
         written = np.fromiter((anchor_of(s, -1) for s in names), dtype=np.int64, count=len(names))
