@@ -1090,9 +1090,9 @@ class Daemon:
     ) -> tuple[list[str], NDArray[np.int64], NDArray[np.int64]]:
         """Evict silent sensors and those that would make the replay too long.
 
-        Returns the sensors kept, with the position and count of their oldest sample
-        held (``RingWindows.oldest``). Vectorised: at 100,000 sensors it runs at every
-        commit round.
+        Returns the sensors kept, with the position and count of the oldest sample a
+        future window of theirs needs (``RingWindows.oldest``). Vectorised: at 100,000
+        sensors it runs at every commit round.
         """
         engine = self.engine
         names = list(part.sensors)

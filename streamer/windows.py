@@ -174,8 +174,12 @@ def _group_ranks(sorted_slots: NDArray[np.int64]) -> tuple[NDArray[np.int64], ND
 class RingWindows:
     """Ring buffers of the last ``window`` samples of every sensor slot.
 
-    Storage is three preallocated arrays indexed by slot (values, timestamps,
-    positions), grown by doubling when a slot beyond capacity appears.
+    Storage is preallocated arrays indexed by slot, grown by doubling when a slot
+    beyond capacity appears: the last ``window`` values of every slot, and the
+    timestamp and position of only those samples a window can start at (every
+    ``stride``-th since the last reset): a window reports its first and last
+    sample's, and the last is the sample that completes it. At window 64, stride 8
+    and 8 channels that is 2,048 + 128 bytes per sensor instead of 2,048 + 1,024.
     """
 
     def __init__(
@@ -200,8 +204,14 @@ class RingWindows:
         self.max_gap_s = float(max_gap_s)
         capacity = max(1, capacity)
         self._values = np.zeros((capacity, window, channels), dtype=np.float32)
-        self._ts = np.zeros((capacity, window), dtype=np.float64)
-        self._pos = np.zeros((capacity, window), dtype=np.int64)
+        # Ring of window starts: sample i (0-based since the last reset) is a start when
+        # i % stride == 0 and sits at (i // stride) % starts. The starts held at once are
+        # consecutive multiples of stride within the last `window` samples: at most
+        # ceil(window / stride) of them, so none overwrites another still needed.
+        self._n_starts = -(-window // stride)
+        self._ts = np.zeros((capacity, self._n_starts), dtype=np.float64)
+        self._pos = np.zeros((capacity, self._n_starts), dtype=np.int64)
+        self._last_pos = np.zeros(capacity, dtype=np.int64)
         # Samples accepted since the last reset (the ring index is count % window).
         self._count = np.zeros(capacity, dtype=np.int64)
         self._last_ts = np.full(capacity, -np.inf, dtype=np.float64)
@@ -233,6 +243,7 @@ class RingWindows:
         self._pos = grown(self._pos, 0)  # type: ignore[assignment]
         self._count = grown(self._count, 0)  # type: ignore[assignment]
         self._last_ts = grown(self._last_ts, -np.inf)  # type: ignore[assignment]
+        self._last_pos = grown(self._last_pos, 0)  # type: ignore[assignment]
 
     def count(self, slot: int) -> int:
         """Samples held for ``slot`` since its last reset."""
@@ -250,31 +261,37 @@ class RingWindows:
         return out
 
     def oldest_position(self, slots: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
-        """Position of the oldest sample held per slot (-1 where a slot holds nothing).
+        """Position of the oldest sample a future window of each slot needs (-1: none held).
 
-        Replaying from the minimum of these rebuilds every buffer exactly.
+        Replaying from the minimum of these rebuilds every later window exactly.
         """
-        if slots is None:
-            slots = np.arange(self.capacity, dtype=np.int64)
-        count = self._count[slots]
-        held = np.minimum(count, self.window)
-        oldest_ring = (count - held) % self.window
-        out = self._pos[slots, oldest_ring]
-        return np.where(count > 0, out, -1)
+        return self.oldest(slots)[0]
 
     def oldest(
         self, slots: NDArray[np.int64] | None = None
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """Position of the oldest sample held per slot and its count since the last reset.
+        """The oldest sample per slot that a future window needs: its position and count.
 
-        Both are -1 / 0 where a slot holds nothing. The pair is what ``set_anchor``
-        needs to rebuild the slot exactly from a replay that starts at that position.
+        That is the first sample of the slot's next window when it is already held,
+        else the newest sample (with stride == window the next window starts after
+        it). The count is the sample's count since the last reset. Both are -1 / 0
+        where a slot holds nothing. The pair is what ``set_anchor`` needs to continue
+        the slot exactly from a replay that starts at that position.
         """
         if slots is None:
             slots = np.arange(self.capacity, dtype=np.int64)
         count = self._count[slots]
-        held = np.minimum(count, self.window)
-        return self.oldest_position(slots), np.where(count > 0, count - held + 1, 0)
+        w, stride = self.window, self.stride
+        # A window ending at count c > count starts at sample c - w >= count - w + 1, on
+        # a multiple of stride: the first such multiple is the next window's start.
+        lo = np.maximum(count - w + 1, 0)
+        nxt = -(-lo // stride) * stride
+        held = nxt <= count - 1
+        pos = np.where(
+            held, self._pos[slots, (nxt // stride) % self._n_starts], self._last_pos[slots]
+        )
+        cnt = np.where(held, nxt + 1, count)
+        return np.where(count > 0, pos, -1), np.where(count > 0, cnt, 0)
 
     def set_anchor(self, slot: int, position: int, count: int) -> None:
         """When the sample at ``position`` is next pushed for ``slot``, make it sample ``count``.
@@ -378,12 +395,13 @@ class RingWindows:
         w = self.window
         base = int(self._count[slot])
         # Without the anchor the sample would land at ring index base % w; it belongs at
-        # (count - 1) % w. Rolling keeps the replayed samples before it in sequence.
+        # (count - 1) % w. Rolling keeps the replayed samples before it in sequence. The
+        # ring of window starts is not rolled: every window after the anchor starts at
+        # or after it (the anchor is the oldest sample still needed), so its starts are
+        # written with the anchored counts.
         shift = (count - 1 - base) % w
         if shift:
             self._values[slot] = np.roll(self._values[slot], shift, axis=0)
-            self._ts[slot] = np.roll(self._ts[slot], shift)
-            self._pos[slot] = np.roll(self._pos[slot], shift)
         self._count[slot] = count - 1
         # The original run accepted this sample as a continuation: no gap reset here.
         self._last_ts[slot] = -np.inf
@@ -486,7 +504,10 @@ class RingWindows:
             )
             # Only the first and last samples' timestamps and positions are reported; the
             # last is the emitting sample itself, always in the batch.
-            first_in, first_src, first_ring = in_batch[:, 0], src_sorted[:, 0], ring_src[:, 0]
+            first_in, first_src = in_batch[:, 0], src_sorted[:, 0]
+            # A first sample from before the batch is sample base + rel since the reset: a
+            # multiple of stride (a window start), held in the ring of starts.
+            first_ring = ((base[e_idx] + rel[:, 0]) // stride) % self._n_starts
             last_src = src_sorted[:, -1]
             windows = WindowBatch(
                 e_slots,
@@ -511,9 +532,17 @@ class RingWindows:
         ring_idx = (count_after[k_idx] - 1) % w
         src = order[k_idx]
         self._values[k_slots, ring_idx] = values[src]
-        self._ts[k_slots, ring_idx] = ts[src]
-        self._pos[k_slots, ring_idx] = positions[src]
         last = ends - 1
+        # Timestamps and positions of window starts only, and only those after the
+        # group's last reset (an earlier one could share a ring index with a later one).
+        k_count = count_after[k_idx]
+        k_last = np.repeat(last, ends - starts)[k_idx]
+        current = k_count + (k_last - k_idx) == count_after[k_last]
+        st = np.flatnonzero(current & ((k_count - 1) % stride == 0))
+        st_ring = ((k_count[st] - 1) // stride) % self._n_starts
+        self._ts[k_slots[st], st_ring] = ts[src[st]]
+        self._pos[k_slots[st], st_ring] = positions[src[st]]
+        self._last_pos[s_slots[last]] = positions[order[last]]
         self._count[s_slots[last]] = count_after[last]
         self._last_ts[s_slots[last]] = s_ts[last]
         resets = np.sort(order[np.flatnonzero(is_reset)])

@@ -154,11 +154,32 @@ class TestRingWindowsBasics:
         assert res.windows.start_ts[0] == 100
 
     def test_oldest_position_rebuilds(self) -> None:
-        """oldest_position is the first sample still held in the ring."""
+        """oldest_position is the first sample of the next window (-1 for an empty slot)."""
         ring = RingWindows(channels=1, window=4, stride=1)
         ring.push(np.zeros(10, np.int64), np.arange(10.0), np.zeros((10, 1)), np.arange(100, 110))
-        assert ring.oldest_position(np.array([0, 5]))[0] == 106
+        # The next window ends at the 11th sample and starts at the 8th (position 107).
+        assert ring.oldest_position(np.array([0, 5]))[0] == 107
         assert ring.oldest_position(np.array([0, 5]))[1] == -1
+
+    @pytest.mark.parametrize(
+        ("stride", "n", "expected"),
+        [
+            (2, 10, (108, 9)),  # windows end at counts 4, 6, 8, 10; the next starts at 9
+            (4, 10, (108, 9)),  # windows end at 4, 8; the next (12) starts at 9, held
+            (4, 8, (107, 8)),  # the next window starts after the newest sample
+            (2, 3, (100, 1)),  # no window yet: the first starts at the first sample
+        ],
+    )
+    def test_oldest_is_next_window_start(
+        self, stride: int, n: int, expected: tuple[int, int]
+    ) -> None:
+        """oldest gives the next window's first sample if held, else the newest sample."""
+        ring = RingWindows(channels=1, window=4, stride=stride)
+        ring.push(
+            np.zeros(n, np.int64), np.arange(float(n)), np.zeros((n, 1)), np.arange(100, 100 + n)
+        )
+        pos, count = ring.oldest(np.array([0], dtype=np.int64))
+        assert (int(pos[0]), int(count[0])) == expected
 
     def test_last_ts_of_matches_last_ts(self) -> None:
         """The array form gives each slot's newest timestamp, -inf where none is held."""
@@ -255,7 +276,7 @@ class TestRingWindowsAnchor:
                     (
                         int(wb.slots[k]),
                         int(wb.end_pos[k]),
-                        wb.data[k].tobytes() + wb.start_ts[k].tobytes(),
+                        wb.data[k].tobytes() + wb.start_ts[k].tobytes() + wb.start_pos[k].tobytes(),
                     )
                     for k in range(len(wb))
                 ]
