@@ -497,11 +497,10 @@ class RingWindows:
             e_slots = s_slots[e_idx]
             ring_src = (base[e_idx, None] + rel) % w
             src_sorted = order[batch_src]
-            data = np.where(
-                in_batch[:, :, None],
-                values[src_sorted],
-                self._values[e_slots[:, None], ring_src],
-            )
+            # Gather from the ring, then overwrite the steps inside the batch: one
+            # window-sized array instead of two gathers and their np.where.
+            data = self._values[e_slots[:, None], ring_src]
+            data[in_batch] = values[src_sorted[in_batch]]
             # Only the first and last samples' timestamps and positions are reported; the
             # last is the emitting sample itself, always in the batch.
             first_in, first_src = in_batch[:, 0], src_sorted[:, 0]
