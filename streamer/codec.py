@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -75,6 +77,7 @@ DLQ_KINDS: Final = (
 """Every ``error.kind`` a dead letter may carry (``out_of_order`` comes from the ring buffers)."""
 
 _MAX_SENSOR_CHARS: Final = 256
+_NUMBER_TYPES: Final = frozenset((float, int))  # exact types: bool is not a number here
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -258,6 +261,45 @@ class Decoder:
 
     # -- batches -------------------------------------------------------------------------
 
+    def _all_valid(
+        self, objs: list[object], keys: list[bytes | None]
+    ) -> tuple[list[str], list[Any], list[list[Any]]] | None:
+        """Sensors, timestamps and value rows when every parsed message is a plain valid
+        sample (numbers, values as a list); None when any is not.
+
+        The same checks as ``_one``, each made over the whole batch by C-level ``map`` and
+        ``set`` passes instead of a Python call per message: on the common all-valid batch
+        this replaces most of the decoding time. Numbers parsed by orjson are always
+        finite and at most 64-bit, so the range checks of ``_parse_ts`` cannot fail here.
+        A batch that fails any check is decoded message by message, which names the
+        culprits and their reasons.
+        """
+        if set(map(type, objs)) != {dict}:
+            return None
+        try:
+            sensors = list(map(operator.itemgetter(self.sensor_field), objs))  # type: ignore[arg-type]
+            stamps = list(map(operator.itemgetter(self.ts_field), objs))  # type: ignore[arg-type]
+            rows = list(map(operator.itemgetter(self.values_field), objs))  # type: ignore[arg-type]
+        except KeyError:
+            return None
+        if set(map(type, sensors)) != {str}:
+            return None
+        lengths = set(map(len, sensors))
+        if min(lengths) < 1 or max(lengths) > _MAX_SENSOR_CHARS:
+            return None
+        try:
+            if not all(map(operator.eq, keys, map(str.encode, sensors))):
+                return None
+        except UnicodeEncodeError:
+            return None
+        if not set(map(type, stamps)) <= _NUMBER_TYPES:
+            return None
+        if set(map(type, rows)) != {list} or set(map(len, rows)) != {self.n_channels}:
+            return None
+        if not set(map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+            return None
+        return sensors, stamps, rows
+
     def _parse_each(self, raw: bytes) -> object:
         try:
             return orjson.loads(raw)
@@ -281,7 +323,16 @@ class Decoder:
         dead: list[DeadLetter] = []
         cand: list[int] = []
         max_bytes = self.max_bytes
-        for i, v in enumerate(values):
+        try:
+            sizes = list(map(len, values))  # type: ignore[arg-type]
+        except TypeError:  # a null value: find it below
+            sizes = [0]
+        if n and min(sizes) > 0 and max(sizes) <= max_bytes:
+            cand = list(range(n))  # the common case, without a Python step per message
+            values_ok = True
+        else:
+            values_ok = False
+        for i, v in enumerate(() if values_ok else values):
             if not v:
                 dead.append(DeadLetter(i, "empty", "message has no value (null or empty)"))
             elif len(v) > max_bytes:
@@ -292,7 +343,7 @@ class Decoder:
                 cand.append(i)
         parsed: list[object] | None = None
         if cand:
-            chunk = [values[i] for i in cand]
+            chunk = list(values) if values_ok else [values[i] for i in cand]
             try:
                 # One parse for the whole batch. The newline keeps a string from running
                 # across two messages; the count check catches a message holding several
@@ -307,6 +358,11 @@ class Decoder:
         sensors: list[str] = []
         stamps: list[float] = []
         rows: list[list[Any]] = []
+        fast = None if parsed is None else self._all_valid(parsed, [keys[i] for i in cand])
+        if fast is not None:
+            good_idx = cand
+            sensors, stamps, rows = fast
+            cand = []  # nothing left to check one by one
         one = self._one
         for j, i in enumerate(cand):
             try:

@@ -143,6 +143,55 @@ class TestDecodeInvalid:
         assert dead == [] and got.values.shape == (0, 3)
 
 
+class TestWholeBatchPath:
+    """A batch of valid samples is checked as a whole; the result equals one-by-one decoding."""
+
+    @staticmethod
+    def batch(n: int, seed: int) -> tuple[list[bytes | None], list[bytes | None]]:
+        rng = np.random.default_rng(seed)
+        values: list[bytes | None] = []
+        keys: list[bytes | None] = []
+        for i in range(n):
+            sensor = f"pump-{int(rng.integers(50))}-\u00e9"
+            # Integers and floats, as producers write both, in timestamps and values.
+            ts: object = int(rng.integers(1, 10**12)) if i % 3 == 0 else float(rng.random() * 1e9)
+            vals = [int(v) if i % 2 else float(v) for v in rng.normal(0, 1e3, 3)]
+            values.append(sample(sensor, ts, tuple(vals)))
+            keys.append(sensor.encode())
+        return values, keys
+
+    def test_matches_per_message_checks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Same keys, timestamps, values and index as the per-message path, which it skips."""
+        values, keys = self.batch(300, seed=1)
+
+        def never(*_args: object) -> None:
+            raise AssertionError("a valid batch must not be checked message by message")
+
+        with monkeypatch.context() as m:
+            m.setattr(Decoder, "_one", never)
+            fast, fast_dead = Decoder(CFG).decode(values, keys)
+        with monkeypatch.context() as m:
+            m.setattr(Decoder, "_all_valid", lambda *_args: None)
+            slow, slow_dead = Decoder(CFG).decode(values, keys)
+        assert fast_dead == slow_dead == []
+        assert fast.keys.tolist() == slow.keys.tolist()
+        assert fast.ts.tobytes() == slow.ts.tobytes()
+        assert fast.values.tobytes() == slow.values.tobytes()
+        assert fast.index.tolist() == slow.index.tolist() == list(range(300))
+
+    @pytest.mark.parametrize(("value", "key", "kind"), [b for b in BAD if b[0]])
+    def test_one_bad_message_in_a_valid_batch(
+        self, value: bytes | None, key: bytes | None, kind: str
+    ) -> None:
+        """Any malformed message sends the batch down the per-message path: only it is lost."""
+        values, keys = self.batch(20, seed=2)
+        values.insert(7, value)
+        keys.insert(7, key)
+        got, dead = decode_batch(values, keys, CFG)
+        assert [(d.index, d.kind) for d in dead] == [(7, kind)]
+        assert got.index.tolist() == [i for i in range(21) if i != 7]
+
+
 class TestPositions:
     """Partition and offset share one int64."""
 
