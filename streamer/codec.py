@@ -48,6 +48,7 @@ __all__ = [
     "decode_batch",
     "encode_alert",
     "encode_score",
+    "encode_scores",
     "split_position",
     "to_position",
     "window_id",
@@ -477,6 +478,86 @@ def encode_score(
         },
         option=orjson.OPT_SORT_KEYS,
     )
+
+
+def encode_scores(
+    *,
+    topic: str,
+    sensors: Sequence[str],
+    positions: NDArray[np.int64],
+    window_start: NDArray[np.float64],
+    window_end: NDArray[np.float64],
+    scores: NDArray[np.float64],
+    thresholds: NDArray[np.float64],
+    anomalous: NDArray[np.bool_],
+    likelihood: NDArray[np.float64],
+    channel_errors: NDArray[np.float64],
+    channels: Sequence[str],
+    model: str,
+) -> list[bytes]:
+    """The score records of a batch of windows: the bytes ``encode_score`` gives each one.
+
+    ``positions`` are the windows' last samples (``to_position``), read from ``topic``.
+    Built with one dict per window in sorted key order, so orjson needs no key sort and
+    there is no keyword call per window; a batch holding a non-finite number goes
+    through ``encode_score`` window by window, which writes those as null.
+    """
+    n = len(sensors)
+    numbers = (scores, thresholds, likelihood, channel_errors)
+    parts = (positions >> OFFSET_BITS).tolist()
+    offsets = (positions & _OFFSET_MASK).tolist()
+    ids = [window_id(topic, p, off) for p, off in zip(parts, offsets, strict=True)]
+    starts, ends = window_start.tolist(), window_end.tolist()
+    score_l, thr_l, anom_l, lik_l = (
+        scores.tolist(),
+        thresholds.tolist(),
+        anomalous.tolist(),
+        likelihood.tolist(),
+    )
+    if not all(bool(np.isfinite(a).all()) for a in numbers):
+        errors = channel_errors.tolist()
+        return [
+            encode_score(
+                window_id=ids[i],
+                sensor=sensors[i],
+                window_start=starts[i],
+                window_end=ends[i],
+                score=score_l[i],
+                threshold=thr_l[i],
+                anomalous=anom_l[i],
+                likelihood=lik_l[i],
+                channels=dict(zip(channels, errors[i], strict=True)),
+                model=model,
+                partition=parts[i],
+                offset=offsets[i],
+            )
+            for i in range(n)
+        ]
+    # OPT_SORT_KEYS sorts nested objects too: channels go in name order (code point
+    # order, which is also UTF-8 byte order).
+    order = sorted(range(len(channels)), key=channels.__getitem__)
+    names = [channels[j] for j in order]
+    errors = channel_errors[:, order].tolist()
+    dumps = orjson.dumps
+    return [
+        dumps(
+            {
+                "anomalous": anom_l[i],
+                "channels": dict(zip(names, errors[i], strict=True)),
+                "id": ids[i],
+                "likelihood": lik_l[i],
+                "model": model,
+                "offset": offsets[i],
+                "partition": parts[i],
+                "score": score_l[i],
+                "sensor": sensors[i],
+                "threshold": thr_l[i],
+                "window_end": ends[i],
+                "window_start": starts[i],
+            }
+        )
+        for i in range(n)
+    ]
 
 
 def encode_alert(event: AlertEvent) -> bytes:

@@ -72,9 +72,8 @@ from streamer.codec import (
     DeadLetter,
     Decoder,
     encode_alert,
-    encode_score,
+    encode_scores,
     to_position,
-    window_id,
 )
 from streamer.config import Config
 from streamer.engine import Engine, PendingBatch, ScoredBatch
@@ -755,20 +754,23 @@ class Daemon:
         n = len(b)
         if n == 0:
             return
-        topic_in = self.topics.input
         topic_out = self.topics.scores
         produce = self.sink.produce
-        channels = self.channels
         sensors = [str(s) for s in b.sensors]
-        end_pos = b.windows.end_pos.tolist()
-        starts = b.windows.start_ts.tolist()
-        ends = b.windows.end_ts.tolist()
-        scores = b.scores.tolist()
-        thresholds = b.thresholds.tolist()
-        anomalous = b.anomalous.tolist()
-        likelihood = b.likelihood.tolist()
-        errors = b.channel_errors.tolist()
-        model = b.model_version
+        records = encode_scores(
+            topic=self.topics.input,
+            sensors=sensors,
+            positions=b.windows.end_pos,
+            window_start=b.windows.start_ts,
+            window_end=b.windows.end_ts,
+            scores=b.scores,
+            thresholds=b.thresholds,
+            anomalous=b.anomalous,
+            likelihood=b.likelihood,
+            channel_errors=b.channel_errors,
+            channels=self.channels,
+            model=b.model_version,
+        )
         end_ts = b.windows.end_ts
         e2e = self.metrics.end_to_end
 
@@ -778,26 +780,8 @@ class Daemon:
             e2e.observe(np.maximum(time.time() - end_ts, 0.0))
 
         last = n - 1
-        for i in range(n):
-            pos = end_pos[i]
-            p, off = pos >> OFFSET_BITS, pos & _OFFSET_MASK
-            record = encode_score(
-                window_id=window_id(topic_in, p, off),
-                sensor=sensors[i],
-                window_start=starts[i],
-                window_end=ends[i],
-                score=scores[i],
-                threshold=thresholds[i],
-                anomalous=anomalous[i],
-                likelihood=likelihood[i],
-                channels=dict(zip(channels, errors[i], strict=True)),
-                model=model,
-                partition=p,
-                offset=off,
-            )
-            produce(
-                topic_out, record, key=sensors[i], on_delivered=delivered if i == last else None
-            )
+        for i, (record, sensor) in enumerate(zip(records, sensors, strict=True)):
+            produce(topic_out, record, key=sensor, on_delivered=delivered if i == last else None)
         for ev in b.events:
             produce(self.topics.alerts, encode_alert(ev), key=ev.sensor)
             (self.metrics.alerts_opened if ev.state == "open" else self.metrics.alerts_closed).inc()

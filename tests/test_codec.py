@@ -14,6 +14,7 @@ from streamer.codec import (
     decode_batch,
     encode_alert,
     encode_score,
+    encode_scores,
     split_position,
     to_position,
     window_id,
@@ -208,6 +209,56 @@ class TestPositions:
 
 class TestEncode:
     """Records are deterministic bytes with JSON-safe numbers."""
+
+    @pytest.mark.parametrize("non_finite", [False, True])
+    def test_batch_matches_one_by_one(self, non_finite: bool) -> None:
+        """encode_scores gives encode_score's bytes for every window, nested keys sorted."""
+        rng = np.random.default_rng(3)
+        n = 50
+        channels = ["zeta", "alpha", "\u00e9t\u00e9", "Beta", "a"]  # not in sorted order
+        errors = rng.random((n, len(channels)))
+        scores, thresholds, likelihood = rng.random(n), rng.random(n) + 0.5, rng.random(n)
+        if non_finite:
+            scores[3], errors[7, 2], likelihood[9] = np.inf, np.nan, -np.inf
+        positions = to_position(rng.integers(0, 4, n), rng.integers(0, 10**9, n))
+        sensors = [f"s{i % 7}" for i in range(n)]
+        start = rng.random(n) * 1e9
+        anomalous = scores > thresholds
+        got = encode_scores(
+            topic="in",
+            sensors=sensors,
+            positions=positions,
+            window_start=start,
+            window_end=start + 6.3,
+            scores=scores,
+            thresholds=thresholds,
+            anomalous=anomalous,
+            likelihood=likelihood,
+            channel_errors=errors,
+            channels=channels,
+            model="m1",
+        )
+        want = []
+        for i in range(n):
+            p, off = split_position(int(positions[i]))
+            want.append(
+                encode_score(
+                    window_id=window_id("in", p, off),
+                    sensor=sensors[i],
+                    window_start=float(start[i]),
+                    window_end=float(start[i] + 6.3),
+                    score=float(scores[i]),
+                    threshold=float(thresholds[i]),
+                    anomalous=bool(anomalous[i]),
+                    likelihood=float(likelihood[i]),
+                    channels=dict(zip(channels, errors[i].tolist(), strict=True)),
+                    model="m1",
+                    partition=p,
+                    offset=off,
+                )
+            )
+        assert got == want
+        assert list(orjson.loads(got[0])["channels"]) == sorted(channels)
 
     def test_score_is_deterministic(self) -> None:
         """Same inputs, same bytes; non-finite numbers become null."""

@@ -1,4 +1,6 @@
-"""Decode micro-benchmark: samples/s of ``Decoder.decode`` on batches of valid messages.
+"""Codec micro-benchmark: decoding samples and encoding score records, per batch.
+
+Decoding: samples/s of ``Decoder.decode`` on batches of valid messages.
 
 Runs, in one process and on the same messages (the e2e suite's shape: one JSON object
 per sample, a sensor id, epoch seconds and a list of channel values):
@@ -10,9 +12,12 @@ per sample, a sensor id, epoch seconds and a list of channel values):
   message falls back to, to name it);
 * **parse only**: the single ``orjson.loads`` of the joined batch both paths start from.
 
-Prints samples/s for each and the ratio. Usage::
+Encoding: records/s of ``encode_scores`` (a batch of windows at once, as the daemon
+publishes them) against ``encode_score`` called window by window, on the same scores.
 
-    .venv/bin/python benchmarks/decode.py [--sensors 1000] [--channels 5] [--batch 2000]
+Prints the rates and the ratios. Usage::
+
+    .venv/bin/python benchmarks/codec.py [--sensors 1000] [--channels 5] [--batch 2000]
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer.codec import Decoder
+from streamer.codec import Decoder, encode_score, encode_scores, split_position, window_id
 from streamer.config import StreamConfig
 
 
@@ -70,13 +75,14 @@ def rates(
 
 
 def main() -> None:
-    """Run the three decoders on the same batches and print samples/s."""
+    """Run the decoders and the encoders on the same data and print their rates."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sensors", type=int, default=1000)
     ap.add_argument("--channels", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2000, help="messages per batch (consume_batch)")
     ap.add_argument("--samples", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--piece", type=int, default=64, help="windows per published piece (chunk)")
     args = ap.parse_args()
     cfg = StreamConfig(channels=[f"c{i}" for i in range(args.channels)])
     values, keys = messages(args.sensors, args.channels, args.samples)
@@ -102,6 +108,75 @@ def main() -> None:
     print(f"| per message | {r_per:,.0f} |")
     print(f"| parse only (orjson.loads of the batch) | {r_parse:,.0f} |")
     print(f"whole batch / per message: {r_whole / r_per:.2f}x")
+    r_batch, r_each = encode_rates(args.channels, 20_000, args.piece, args.repeat)
+    print(
+        f"\nscore records, 20,000 windows x {args.channels} channels, "
+        f"pieces of {args.piece}, best of {args.repeat}"
+    )
+    print("| encoder | records/s |\n|---|---|")
+    print(f"| encode_scores (a piece at a time) | {r_batch:,.0f} |")
+    print(f"| encode_score per window | {r_each:,.0f} |")
+    print(f"batch / per window: {r_batch / r_each:.2f}x")
+
+
+def encode_rates(channels: int, windows: int, piece: int, repeat: int) -> tuple[float, float]:
+    """Records/s of ``encode_scores`` on pieces and of ``encode_score`` per window, in turns."""
+    rng = np.random.default_rng(1)
+    names = [f"c{i}" for i in range(channels)]
+    scores = rng.random(windows)
+    cols: dict[str, Any] = {
+        "topic": "sensors",
+        "sensors": [f"sensor-{i % 1000:05d}" for i in range(windows)],
+        "positions": (np.int64(2) << 40) + np.arange(windows, dtype=np.int64),
+        "window_start": 1.7e9 + np.arange(windows, dtype=np.float64),
+        "window_end": 1.7e9 + 0.63 + np.arange(windows, dtype=np.float64),
+        "scores": scores,
+        "thresholds": scores + 0.5,
+        "anomalous": scores > 0.9,
+        "likelihood": rng.random(windows),
+        "channel_errors": rng.random((windows, channels)),
+        "channels": names,
+        "model": "conv1d-0123456789ab",
+    }
+
+    # The daemon publishes a piece (inference.chunk windows, 64 by default) at a time.
+    pieces = [
+        {
+            k: v[lo : lo + piece] if k not in ("topic", "channels", "model") else v
+            for k, v in cols.items()
+        }
+        for lo in range(0, windows, piece)
+    ]
+
+    def batch() -> None:
+        for one in pieces:
+            encode_scores(**one)
+
+    def one_by_one() -> None:
+        for i in range(windows):
+            p, off = split_position(int(cols["positions"][i]))
+            encode_score(
+                window_id=window_id("sensors", p, off),
+                sensor=cols["sensors"][i],
+                window_start=float(cols["window_start"][i]),
+                window_end=float(cols["window_end"][i]),
+                score=float(scores[i]),
+                threshold=float(cols["thresholds"][i]),
+                anomalous=bool(cols["anomalous"][i]),
+                likelihood=float(cols["likelihood"][i]),
+                channels=dict(zip(names, cols["channel_errors"][i].tolist(), strict=True)),
+                model="conv1d-0123456789ab",
+                partition=p,
+                offset=off,
+            )
+
+    best = [0.0, 0.0]
+    for _ in range(repeat):
+        for j, fn in enumerate((batch, one_by_one)):
+            started = time.perf_counter()
+            fn()
+            best[j] = max(best[j], windows / (time.perf_counter() - started))
+    return best[0], best[1]
 
 
 if __name__ == "__main__":
