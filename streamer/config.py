@@ -240,6 +240,9 @@ class ThresholdConfig(_Section):
     risk: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     level: Annotated[float, Field(gt=0, lt=1)] = 0.98
     depth: PositiveInt = 50
+    # spot/dspot: most recent peaks kept per sensor (8 bytes each). About 1 - level of
+    # normal windows are peaks, so each sensor fills this over its first few 10,000s.
+    max_peaks: Annotated[int, Field(ge=10)] = 1000
     quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
     window: PositiveInt = 1000
     # Above 1: the window learns only scores below the threshold, so at margin 1 the
@@ -261,9 +264,14 @@ class ThresholdConfig(_Section):
     def params(self) -> dict[str, Any]:
         """Constructor arguments for the chosen method."""
         if self.method == "spot":
-            return {"risk": self.risk, "level": self.level}
+            return {"risk": self.risk, "level": self.level, "max_peaks": self.max_peaks}
         if self.method == "dspot":
-            return {"risk": self.risk, "level": self.level, "depth": self.depth}
+            return {
+                "risk": self.risk,
+                "level": self.level,
+                "depth": self.depth,
+                "max_peaks": self.max_peaks,
+            }
         if self.method == "quantile":
             return {"quantile": self.quantile, "window": self.window, "margin": self.margin}
         return {"value": self.value}

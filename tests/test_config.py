@@ -31,6 +31,10 @@ class TestConfigValidation:
             ({"threshold": {"method": "magic"}}, r"threshold\.method: .*got 'magic'"),
             ({"threshold": {"risk": 2}}, r"threshold\.risk: .*less than 1.*got 2"),
             (
+                {"threshold": {"max_peaks": 5}},
+                r"threshold\.max_peaks: .*greater than or equal to 10.*got 5",
+            ),
+            (
                 {"alerts": {"open_after": 5, "open_within": 3}},
                 r"open_within \(3\) must be >= open_after \(5\)",
             ),

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamer.config import ThresholdConfig
 from streamer.errors import ConfigError, DataError, StateError
 from streamer.scoring.thresholds import (
     DspotThreshold,
@@ -384,6 +385,18 @@ class TestSpotTail:
         state = spot.state_dict()
         assert len(state["peaks"]) == 20
         assert state["nt"] > 60
+
+    @pytest.mark.parametrize("method", ["spot", "dspot"])
+    def test_config_bounds_the_peaks(self, method: str) -> None:
+        """threshold.max_peaks reaches the threshold: no sensor keeps more peaks than that."""
+        cfg = ThresholdConfig(method=method, max_peaks=40)  # type: ignore[arg-type]
+        th = make_threshold(cfg.method, **cfg.params())
+        rng = np.random.default_rng(5)
+        th.calibrate(rng.exponential(size=2000))
+        th.step(rng.exponential(size=6000))
+        state = th.state_dict()
+        assert state["max_peaks"] == 40
+        assert len(state["peaks"]) == 40 < state["nt"]
 
     def test_likelihood_is_continuous_at_t(self) -> None:
         """Just below and just above t the likelihood agrees (both near 1 - Nt/n)."""
