@@ -535,7 +535,7 @@ class RingWindows:
         # Timestamps and positions of window starts only, and only those after the
         # group's last reset (an earlier one could share a ring index with a later one).
         k_count = count_after[k_idx]
-        k_last = np.repeat(last, ends - starts)[k_idx]
+        k_last = group_first[k_idx] + group_len[k_idx] - 1  # the group's last sample
         current = k_count + (k_last - k_idx) == count_after[k_last]
         st = np.flatnonzero(current & ((k_count - 1) % stride == 0))
         st_ring = ((k_count[st] - 1) // stride) % self._n_starts
