@@ -851,7 +851,11 @@ class Daemon:
             self._checkpoint_round()
 
     def _checkpoint_round(self) -> None:
-        """Step 2 of a round: serialise the state at H (``_advance_round`` produces it)."""
+        """Step 2 of a round, at the barrier: the changed sensors' state as of H.
+
+        Copied into ``unsent`` for ``_advance_round`` to serialise and produce, or, for a
+        round above _DEFER_STATES_MAX sensors, serialised and produced here.
+        """
         r = self.round
         assert r is not None
         started = time.perf_counter()
