@@ -22,7 +22,7 @@ import hashlib
 import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal, NamedTuple, Protocol
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -463,6 +463,7 @@ class _SpotCore:
         "n",
         "npk",
         "nt",
+        "owned",
         "peaks",
         "rate",
         "ref",
@@ -480,6 +481,8 @@ class _SpotCore:
         # Ring buffer of the most recent excesses over t. It grows on demand up to max_peaks
         # (most sensors keep few peaks: a full buffer per sensor would cost 8 KB each).
         self.peaks = np.zeros(0)
+        # False while ``peaks`` may be shared with a copy (copy on write, see ``copy``).
+        self.owned = True
         self.npk = 0
         self.head = 0
         self.gamma, self.sigma, self.z = 0.0, 1.0, 1.0
@@ -498,6 +501,7 @@ class _SpotCore:
         self.n, self.nt = int(values.size), int(excess.size)
         kept = excess[-self.max_peaks :]
         self.peaks = kept.copy()
+        self.owned = True
         self.npk = int(kept.size)
         self.head = self.npk % self.max_peaks
         self.ref = _frozen(_reference(values[values <= t]))
@@ -525,10 +529,17 @@ class _SpotCore:
 
     def add_peak(self, excess: float) -> None:
         if self.head >= self.peaks.size:
-            # Still filling (head == npk < max_peaks): grow geometrically, up to max_peaks.
-            grown = np.zeros(min(max(2 * self.peaks.size, 16), self.max_peaks))
+            # Still filling (head == npk < max_peaks): grow by a quarter, up to max_peaks.
+            # A sensor starts with the calibration's peaks (100 at the defaults) and learns
+            # one every ~50 windows: doubling would add 800 bytes for its first new peak.
+            size = self.peaks.size
+            grown = np.zeros(min(size + max(size // 4, 16), self.max_peaks))
             grown[: self.peaks.size] = self.peaks
             self.peaks = grown
+            self.owned = True
+        elif not self.owned:
+            self.peaks = self.peaks.copy()
+            self.owned = True
         self.peaks[self.head] = excess
         self.head = (self.head + 1) % self.max_peaks
         self.npk = min(self.npk + 1, self.max_peaks)
@@ -540,11 +551,18 @@ class _SpotCore:
         return _spot_likelihood(x, self.t, self.rate, self.gamma, self.sigma, _ecdf(self.ref, x))
 
     def copy(self) -> _SpotCore:
-        """Independent copy that shares the (never mutated) calibration reference."""
+        """Independent copy that shares the (never mutated) calibration reference.
+
+        The peaks are shared too, copy on write: whichever of the two learns a peak
+        first copies them. A sensor's threshold starts as a copy of the calibrated
+        prototype, whose peaks are ``1 - level`` of the calibration scores (100, 800
+        bytes, at the default 5,000 and 0.98), most of a copy's memory; a sensor learns
+        a peak about every ``1 / (1 - level)`` windows, and shares them until then.
+        """
         new = _SpotCore.__new__(_SpotCore)
         for name in self.__slots__:
             setattr(new, name, getattr(self, name))
-        new.peaks = self.peaks.copy()
+        self.owned = new.owned = False
         return new
 
     def state(self, reference: bool = True) -> dict[str, Any]:
@@ -601,6 +619,18 @@ def _core_params(cores: Sequence[_SpotCore]) -> tuple[NDArray[np.float64], ...]:
     )
 
 
+_T = TypeVar("_T")
+
+
+def _shallow(obj: _T) -> _T:
+    """A shallow copy of a slotted object (``copy.copy`` goes through pickling's protocol)."""
+    cls = type(obj)
+    new = cls.__new__(cls)
+    for name in cls.__slots__:  # type: ignore[attr-defined]
+        setattr(new, name, getattr(obj, name))
+    return new
+
+
 def _ensure(core: _SpotCore | None, kind: str) -> _SpotCore:
     if core is None:
         raise StateError(f"{kind} threshold is not calibrated: call calibrate() or load a state")
@@ -628,6 +658,7 @@ class SpotThreshold:
     """
 
     kind: ClassVar[str] = "spot"
+    __slots__ = ("_core", "_level", "_max_peaks", "_risk")
 
     def __init__(self, risk: float = 1e-4, level: float = 0.98, max_peaks: int = 1000) -> None:
         self._risk, self._level, self._max_peaks = _spot_params(risk, level, max_peaks)
@@ -699,7 +730,7 @@ class SpotThreshold:
 
     def clone(self) -> SpotThreshold:
         """Independent copy (the read-only calibration reference is shared)."""
-        new = copy.copy(self)
+        new = _shallow(self)
         new._core = None if self._core is None else self._core.copy()
         return new
 
@@ -737,6 +768,8 @@ class DspotThreshold:
     """
 
     kind: ClassVar[str] = "dspot"
+    # Slots: one of these per sensor (a __dict__ would be ~300 bytes of each).
+    __slots__ = ("_core", "_depth", "_head", "_level", "_max_peaks", "_risk", "_window", "_wsum")
 
     # Points decided per vectorised pass; grows while no event interrupts a pass.
     _CHUNK_MIN, _CHUNK_MAX = 32, 4096
@@ -882,7 +915,7 @@ class DspotThreshold:
 
     def clone(self) -> DspotThreshold:
         """Independent copy (the read-only calibration reference is shared)."""
-        new = copy.copy(self)
+        new = _shallow(self)
         new._core = None if self._core is None else self._core.copy()
         new._window = self._window.copy()
         return new
@@ -949,6 +982,7 @@ class QuantileThreshold:
     """
 
     kind: ClassVar[str] = "quantile"
+    __slots__ = ("_fifo", "_margin", "_q", "_size", "_sorted")
 
     def __init__(self, quantile: float = 0.99, window: int = 1000, margin: float = 1.5) -> None:
         q = _real("quantile", quantile)
@@ -1068,6 +1102,7 @@ class FixedThreshold:
     """
 
     kind: ClassVar[str] = "fixed"
+    __slots__ = ("_ref", "_value")
 
     def __init__(self, value: float) -> None:
         self._value = _positive("value", value)
@@ -1122,7 +1157,7 @@ class FixedThreshold:
 
     def clone(self) -> FixedThreshold:
         """Independent copy (the read-only calibration sample is shared)."""
-        return copy.copy(self)
+        return _shallow(self)
 
     @classmethod
     def step_each(

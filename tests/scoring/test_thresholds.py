@@ -398,6 +398,33 @@ class TestSpotTail:
         assert state["max_peaks"] == 40
         assert len(state["peaks"]) == 40 < state["nt"]
 
+    @pytest.mark.parametrize("method", ["spot", "dspot"])
+    @pytest.mark.parametrize("learned", [300, 3000], ids=["buffer-growing", "buffer-full"])
+    def test_clones_learn_peaks_apart(self, method: str, learned: int) -> None:
+        """A clone and its original share their peaks until either learns one, never after.
+
+        Cloned while the peak buffer has room (growing) and once it is full (wrapping):
+        each then learns peaks of its own stream, and both end as copies made from their
+        JSON states (arrays of their own) end after the same streams.
+        """
+        rng = np.random.default_rng(6)
+        th = make_threshold(method, risk=1e-3, max_peaks=60)  # type: ignore[arg-type]
+        th.calibrate(rng.exponential(size=2000))
+        th.step(rng.exponential(size=learned))
+        twin = th.clone()
+        # Shared until then: the memory a sensor's copy of the prototype saves.
+        assert np.shares_memory(th._core.peaks, twin._core.peaks)  # type: ignore[attr-defined]
+        apart = [th.clone(), th.clone()]
+        for t in apart:
+            t.load_state_dict(json_round_trip(th.state_dict()))
+        mine, theirs = rng.exponential(size=400), rng.exponential(size=400)
+        assert same_result(twin.step(theirs), apart[1].step(theirs))
+        assert same_result(th.step(mine), apart[0].step(mine))
+        assert same_result(twin.step(mine), apart[1].step(mine))
+        assert th.state_dict() == apart[0].state_dict()
+        assert twin.state_dict() == apart[1].state_dict()
+        assert th.state_dict() != twin.state_dict()
+
     def test_likelihood_is_continuous_at_t(self) -> None:
         """Just below and just above t the likelihood agrees (both near 1 - Nt/n)."""
         spot = calibrated("spot")
