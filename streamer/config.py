@@ -225,6 +225,11 @@ class InferenceConfig(_Section):
     chunk: PositiveInt = 64
     max_wait_ms: Annotated[float, Field(ge=0)] = 5.0
     queue_size: PositiveInt = 64
+    # Windows waiting for the worker, at most (each holds window x channels float32s):
+    # consumption pauses at this many as at queue_size batches. A batch's windows vary
+    # from a few to one per message, so a bound in batches alone bounds neither memory
+    # nor the time a new sample waits behind the queue.
+    max_queued_windows: PositiveInt = 32768
     # torch CPU threads; 0: one fewer than the CPUs the process may use (at least 1), so
     # the consumer thread keeps a core.
     threads: Annotated[int, Field(ge=0)] = 0

@@ -405,12 +405,11 @@ class Daemon:
         next_gauges = next_watch = time.monotonic()
         last_stats = (time.monotonic(), self.stats.messages, self.stats.windows)
         worker = self.engine.worker
-        resume_below = cfg.inference.queue_size / 2.0
         ready = False
         while not self._stop_requested:
             self.health.beat()
             worker.raise_if_failed()
-            if self.paused and worker.queue_depth < resume_below:
+            if self.paused and worker.is_half_empty:
                 self._set_paused(False)
             if not self.paused and worker.is_full:
                 self._set_paused(True)
@@ -544,6 +543,7 @@ class Daemon:
         m = self.metrics
         m.set_lag(self._lag())
         m.queue_depth.set(self.engine.worker.queue_depth)
+        m.queued_windows.set(self.engine.worker.queued_windows)
         m.partitions_assigned.set(len(self.parts))
         m.partitions_paused.set(len(self.parts) if self.paused else 0)
         m.alerts_open.set(self.engine.alerts.open_count())
@@ -558,6 +558,7 @@ class Daemon:
             log.info(
                 "consumption_paused",
                 queue_depth=self.engine.worker.queue_depth,
+                queued_windows=self.engine.worker.queued_windows,
                 partitions=parts,
             )
         else:
@@ -565,6 +566,7 @@ class Daemon:
             log.info(
                 "consumption_resumed",
                 queue_depth=self.engine.worker.queue_depth,
+                queued_windows=self.engine.worker.queued_windows,
                 partitions=parts,
             )
         self.paused = paused
@@ -587,6 +589,7 @@ class Daemon:
             dead_by_kind=dict(st.dead_by_kind),
             lag=lag,
             queue_depth=self.engine.worker.queue_depth,
+            queued_windows=self.engine.worker.queued_windows,
             paused=self.paused,
             partitions=sorted(self.parts),
             sensors=len(self.sensor_part),

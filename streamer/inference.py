@@ -83,6 +83,10 @@ class InferenceWorker:
         self._pending_model: LoadedModel | None = None
         self._model_lock = threading.Lock()
         self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=cfg.queue_size)
+        # Windows put in the queue (counted by the submitting thread) and taken out of it
+        # (by the worker): one writer each, so their difference needs no lock.
+        self._windows_in = 0
+        self._windows_out = 0
         self._failure: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -120,9 +124,27 @@ class InferenceWorker:
         return self._queue.qsize()
 
     @property
+    def queued_windows(self) -> int:
+        """Windows waiting for the worker."""
+        return self._windows_in - self._windows_out
+
+    @property
     def is_full(self) -> bool:
-        """Whether the next submit would block (the daemon pauses consumption then)."""
-        return self._queue.full()
+        """Whether the queue holds ``queue_size`` batches or ``max_queued_windows`` windows.
+
+        The daemon pauses consumption then: the next submit would block, or the windows
+        queued are as many as memory and latency allow.
+        """
+        return self._queue.full() or self.queued_windows >= self._cfg.max_queued_windows
+
+    @property
+    def is_half_empty(self) -> bool:
+        """Whether the queue holds under half of both bounds (the daemon resumes then)."""
+        cfg = self._cfg
+        return (
+            self._queue.qsize() < cfg.queue_size / 2
+            and self.queued_windows < cfg.max_queued_windows / 2
+        )
 
     def raise_if_failed(self) -> None:
         """Re-raise a worker failure on the calling thread."""
@@ -170,6 +192,7 @@ class InferenceWorker:
         while True:
             try:
                 self._queue.put(_Item(arr, pieces), timeout=0.1)
+                self._windows_in += n
                 if self._failure is not None:
                     # The worker died between our check and the put: it will never
                     # drain this item, so fail it here rather than leave it pending.
@@ -220,6 +243,7 @@ class InferenceWorker:
             except queue.Empty:
                 return
             if isinstance(item, _Item):
+                self._windows_out += item.windows.shape[0]
                 for _, fut in item.pieces:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -245,6 +269,7 @@ class InferenceWorker:
             assert isinstance(nxt, _Item)
             items.append(nxt)
             total += nxt.windows.shape[0]
+            self._windows_out += nxt.windows.shape[0]
         return items, stop
 
     def _runner(self, model: LoadedModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -340,6 +365,7 @@ class InferenceWorker:
                 if first is _STOP:
                     return
                 assert isinstance(first, _Item)
+                self._windows_out += first.windows.shape[0]
                 items, stop = self._gather(first)
                 with self._model_lock:
                     if self._pending_model is not None:

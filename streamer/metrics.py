@@ -242,6 +242,9 @@ class Metrics:
         self.queue_depth = Gauge(
             name("inference_queue_depth"), "Window batches waiting for the worker.", registry=reg
         )
+        self.queued_windows = Gauge(
+            name("inference_queued_windows"), "Windows waiting for the worker.", registry=reg
+        )
         self.partitions_assigned = Gauge(
             name("partitions_assigned"), "Input partitions assigned.", registry=reg
         )

@@ -35,6 +35,10 @@ class TestConfigValidation:
                 r"threshold\.max_peaks: .*greater than or equal to 10.*got 5",
             ),
             (
+                {"inference": {"max_queued_windows": 0}},
+                r"inference\.max_queued_windows: .*greater than 0.*got 0",
+            ),
+            (
                 {"alerts": {"open_after": 5, "open_within": 3}},
                 r"open_within \(3\) must be >= open_after \(5\)",
             ),

@@ -166,6 +166,42 @@ class TestInferenceWorker:
             worker.submit(x, timeout_s=0.3)
         assert time.monotonic() - started >= 0.3
 
+    def test_queue_is_full_at_max_queued_windows(self) -> None:
+        """Few large batches fill the queue by windows; it is half empty again below half."""
+        worker = InferenceWorker(
+            make_model(), InferenceConfig(queue_size=64, max_queued_windows=100)
+        )  # not started: stalled
+        futures = worker.submit_pieces(np.zeros((60, 8, 2), np.float32), 16)
+        assert worker.queued_windows == 60
+        assert not worker.is_full
+        assert not worker.is_half_empty
+        futures += worker.submit_pieces(np.zeros((40, 8, 2), np.float32), 16)
+        assert worker.queued_windows == 100
+        assert worker.queue_depth == 2  # two batches: far below queue_size
+        assert worker.is_full
+        worker.start()
+        for fut in futures:
+            fut.result(timeout=10)
+        assert worker.queued_windows == 0
+        assert not worker.is_full
+        assert worker.is_half_empty
+        worker.close()
+
+    def test_queue_of_many_batches_is_full_by_count(self) -> None:
+        """Many small batches fill the queue by queue_size before max_queued_windows."""
+        worker = InferenceWorker(
+            make_model(), InferenceConfig(queue_size=4, max_queued_windows=1000)
+        )  # not started: stalled
+        x = np.zeros((1, 8, 2), np.float32)
+        for _ in range(2):
+            worker.submit(x)
+        assert not worker.is_full
+        assert not worker.is_half_empty  # 2 of 4 batches: not under half
+        for _ in range(2):
+            worker.submit(x)
+        assert worker.is_full
+        assert worker.queued_windows == 4
+
     def test_close_fails_unscored_work_and_rejects_new(self) -> None:
         """Closing scores what was queued, then submit raises."""
         worker = InferenceWorker(make_model(), InferenceConfig()).start()

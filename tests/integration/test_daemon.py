@@ -472,6 +472,11 @@ def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class TestBackpressure:
     """A model slower than the input pauses consumption instead of buffering without bound."""
 
+    @pytest.mark.parametrize(
+        "bound",
+        [{"queue_size": 1}, {"queue_size": 64, "max_queued_windows": 300}],
+        ids=["batches", "windows"],
+    )
     def test_pauses_resumes_and_loses_nothing(
         self,
         kafka_bootstrap: str,
@@ -480,8 +485,10 @@ class TestBackpressure:
         slow_model_dir: Path,
         tmp_path: Path,
         daemon_factory: list[DaemonProcess],
+        bound: dict[str, int],
     ) -> None:
-        """A backlog and a one-batch queue: pauses, resumes, every window once, bounded peak RSS."""
+        """A backlog and a queue bounded to one batch, or to fewer windows than a batch holds:
+        pauses, resumes, every window once, bounded peak RSS."""
         timeout = Timeout(150)
         samples = plant_samples(8, 1500, seed=9)
         produce(kafka_bootstrap, topics2.input, samples)
@@ -494,7 +501,7 @@ class TestBackpressure:
             group_id,
             slow_model_dir,
             stream={"window": window, "stride": stride},
-            inference={"queue_size": 1, "max_batch": 256, "chunk": 64},
+            inference={**bound, "max_batch": 256, "chunk": 64},
             kafka={"consume_batch": 500},
         )
         daemon = DaemonProcess(cfg).start()
@@ -507,8 +514,12 @@ class TestBackpressure:
         while watcher.is_alive():
             daemon.sample_rss()
             watcher.join(0.2)
-        daemon.wait_event("consumption_paused", timeout)
+        paused = daemon.wait_event("consumption_paused", timeout)
         daemon.wait_event("consumption_resumed", timeout)
+        if "max_queued_windows" in bound:
+            # Paused by windows (a batch of up to 500), with batches far below queue_size.
+            assert paused["queued_windows"] >= bound["max_queued_windows"]
+            assert paused["queue_depth"] < bound["queue_size"]
         peak_mb = daemon.sample_rss() / 1024
         assert daemon.stop() == 0, daemon.tail()
         counts = Counter(ids_of(read_scores(kafka_bootstrap, topics2)))

@@ -234,6 +234,7 @@ class TestMetricsEndpoint:
         assert values["streamer_partitions_assigned"] == 1
         assert values["streamer_partitions_paused"] == 0
         assert values["streamer_inference_queue_depth"] == 0
+        assert values["streamer_inference_queued_windows"] == 0
         assert values["streamer_sensors"] == 4
         assert values["streamer_ready"] == 1
         assert values["streamer_commits_total"] >= 1
