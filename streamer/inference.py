@@ -189,21 +189,28 @@ class InferenceWorker:
         step = piece if piece > 0 else n
         pieces = [(min(step, n - lo), Future[InferenceResult]()) for lo in range(0, n, step)]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            try:
-                self._queue.put(_Item(arr, pieces), timeout=0.1)
-                self._windows_in += n
-                if self._failure is not None:
-                    # The worker died between our check and the put: it will never
-                    # drain this item, so fail it here rather than leave it pending.
-                    self._fail_queued(InferenceError(f"inference worker failed: {self._failure!r}"))
-                return [f for _, f in pieces]
-            except queue.Full:
-                self.raise_if_failed()
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                if self._thread.ident is not None and not self._thread.is_alive():
-                    raise InferenceError("inference worker is not running") from None
+        # Counted before the put: the worker may take the item (and count it out) at once.
+        self._windows_in += n
+        try:
+            while True:
+                try:
+                    self._queue.put(_Item(arr, pieces), timeout=0.1)
+                    if self._failure is not None:
+                        # The worker died between our check and the put: it will never
+                        # drain this item, so fail it here rather than leave it pending.
+                        self._fail_queued(
+                            InferenceError(f"inference worker failed: {self._failure!r}")
+                        )
+                    return [f for _, f in pieces]
+                except queue.Full:
+                    self.raise_if_failed()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                    if self._thread.ident is not None and not self._thread.is_alive():
+                        raise InferenceError("inference worker is not running") from None
+        except BaseException:
+            self._windows_in -= n  # not queued
+            raise
 
     def swap_model(self, model: LoadedModel) -> None:
         """Use ``model`` from the next micro-batch on (hot reload between batches)."""

@@ -165,6 +165,7 @@ class TestInferenceWorker:
         with pytest.raises(queue.Full):
             worker.submit(x, timeout_s=0.3)
         assert time.monotonic() - started >= 0.3
+        assert worker.queued_windows == 2  # the refused batch is not counted
 
     def test_queue_is_full_at_max_queued_windows(self) -> None:
         """Few large batches fill the queue by windows; it is half empty again below half."""
