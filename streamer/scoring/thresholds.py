@@ -451,6 +451,18 @@ def _tail_quantile(t: float, gamma: float, sigma: float, ratio: float) -> float:
     return min(z, _MAX_THRESHOLD) if math.isfinite(z) else _MAX_THRESHOLD
 
 
+_T = TypeVar("_T")
+
+
+def _shallow(obj: _T) -> _T:
+    """A shallow copy of a slotted object (``copy.copy`` goes through pickling's protocol)."""
+    cls = type(obj)
+    new = cls.__new__(cls)
+    for name in cls.__slots__:  # type: ignore[attr-defined]
+        setattr(new, name, getattr(obj, name))
+    return new
+
+
 class _SpotCore:
     """SPOT state on one series: raw scores for SPOT, residuals from the local mean for DSPOT."""
 
@@ -534,7 +546,7 @@ class _SpotCore:
             # one every ~50 windows: doubling would add 800 bytes for its first new peak.
             size = self.peaks.size
             grown = np.zeros(min(size + max(size // 4, 16), self.max_peaks))
-            grown[: self.peaks.size] = self.peaks
+            grown[:size] = self.peaks
             self.peaks = grown
             self.owned = True
         elif not self.owned:
@@ -559,9 +571,7 @@ class _SpotCore:
         bytes, at the default 5,000 and 0.98), most of a copy's memory; a sensor learns
         a peak about every ``1 / (1 - level)`` windows, and shares them until then.
         """
-        new = _SpotCore.__new__(_SpotCore)
-        for name in self.__slots__:
-            setattr(new, name, getattr(self, name))
+        new = _shallow(self)
         self.owned = new.owned = False
         return new
 
@@ -617,18 +627,6 @@ def _core_params(cores: Sequence[_SpotCore]) -> tuple[NDArray[np.float64], ...]:
         np.fromiter((getattr(c, name) for c in cores), np.float64, n)
         for name in ("z", "t", "rate", "gamma", "sigma")
     )
-
-
-_T = TypeVar("_T")
-
-
-def _shallow(obj: _T) -> _T:
-    """A shallow copy of a slotted object (``copy.copy`` goes through pickling's protocol)."""
-    cls = type(obj)
-    new = cls.__new__(cls)
-    for name in cls.__slots__:  # type: ignore[attr-defined]
-        setattr(new, name, getattr(obj, name))
-    return new
 
 
 def _ensure(core: _SpotCore | None, kind: str) -> _SpotCore:
