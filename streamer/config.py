@@ -44,6 +44,7 @@ __all__ = [
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -104,6 +105,28 @@ class KafkaConfig(_Section):
     commit_interval_s: PositiveFloat = 5.0
     # Upper bound on reading a partition's state back on assignment.
     restore_timeout_s: PositiveFloat = 60.0
+    # Backpressure: while the inference queue is full the daemon stops calling consume, and
+    # librdkafka keeps what it prefetched (and stops fetching at queued.max.messages.kbytes).
+    # If the queue is still full after this long, the partitions are paused in the client,
+    # which discards the prefetched messages (fetched again on resume) but lets consume
+    # serve rebalances while the worker is stalled. 0 pauses at once.
+    pause_after_s: NonNegativeFloat = 5.0
+
+    @model_validator(mode="after")
+    def _pause_within_poll_interval(self) -> KafkaConfig:
+        # librdkafka leaves the group if consume is not called for max.poll.interval.ms.
+        raw = self.client.get("max.poll.interval.ms", 300_000)
+        try:
+            interval_ms = float(str(raw))
+        except ValueError:
+            raise ValueError(f"client max.poll.interval.ms {raw!r} is not a number") from None
+        if self.pause_after_s * 1000.0 >= interval_ms / 2:
+            raise ValueError(
+                f"pause_after_s={self.pause_after_s} must be under half of the client's "
+                f"max.poll.interval.ms ({interval_ms:g} ms): holding consumption longer "
+                "risks leaving the group"
+            )
+        return self
 
     @field_validator("client", mode="before")
     @classmethod

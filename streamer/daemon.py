@@ -317,7 +317,11 @@ class Daemon:
         self.submitted = 0
         self.published = 0
         self.round: _Round | None = None
+        # Backpressure: not consuming because the worker's queue is full (since when), and
+        # whether the partitions are also paused in the client (after kafka.pause_after_s).
         self.paused = False
+        self.paused_since = 0.0
+        self.client_paused = False
         self.stats = _Stats()
         self._stop_requested = False
         self._stop_signal = ""
@@ -413,10 +417,17 @@ class Daemon:
                 self._set_paused(False)
             if not self.paused and worker.is_full:
                 self._set_paused(True)
-            # Consume even while paused: it serves rebalances and keeps us in the group.
-            # With scores in flight, do not wait in consume: wait on the worker below.
-            busy = self.paused or bool(self.pending)
-            msgs = self.source.consume(batch_n, 0.0 if busy else poll_s)
+            held_s = time.monotonic() - self.paused_since
+            if self.paused and not self.client_paused and held_s >= cfg.kafka.pause_after_s:
+                self._pause_client()
+            # Held (paused, not in the client): no consume; the worker is waited on below
+            # and the messages wait in librdkafka.
+            msgs: list[Message] = []
+            if not self.paused or self.client_paused:
+                # Consume even while paused in the client: it serves rebalances. With scores
+                # in flight, do not wait in consume: wait on the worker below.
+                busy = self.paused or bool(self.pending)
+                msgs = self.source.consume(batch_n, 0.0 if busy else poll_s)
             if not ready:
                 ready = True
                 self.notifier.ready(f"consuming {self.topics.input}")
@@ -550,10 +561,17 @@ class Daemon:
         m.sensors.set(len(self.sensor_part))
 
     def _set_paused(self, paused: bool) -> None:
+        """Stop consuming while the worker's queue is full, or start again.
+
+        Pausing holds consumption first: no consume call, so librdkafka keeps what it
+        prefetched, where pausing the partitions in the client would discard it and fetch
+        it again on resume. They are paused in the client only if the hold lasts
+        ``kafka.pause_after_s`` (``_pause_client``), so that rebalances are served.
+        """
         assert self.source is not None
         parts = list(self.parts)
         if paused:
-            self.source.pause(parts)
+            self.paused_since = time.monotonic()
             self.stats.pauses += 1
             log.info(
                 "consumption_paused",
@@ -562,14 +580,31 @@ class Daemon:
                 partitions=parts,
             )
         else:
-            self.source.resume(parts)
+            if self.client_paused:
+                self.source.resume(parts)
+                self.client_paused = False
             log.info(
                 "consumption_resumed",
                 queue_depth=self.engine.worker.queue_depth,
                 queued_windows=self.engine.worker.queued_windows,
                 partitions=parts,
+                paused_s=round(time.monotonic() - self.paused_since, 3),
             )
         self.paused = paused
+
+    def _pause_client(self) -> None:
+        """Pause the partitions in the client: the worker is still full after the hold."""
+        assert self.source is not None
+        parts = list(self.parts)
+        self.source.pause(parts)
+        self.client_paused = True
+        log.warning(
+            "partitions_paused",
+            held_s=round(time.monotonic() - self.paused_since, 3),
+            queue_depth=self.engine.worker.queue_depth,
+            queued_windows=self.engine.worker.queued_windows,
+            partitions=parts,
+        )
 
     def _log_stats(self, last: tuple[float, int, int]) -> tuple[float, int, int]:
         now = time.monotonic()
@@ -1178,7 +1213,7 @@ class Daemon:
             part = _Partition(partition=p, committed_h=h, restored_h=h, replay_until=h)
             self.parts[p] = part
             self._restore(part, start, state[p], started)
-        if self.paused:
+        if self.client_paused:
             self.source.pause(partitions)
         self.health.partitions = tuple(sorted(self.parts))
         log.info("partitions_assigned", partitions=partitions, owned=sorted(self.parts))

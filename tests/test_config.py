@@ -39,6 +39,19 @@ class TestConfigValidation:
                 r"inference\.max_queued_windows: .*greater than 0.*got 0",
             ),
             (
+                {"kafka": {"pause_after_s": -1}},
+                r"kafka\.pause_after_s: .*greater than or equal to 0",
+            ),
+            (
+                {"kafka": {"pause_after_s": 20, "client": {"max.poll.interval.ms": 30000}}},
+                r"kafka: .*pause_after_s=20\.0 must be under half of the client's "
+                r"max\.poll\.interval\.ms \(30000 ms\)",
+            ),
+            (
+                {"kafka": {"client": {"max.poll.interval.ms": "soon"}}},
+                r"max\.poll\.interval\.ms 'soon' is not a number",
+            ),
+            (
                 {"alerts": {"open_after": 5, "open_within": 3}},
                 r"open_within \(3\) must be >= open_after \(5\)",
             ),

@@ -473,9 +473,13 @@ class TestBackpressure:
     """A model slower than the input pauses consumption instead of buffering without bound."""
 
     @pytest.mark.parametrize(
-        "bound",
-        [{"queue_size": 1}, {"queue_size": 64, "max_queued_windows": 300}],
-        ids=["batches", "windows"],
+        ("bound", "pause_after_s"),
+        [
+            ({"queue_size": 1}, 5.0),
+            ({"queue_size": 64, "max_queued_windows": 300}, 5.0),
+            ({"queue_size": 1}, 0.0),
+        ],
+        ids=["batches", "windows", "client-pause"],
     )
     def test_pauses_resumes_and_loses_nothing(
         self,
@@ -486,9 +490,12 @@ class TestBackpressure:
         tmp_path: Path,
         daemon_factory: list[DaemonProcess],
         bound: dict[str, int],
+        pause_after_s: float,
     ) -> None:
         """A backlog and a queue bounded to one batch, or to fewer windows than a batch holds:
-        pauses, resumes, every window once, bounded peak RSS."""
+        pauses, resumes, every window once, bounded peak RSS. Consumption is held while
+        the queue drains; partitions are paused in the client only after pause_after_s
+        (at once with 0, whose discarded prefetch must be fetched again, losing nothing)."""
         timeout = Timeout(150)
         samples = plant_samples(8, 1500, seed=9)
         produce(kafka_bootstrap, topics2.input, samples)
@@ -502,7 +509,7 @@ class TestBackpressure:
             slow_model_dir,
             stream={"window": window, "stride": stride},
             inference={**bound, "max_batch": 256, "chunk": 64},
-            kafka={"consume_batch": 500},
+            kafka={"consume_batch": 500, "pause_after_s": pause_after_s},
         )
         daemon = DaemonProcess(cfg).start()
         daemon_factory.append(daemon)
@@ -526,6 +533,12 @@ class TestBackpressure:
         assert set(counts) == set(expected)
         assert max(counts.values()) == 1
         pauses = len(daemon.seen("consumption_paused"))
+        client_pauses = daemon.seen("partitions_paused")
+        if pause_after_s == 0:
+            assert len(client_pauses) == pauses, "every pause must reach the client at once"
+        else:
+            # The slow model drains one batch in well under pause_after_s: held, never paused.
+            assert not client_pauses, client_pauses[0]
         print(f"\n{len(expected)} windows, {pauses} pauses, peak RSS {peak_mb:.0f} MB")
         # torch alone is ~300 MB; unbounded buffering of this backlog would show far above.
         assert peak_mb < 1200
