@@ -251,8 +251,10 @@ class InferenceConfig(_Section):
     # Windows waiting for the worker, at most (each holds window x channels float32s):
     # consumption pauses at this many as at queue_size batches. A batch's windows vary
     # from a few to one per message, so a bound in batches alone bounds neither memory
-    # nor the time a new sample waits behind the queue.
-    max_queued_windows: PositiveInt = 32768
+    # nor the time a new sample waits behind the queue. 8,192 is a quarter of a second of
+    # work for a small CPU model, enough to keep the worker busy across a burst of windows
+    # that fall due together (held consumption keeps the input prefetched meanwhile).
+    max_queued_windows: PositiveInt = 8192
     # torch CPU threads; 0: one fewer than the CPUs the process may use (at least 1), so
     # the consumer thread keeps a core.
     threads: Annotated[int, Field(ge=0)] = 0
