@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from streamer.daemon import configure_logging, settle_heap
+from streamer.daemon import SensorGrowth, configure_logging, settle_heap
 from streamer.errors import ConfigError
 
 
@@ -64,6 +64,33 @@ def test_garbage_at_settle_time_is_collected_not_frozen() -> None:
     holder.clear()
     settle_heap("test")
     assert ref() is None
+
+
+def test_a_settle_without_rethaw_freezes_the_new_and_leaves_the_frozen() -> None:
+    """Growth settles walk only what was made since the last settle."""
+    ref, holder = _cycle()
+    settle_heap("test")
+    holder.clear()
+    fresh = [_Node() for _ in range(100)]
+    settle_heap("test", rethaw=False)
+    assert _walked(_Node) == 0  # the new nodes are frozen too
+    assert ref() is not None  # the earlier frozen cycle was not re-examined
+    settle_heap("test")
+    assert ref() is None
+    del fresh
+
+
+def test_sensor_growth_settles_at_the_minimum_then_each_doubling() -> None:
+    growth = SensorGrowth(minimum=1000)
+    settles = []
+    for sensors in range(0, 100_001, 50):
+        if growth.due(sensors):
+            settles.append(sensors)
+            growth.settled = sensors
+    assert settles == [1000, 2000, 4000, 8000, 16000, 32000, 64000]
+    growth.settled = 100_000
+    assert not growth.due(150_000)
+    assert growth.due(200_000)
 
 
 class TestLogLevel:
