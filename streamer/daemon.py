@@ -348,9 +348,9 @@ class Daemon:
         self.submitted = 0
         self.published = 0
         self.round: _Round | None = None
+        self.growth = SensorGrowth()
         # Backpressure: not consuming because the worker's queue is full (since when), and
         # whether the partitions are also paused in the client (after kafka.pause_after_s).
-        self.growth = SensorGrowth()
         self.paused = False
         self.paused_since = 0.0
         self.client_paused = False
@@ -449,8 +449,11 @@ class Daemon:
                 self._set_paused(False)
             if not self.paused and worker.is_full:
                 self._set_paused(True)
-            held_s = time.monotonic() - self.paused_since
-            if self.paused and not self.client_paused and held_s >= cfg.kafka.pause_after_s:
+            if (
+                self.paused
+                and not self.client_paused
+                and time.monotonic() - self.paused_since >= cfg.kafka.pause_after_s
+            ):
                 self._pause_client()
             # Held (paused, not in the client): no consume; the worker is waited on below
             # and the messages wait in librdkafka.
@@ -609,20 +612,14 @@ class Daemon:
         if paused:
             self.paused_since = time.monotonic()
             self.stats.pauses += 1
-            log.info(
-                "consumption_paused",
-                queue_depth=self.engine.worker.queue_depth,
-                queued_windows=self.engine.worker.queued_windows,
-                partitions=parts,
-            )
+            log.info("consumption_paused", **self._queue_fields(), partitions=parts)
         else:
             if self.client_paused:
                 self.source.resume(parts)
                 self.client_paused = False
             log.info(
                 "consumption_resumed",
-                queue_depth=self.engine.worker.queue_depth,
-                queued_windows=self.engine.worker.queued_windows,
+                **self._queue_fields(),
                 partitions=parts,
                 paused_s=round(time.monotonic() - self.paused_since, 3),
             )
@@ -637,10 +634,14 @@ class Daemon:
         log.warning(
             "partitions_paused",
             held_s=round(time.monotonic() - self.paused_since, 3),
-            queue_depth=self.engine.worker.queue_depth,
-            queued_windows=self.engine.worker.queued_windows,
+            **self._queue_fields(),
             partitions=parts,
         )
+
+    def _queue_fields(self) -> dict[str, int]:
+        """The worker queue's fill, for the backpressure and stats log lines."""
+        worker = self.engine.worker
+        return {"queue_depth": worker.queue_depth, "queued_windows": worker.queued_windows}
 
     def _log_stats(self, last: tuple[float, int, int]) -> tuple[float, int, int]:
         now = time.monotonic()
@@ -659,8 +660,7 @@ class Daemon:
             dead_letters=st.dead_letters,
             dead_by_kind=dict(st.dead_by_kind),
             lag=lag,
-            queue_depth=self.engine.worker.queue_depth,
-            queued_windows=self.engine.worker.queued_windows,
+            **self._queue_fields(),
             paused=self.paused,
             partitions=sorted(self.parts),
             sensors=len(self.sensor_part),
