@@ -11,18 +11,19 @@ import signal
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from streamer.codec import DLQ_KINDS
 from streamer.config import KafkaConfig, TopicsConfig, load_config
 from streamer.daemon import Daemon, _Checkpoint, _Partition, _Round
 from streamer.kafka.admin import ensure_topics
+from streamer.scoring.thresholds import unpack_floats
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all
 from tests.integration.helpers import (
@@ -265,10 +266,12 @@ def restart_scenario(
     model_dir: Path,
     tmp_path: Path,
     started: list[DaemonProcess],
+    between: Callable[[str, Topics], None] | None = None,
 ) -> tuple[list[Message], dict[str, tuple[str, int, int]], int]:
     """Stream into a daemon, stop it with ``sig`` mid-stream, restart, read everything.
 
-    Returns all score messages, the expected windows and the first run's exit code.
+    ``between(bootstrap, topics)`` runs after the stop, before the restart. Returns all
+    score messages, the expected windows and the first run's exit code.
     """
     timeout = Timeout(150)
     samples = plant_samples(6, 900, seed=7)
@@ -300,6 +303,8 @@ def restart_scenario(
     expected = expected_windows(topics.input, samples, W, S)
     done_before = len(read_scores(bootstrap, topics))
     assert 0 < done_before < len(expected), "the stop must land mid-stream"
+    if between is not None:
+        between(bootstrap, topics)
 
     second = DaemonProcess(cfg).start()
     started.append(second)
@@ -368,6 +373,63 @@ class TestRestart:
         assert not differing, f"{len(differing)} repeated windows differ"
         repeats = len(msgs) - len(by_id)
         print(f"\n{len(by_id)} windows, {repeats} repeated byte-identically after SIGKILL")
+
+    def test_version_1_state_records_restore_identically(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """State written by an older streamer (float arrays as JSON lists) restores exactly.
+
+        After a SIGKILL every state record is written again as version 1 would have
+        written it; the restart must repeat the windows after the commit byte for byte,
+        so the thresholds it restored equal the ones the killed run had.
+        """
+        rewritten: list[str] = []  # sensors whose threshold was written as version 1
+
+        def as_version_1(bootstrap: str, topics: Topics) -> None:
+            records = consume_all(bootstrap, topics.state)
+            producer = Producer({"bootstrap.servers": bootstrap})
+            for m in records:
+                rec = orjson.loads(m.value() or b"")
+                th = rec["threshold"]
+                if th is not None:
+                    assert th["version"] == 2, th
+                    for name in ("peaks", "window", "ref"):
+                        if name in th:
+                            th[name] = unpack_floats(th[name]).tolist()
+                    th["version"] = 1
+                    rewritten.append(rec["sensor"])
+                producer.produce(
+                    topics.state, orjson.dumps(rec), key=m.key(), partition=m.partition()
+                )
+            assert producer.flush(30) == 0
+
+        msgs, expected, code = restart_scenario(
+            signal.SIGKILL,
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            model_dir,
+            tmp_path,
+            daemon_factory,
+            between=as_version_1,
+        )
+        assert code == -signal.SIGKILL
+        assert len(set(rewritten)) == 6, rewritten
+        second = daemon_factory[1]
+        assert not second.seen("state_corrupt"), second.tail(40)
+        by_id: dict[str, set[bytes]] = defaultdict(set)
+        for m in msgs:
+            by_id[orjson.loads(m.value() or b"")["id"]].add(m.value() or b"")
+        assert set(by_id) == set(expected)
+        assert len(msgs) > len(by_id), "the restart must repeat the windows after the commit"
+        differing = [i for i, values in by_id.items() if len(values) > 1]
+        assert not differing, f"{len(differing)} repeated windows differ"
 
 
 class TestModelChangeAcrossRestart:

@@ -24,6 +24,8 @@ from streamer.scoring.thresholds import (
     ThresholdResult,
     fit_gpd,
     make_threshold,
+    pack_floats,
+    unpack_floats,
 )
 
 CALIBRATION = np.random.default_rng(7).exponential(size=3000)
@@ -60,6 +62,18 @@ def concat(results: list[ThresholdResult]) -> ThresholdResult:
 
 def json_round_trip(state: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(json.dumps(state, allow_nan=False))
+    return out
+
+
+# The float array fields of the threshold state dicts.
+ARRAYS = frozenset({"peaks", "ref", "window"})
+
+
+def as_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict as version 1 wrote it: float arrays as lists of numbers."""
+    assert state["version"] == 2
+    out = {k: (unpack_floats(v).tolist() if k in ARRAYS else v) for k, v in state.items()}
+    out["version"] = 1
     return out
 
 
@@ -163,7 +177,19 @@ class TestThresholdContract:
         """The state dict names its kind and format version."""
         state = threshold.state_dict()
         assert state["kind"] in FACTORIES
-        assert state["version"] == 1
+        assert state["version"] == 2
+        # Float arrays are packed, not lists of numbers.
+        assert not any(isinstance(v, list) for v in state.values())
+
+    def test_version_1_state_loads_and_continues_identically(self, threshold: Threshold) -> None:
+        """A version-1 state (float arrays as JSON lists) restores exactly what it held."""
+        threshold.step(STREAM[:200])
+        v1 = as_version_1(threshold.state_dict())
+        assert any(isinstance(v, list) for v in v1.values())
+        restored = threshold.clone()
+        restored.load_state_dict(json_round_trip(v1))
+        assert threshold.state_dict() == restored.state_dict()
+        assert same_result(threshold.step(STREAM[200:]), restored.step(STREAM[200:]))
 
     @pytest.mark.parametrize(
         "corrupt",
@@ -176,9 +202,30 @@ class TestThresholdContract:
             ),
             pytest.param(lambda s: {"kind": s["kind"], "version": 1}, id="empty"),
             pytest.param(
-                lambda s: {k: ("garbage" if isinstance(v, list) else v) for k, v in s.items()},
+                lambda s: {k: ("garbage!" if k in ARRAYS else v) for k, v in s.items()},
+                id="garbage-arrays",
+            ),
+            pytest.param(
+                lambda s: {k: (["garbage"] if k in ARRAYS else v) for k, v in s.items()},
                 id="garbage-lists",
             ),
+            pytest.param(
+                lambda s: {k: ([True] if k in ARRAYS else v) for k, v in s.items()},
+                id="booleans-as-numbers",
+            ),
+            pytest.param(
+                lambda s: {
+                    k: (pack_floats([1.0])[:-4] if k in ARRAYS else v) for k, v in s.items()
+                },
+                id="truncated-arrays",
+            ),
+            pytest.param(
+                lambda s: {
+                    k: (pack_floats([1.0, math.inf]) if k in ARRAYS else v) for k, v in s.items()
+                },
+                id="non-finite-arrays",
+            ),
+            pytest.param(lambda s: {**s, "version": True}, id="boolean-version"),
             pytest.param(
                 lambda s: {k: (-1.0 if isinstance(v, float) else v) for k, v in s.items()},
                 id="negative-numbers",
@@ -219,6 +266,42 @@ class TestThresholdContract:
         parts = concat([twin.step(p) for p in np.array_split(STREAM, [1, 2, 51, 52, 53, 299, 400])])
         assert same_result(whole, parts)
         assert threshold.state_dict() == twin.state_dict()
+
+
+class TestPackedFloats:
+    """Float arrays in state dicts: base64 of little-endian float64, exact both ways."""
+
+    def test_round_trip_is_bit_exact(self) -> None:
+        """Every float64, the awkward ones included, comes back with the same bits."""
+        values = np.array([0.1, -0.0, 5e-324, 1.7976931348623157e308, 1 / 3, math.pi])
+        back = unpack_floats(pack_floats(values))
+        assert back.dtype == np.float64 and back.flags.writeable
+        assert back.tobytes() == values.astype("<f8").tobytes()
+
+    def test_packed_is_smaller_than_json_numbers(self) -> None:
+        """Packed values take 32 bytes per 3 values; JSON numbers of full precision more."""
+        values = np.random.default_rng(3).exponential(size=999)
+        assert len(pack_floats(values)) == 999 * 8 * 4 // 3
+        assert len(pack_floats(values)) < 0.75 * len(json.dumps(values.tolist()))
+
+    def test_read_only_arrays_are_still_checked(self) -> None:
+        """Only the prototype's own (validated) sample skips the checks, not any read-only array."""
+        spot = SpotThreshold(risk=1e-3)
+        spot.calibrate(CALIBRATION)
+        state = spot.state_dict()
+        unsorted = np.frombuffer(np.array([3.0, 1.0, 2.0]).tobytes())
+        assert not unsorted.flags.writeable
+        with pytest.raises(StateError, match="ref must be sorted"):
+            spot.clone().load_state_dict({**state, "ref": unsorted})
+
+    @pytest.mark.parametrize(
+        ("packed", "message"),
+        [("not base64!", "not base64"), ("AAAAAAAA", "6 bytes is not a whole number")],
+    )
+    def test_malformed_is_refused_with_the_reason(self, packed: str, message: str) -> None:
+        """Text that is not base64, or not whole float64 values, raises ValueError saying so."""
+        with pytest.raises(ValueError, match=message):
+            unpack_floats(packed)
 
 
 class TestConstructorValidation:
@@ -383,7 +466,7 @@ class TestSpotTail:
         spot.calibrate(rng.exponential(size=2000))
         spot.step(rng.exponential(size=3000))
         state = spot.state_dict()
-        assert len(state["peaks"]) == 20
+        assert unpack_floats(state["peaks"]).size == 20
         assert state["nt"] > 60
 
     @pytest.mark.parametrize("method", ["spot", "dspot"])
@@ -396,7 +479,7 @@ class TestSpotTail:
         th.step(rng.exponential(size=6000))
         state = th.state_dict()
         assert state["max_peaks"] == 40
-        assert len(state["peaks"]) == 40 < state["nt"]
+        assert unpack_floats(state["peaks"]).size == 40 < state["nt"]
 
     @pytest.mark.parametrize("method", ["spot", "dspot"])
     @pytest.mark.parametrize("learned", [300, 3000], ids=["buffer-growing", "buffer-full"])
@@ -484,7 +567,8 @@ class TestQuantile:
         q.calibrate(np.arange(1.0, 11.0))
         assert q.value == 20.0
         q.step(np.array([0.5, 100.0]))  # 0.5 pushes out 1.0; 100 > 20 alarms
-        assert q.state_dict()["window"] == [*np.arange(2.0, 11.0).tolist(), 0.5]
+        window = unpack_floats(q.state_dict()["window"])
+        assert window.tolist() == [*np.arange(2.0, 11.0).tolist(), 0.5]
 
     def test_alarm_rate_stays_bounded_on_a_stationary_stream(self) -> None:
         """On i.i.d. scores the alarm rate stays near its fixed point instead of ratcheting."""
