@@ -323,6 +323,9 @@ class AlertBank:
             raise ConfigError("channels must name at least one channel, got []")
         self._params = (open_after, open_within, close_after, top_k)
         self._trackers: dict[str, AlertTracker] = {}
+        # What a sensor with nothing pending exports, but for its name: a commit round
+        # exports every changed sensor, nearly all of them idle.
+        self._idle = self._new("").export()
 
     def _new(self, sensor: str) -> AlertTracker:
         return AlertTracker(sensor, self._channels, *self._params)
@@ -398,7 +401,15 @@ class AlertBank:
     def export(self, sensor: str) -> dict[str, Any]:
         """The sensor's state (an idle state for a sensor with nothing pending)."""
         tr = self._trackers.get(sensor)
-        return (tr if tr is not None else self._new(sensor)).export()
+        if tr is not None:
+            return tr.export()
+        idle = self._idle
+        return {
+            **idle,
+            "sensor": sensor,
+            "channels": [*idle["channels"]],
+            "recent": [*idle["recent"]],
+        }
 
     def restore(self, sensor: str, state: Mapping[str, Any]) -> None:
         """Install a sensor's exported state; StateError leaves the sensor as it was."""

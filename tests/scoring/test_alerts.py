@@ -308,6 +308,10 @@ class TestPersistence:
         state = b.export("nobody")
         assert state["open"] is None
         assert state["recent"] == []
+        assert state["sensor"] == "nobody"
+        other = b.export("else")
+        assert other["sensor"] == "else" and other["channels"] is not state["channels"]
+        assert state == AlertTracker("nobody", CHANNELS).export()
         b.restore("nobody", state)
         assert len(b) == 0
 
