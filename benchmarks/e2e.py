@@ -19,6 +19,12 @@ One command runs the suite and prints a Markdown report (also written with
   CreateTime set by the daemon's producer) minus the window's last sample time.
 * **scale**: peak RSS (VmHWM) and throughput at several sensor counts and window
   sizes.
+* **restart** (only with ``--only restart``): ``--restart-sensors`` sensors are
+  scored, the daemon is stopped with SIGTERM (its shutdown round writes every
+  sensor's state), then started again on the same group: the time from SIGTERM to
+  exit, and from the new process's start until it is ready (its state restored),
+  with the restore's own seconds (the partitions' state is read together; the
+  longest ``state_restored`` line counts from the start of that read).
 
 Benchmarks print figures; they assert nothing.
 """
@@ -216,12 +222,14 @@ def write_config(
 DAEMON_LOG_DIR: Path | None = None  # --daemon-logs: keep each daemon's log here
 
 
-def start_daemon(cfg: Path) -> subprocess.Popen[bytes]:
-    """``streamer run`` on ``cfg``; its log goes to ``DAEMON_LOG_DIR/<config>.log`` if set."""
+def start_daemon(cfg: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """``streamer run`` on ``cfg``, logging to ``log`` (else ``DAEMON_LOG_DIR/<config>.log``)."""
     out: Any = subprocess.DEVNULL
-    if DAEMON_LOG_DIR is not None:
+    if log is None and DAEMON_LOG_DIR is not None:
         DAEMON_LOG_DIR.mkdir(parents=True, exist_ok=True)
-        out = (DAEMON_LOG_DIR / f"{cfg.stem}.log").open("wb")
+        log = DAEMON_LOG_DIR / f"{cfg.stem}.log"
+    if log is not None:
+        out = log.open("wb")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         return subprocess.Popen(
@@ -588,10 +596,105 @@ def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]
     report += ["## Scale", "", *rows_out, ""]
 
 
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """The daemon log's JSON lines for one event."""
+    out = []
+    for line in path.read_bytes().splitlines():
+        if event.encode() in line:
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") == event:
+                out.append(rec)
+    return out
+
+
+def topic_records(bootstrap: str, topic: str) -> int:
+    """Records in a topic: the sum of its partitions' high watermarks."""
+    consumer = consumer_from_start(bootstrap, topic, "count")
+    try:
+        return sum(
+            consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in consumer.assignment()
+        )
+    finally:
+        consumer.close()
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout_s: float = 600) -> float:
+    """SIGTERM, then wait for the exit; the seconds it took."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return time.monotonic() - started
+
+
+def restart(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> None:
+    """Shutdown and restart times with every sensor's state to write and restore."""
+    rows_out = [
+        "| sensors | state records | stop s (SIGTERM to exit) | start to ready s "
+        "| restore s | sensors restored | peak RSS MiB at ready |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    window, channels = args.scale_window, args.scale_channels
+    stride = max(1, window // 8)
+    rows = window + stride  # two windows per sensor: every sensor has a threshold
+    model = train(tmp / f"m-{window}-{channels}", window, stride, channels)
+    for sensors in (int(s) for s in args.restart_sensors.split(",")):
+        topics = make_topics(bootstrap, args.partitions)
+        produce_stream(bootstrap, topics["input"], sensors, rows, channels)
+        replay = max(1_000_000, 2 * window * sensors // args.partitions)
+        cfg = write_config(
+            tmp / f"r-{sensors}.yaml",
+            bootstrap,
+            topics,
+            model,
+            window,
+            stride,
+            channels,
+            **merged({"stream": {"max_replay_messages": replay}}, args),
+        )
+        logs = DAEMON_LOG_DIR or tmp
+        logs.mkdir(parents=True, exist_ok=True)
+        first_log, second_log = logs / f"r-{sensors}-first.log", logs / f"r-{sensors}-second.log"
+        proc = start_daemon(cfg, first_log)
+        expected = expected_windows(sensors, rows, window, stride)
+        n, _, _, _ = count_scores(bootstrap, topics["scores"], expected, 1800, proc)
+        stop_s = stop_daemon(proc)
+        written = topic_records(bootstrap, topics["state"])
+        started = time.monotonic()
+        proc = start_daemon(cfg, second_log)
+        ready_s = float("nan")
+        rss = 0.0
+        while proc.poll() is None and time.monotonic() - started < 600:
+            rss = max(rss, peak_rss_mb(proc.pid))
+            if log_events(second_log, "daemon_ready"):
+                ready_s = time.monotonic() - started
+                break
+            time.sleep(0.05)
+        restored = log_events(second_log, "state_restored")
+        stop_daemon(proc)
+        rows_out.append(
+            f"| {sensors:,} | {written:,} | {stop_s:.1f} | {ready_s:.1f} "
+            f"| {max((e['seconds'] for e in restored), default=float('nan')):.1f} "
+            f"| {sum(e['sensors'] for e in restored):,} | {rss:.0f} |"
+        )
+        if n < expected:
+            rows_out[-1] += f" (first run scored {n:,} of {expected:,} windows)"
+        print(rows_out[-1], file=sys.stderr)
+    report += ["## Restart", "", *rows_out, ""]
+
+
 def main() -> None:
     """Run the chosen suites and print (and optionally write) the Markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--only", choices=["throughput", "latency", "scale"], action="append")
+    ap.add_argument(
+        "--only", choices=["throughput", "latency", "scale", "restart"], action="append"
+    )
     ap.add_argument("--bootstrap", default=os.environ.get("STREAMER_BENCH_BOOTSTRAP"))
     ap.add_argument("--sensors", type=int, default=1000)
     ap.add_argument("--channels", type=int, default=5)
@@ -617,6 +720,7 @@ def main() -> None:
     ap.add_argument("--scale-channels", type=int, default=8)
     ap.add_argument("--scale-windows", default="32,128,512")
     ap.add_argument("--scale-samples", type=int, default=1_000_000)
+    ap.add_argument("--restart-sensors", default="100000", help="sensor counts, comma-separated")
     ap.add_argument("--queue-size", type=int, default=None, help="inference.queue_size override")
     ap.add_argument("--max-batch", type=int, default=None, help="inference.max_batch override")
     ap.add_argument(
@@ -668,6 +772,8 @@ def main() -> None:
                 latency(bootstrap, tmp, args, rate, report)
             if "scale" in suites:
                 scale(bootstrap, tmp, args, report)
+            if "restart" in suites:
+                restart(bootstrap, tmp, args, report)
         finally:
             if broker is not None:
                 broker.stop()

@@ -87,7 +87,7 @@ from streamer.errors import (
 )
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.sink import Sink
-from streamer.kafka.source import Source, read_partitions
+from streamer.kafka.source import LatestRecords, Source, read_latest
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model.checkpoint import load_checkpoint
 from streamer.model.train import resolve_device
@@ -1234,7 +1234,7 @@ class Daemon:
         assert self.source is not None
         committed = self.source.committed(partitions)
         started = time.monotonic()
-        state, unfinished = read_partitions(
+        state, unfinished = read_latest(
             self.cfg.kafka, self.topics.state, partitions, self.cfg.kafka.restore_timeout_s
         )
         if unfinished:
@@ -1242,13 +1242,22 @@ class Daemon:
                 f"restoring {self.topics.state} partitions {unfinished} did not finish within "
                 f"{self.cfg.kafka.restore_timeout_s}s"
             )
-        for p in partitions:
-            c = committed.get(p)
-            start = c.offset if c is not None and c.offset >= 0 else 0
-            h = self._commit_head(c.metadata if c is not None else None, c.offset if c else -1)
-            part = _Partition(partition=p, committed_h=h, restored_h=h, replay_until=h)
-            self.parts[p] = part
-            self._restore(part, start, state[p], started)
+        # A restore makes only long-lived objects (each sensor's state): the collections
+        # their allocations would trigger free nothing, and at 100,000 sensors cost seconds.
+        # The settle below walks them once instead.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for p in partitions:
+                c = committed.get(p)
+                start = c.offset if c is not None and c.offset >= 0 else 0
+                h = self._commit_head(c.metadata if c is not None else None, c.offset if c else -1)
+                part = _Partition(partition=p, committed_h=h, restored_h=h, replay_until=h)
+                self.parts[p] = part
+                self._restore(part, start, state[p], started)
+        finally:
+            if collecting:
+                gc.enable()
         if self.client_paused:
             self.source.pause(partitions)
         self.health.partitions = tuple(sorted(self.parts))
@@ -1268,16 +1277,14 @@ class Daemon:
             log.warning("commit_metadata_unknown", metadata=metadata[:200])
         return offset - 1 if offset >= 0 else -1
 
-    def _restore(self, part: _Partition, start: int, msgs: list[Message], started: float) -> None:
-        """Restore every sensor of partition p from its state records (latest per sensor wins)."""
+    def _restore(self, part: _Partition, start: int, latest: LatestRecords, started: float) -> None:
+        """Restore every sensor of partition p from its latest state record."""
         p = part.partition
-        latest: dict[bytes, bytes | None] = {}
-        for m in msgs:
-            key = m.key()
-            if key is not None:
-                latest[key] = m.value()
         restored = corrupt = anchors = 0
-        for key, value in latest.items():
+        values = latest.values
+        for key in list(values):
+            # Taken out as it is applied: each record's bytes are freed once restored.
+            value = values.pop(key)
             if value is None:
                 continue
             try:
@@ -1302,7 +1309,7 @@ class Daemon:
             corrupt=corrupt,
             stale_thresholds=part.stale,
             anchors=anchors,
-            records=len(msgs),
+            records=latest.records,
             start_offset=start,
             committed_h=part.restored_h,
             replay_until=part.replay_until,
@@ -1364,9 +1371,8 @@ class Daemon:
         ring = rec["ring"]
         if ring is not None and ring["anchor_offset"] >= start:
             slot = engine.index.slot(sensor)
-            engine.windows.set_anchor(
-                slot, int(to_position(part.partition, ring["anchor_offset"])), ring["anchor_count"]
-            )
+            position = (part.partition << OFFSET_BITS) | int(ring["anchor_offset"])
+            engine.windows.set_anchor(slot, position, ring["anchor_count"])
             self.anchor_offset[sensor] = ring["anchor_offset"]
             self.sensor_part[sensor] = part.partition
             part.sensors.add(sensor)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -27,7 +28,7 @@ from confluent_kafka import KafkaError as RdKafkaError
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
 
-__all__ = ["Committed", "Source", "read_partitions"]
+__all__ = ["Committed", "LatestRecords", "Source", "read_latest"]
 
 log = structlog.get_logger(__name__)
 
@@ -253,14 +254,26 @@ class Source:
         self._raise()
 
 
-def read_partitions(
-    cfg: KafkaConfig, topic: str, partitions: Sequence[int], timeout_s: float
-) -> tuple[dict[int, list[Message]], list[int]]:
-    """Every record of each partition up to its high watermark as of now, with one reader.
+@dataclass
+class LatestRecords:
+    """The latest value of each key in one partition (None: a tombstone), and the count read."""
 
-    Returns the messages per partition and the partitions whose end was not reached
-    within ``timeout_s``. The reader is assigned, not subscribed: it joins no group
-    and commits nothing.
+    values: dict[bytes, bytes | None] = field(default_factory=dict)
+    records: int = 0
+
+
+def read_latest(
+    cfg: KafkaConfig, topic: str, partitions: Sequence[int], timeout_s: float
+) -> tuple[dict[int, LatestRecords], list[int]]:
+    """The latest record of each key of a compacted topic's partitions, with one reader.
+
+    Reads each partition up to its high watermark as of now and keeps only the newest
+    value per key as it goes, as compaction would: until the broker compacts it, the
+    topic's log holds every version written (a state topic: one per sensor per commit
+    round), and holding them all would cost a multiple of the live state's memory.
+    Records without a key are skipped. Returns the latest records per partition and the
+    partitions whose end was not reached within ``timeout_s``. The reader is assigned,
+    not subscribed: it joins no group and commits nothing.
     """
     conf = _conf(
         cfg,
@@ -272,7 +285,7 @@ def read_partitions(
     )
     consumer = Consumer(conf)
     deadline = time.monotonic() + timeout_s
-    out: dict[int, list[Message]] = {p: [] for p in partitions}
+    out = {p: LatestRecords() for p in partitions}
     try:
         ends: dict[int, int] = {}
         for p in partitions:
@@ -299,7 +312,11 @@ def read_partitions(
                     continue
                 if p not in ends:
                     continue  # past the end we took at the start
-                out[p].append(m)
+                latest = out[p]
+                latest.records += 1
+                key = m.key()
+                if key is not None:
+                    latest.values[key] = m.value()
                 if offset >= ends[p] - 1:
                     del ends[p]
         return out, sorted(ends)

@@ -311,14 +311,19 @@ _FROZEN: weakref.WeakValueDictionary[int, NDArray[np.float64]] = weakref.WeakVal
 
 def _frozen(a: NDArray[np.float64]) -> NDArray[np.float64]:
     """``a``, read-only: calibration references are shared between a prototype's clones."""
-    a.flags.writeable = False
-    _FROZEN[id(a)] = a
+    if _FROZEN.get(id(a)) is not a:  # a restore hands the shared sample back: once is enough
+        a.flags.writeable = False
+        _FROZEN[id(a)] = a
     return a
 
 
 def _validated(a: object) -> bool:
     """Whether ``a`` is an array :func:`_frozen` made read-only (and so already checked)."""
     return _FROZEN.get(id(a)) is a
+
+
+# The calibration sample of a threshold not calibrated yet.
+_NO_REFERENCE = _frozen(np.zeros(0))
 
 
 def _reference(values: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -566,7 +571,7 @@ class _SpotCore:
         # does not depend on how the stream is cut into batches.
         self.rate = 1.0
         self.floor = 1e-12
-        self.ref = _frozen(np.zeros(0))
+        self.ref = _NO_REFERENCE
 
     def calibrate(self, values: NDArray[np.float64]) -> None:
         t = float(np.quantile(values, self.level))
@@ -666,7 +671,7 @@ class _SpotCore:
         core.n = _int(state, "n", 1)
         core.nt = _int(state, "nt", 0)
         peaks = _vec(state, "peaks")
-        if peaks.size > max_peaks or peaks.size > core.nt or np.any(peaks <= 0.0):
+        if peaks.size > max_peaks or peaks.size > core.nt or (peaks <= 0.0).any():
             raise _CorruptStateError("peaks must be positive, at most max_peaks and at most nt")
         core.peaks = peaks
         core.npk = int(peaks.size)
