@@ -554,6 +554,35 @@ def latency(
     report.append("")
 
 
+def fleet_stream(
+    bootstrap: str,
+    cfg_path: Path,
+    args: argparse.Namespace,
+    model: Path,
+    sensors: int,
+    rows: int,
+    window: int,
+    channels: int,
+) -> tuple[dict[str, str], Path]:
+    """Fresh topics holding ``rows`` samples of each of ``sensors`` sensors; a config for them."""
+    topics = make_topics(bootstrap, args.partitions)
+    produce_stream(bootstrap, topics["input"], sensors, rows, channels)
+    # A window spans `window` samples of every sensor of its partition: the replay
+    # bound must be above that, or every sensor is evicted before its window fills.
+    replay = max(1_000_000, 2 * window * sensors // args.partitions)
+    cfg = write_config(
+        cfg_path,
+        bootstrap,
+        topics,
+        model,
+        window,
+        max(1, window // 8),
+        channels,
+        **merged({"stream": {"max_replay_messages": replay}}, args),
+    )
+    return topics, cfg
+
+
 def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> None:
     """Peak RSS and throughput across sensor counts and window sizes."""
     rows_out = [
@@ -569,20 +598,15 @@ def scale(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]
         stride = max(1, window // 8)
         rows = max(window + stride * 4, args.scale_samples // sensors)
         model = train(tmp / f"m-{window}-{channels}", window, stride, channels)
-        topics = make_topics(bootstrap, args.partitions)
-        produce_stream(bootstrap, topics["input"], sensors, rows, channels)
-        # A window spans `window` samples of every sensor of its partition: the replay
-        # bound must be above that, or every sensor is evicted before its window fills.
-        replay = max(1_000_000, 2 * window * sensors // args.partitions)
-        cfg = write_config(
-            tmp / f"s-{sensors}-{window}.yaml",
+        topics, cfg = fleet_stream(
             bootstrap,
-            topics,
+            tmp / f"s-{sensors}-{window}.yaml",
+            args,
             model,
+            sensors,
+            rows,
             window,
-            stride,
             channels,
-            **merged({"stream": {"max_replay_messages": replay}}, args),
         )
         expected = expected_windows(sensors, rows, window, stride)
         d = daemon_run(cfg, bootstrap, topics["scores"], expected)
@@ -645,18 +669,8 @@ def restart(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[st
     rows = window + stride  # two windows per sensor: every sensor has a threshold
     model = train(tmp / f"m-{window}-{channels}", window, stride, channels)
     for sensors in (int(s) for s in args.restart_sensors.split(",")):
-        topics = make_topics(bootstrap, args.partitions)
-        produce_stream(bootstrap, topics["input"], sensors, rows, channels)
-        replay = max(1_000_000, 2 * window * sensors // args.partitions)
-        cfg = write_config(
-            tmp / f"r-{sensors}.yaml",
-            bootstrap,
-            topics,
-            model,
-            window,
-            stride,
-            channels,
-            **merged({"stream": {"max_replay_messages": replay}}, args),
+        topics, cfg = fleet_stream(
+            bootstrap, tmp / f"r-{sensors}.yaml", args, model, sensors, rows, window, channels
         )
         logs = DAEMON_LOG_DIR or tmp
         logs.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import signal
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -316,6 +316,17 @@ def restart_scenario(
     return read_scores(bootstrap, topics), expected, code
 
 
+def assert_identical_repeats(msgs: list[Message], expected: Iterable[str]) -> int:
+    """Every expected window is there and each repeat is byte-identical; returns the repeats."""
+    by_id: dict[str, set[bytes]] = defaultdict(set)
+    for m in msgs:
+        by_id[orjson.loads(m.value() or b"")["id"]].add(m.value() or b"")
+    assert set(by_id) == set(expected)
+    differing = [i for i, values in by_id.items() if len(values) > 1]
+    assert not differing, f"{len(differing)} repeated windows differ"
+    return len(msgs) - len(by_id)
+
+
 class TestRestart:
     """Stopping and restarting mid-stream loses nothing; a clean stop repeats nothing."""
 
@@ -365,14 +376,8 @@ class TestRestart:
             daemon_factory,
         )
         assert code == -signal.SIGKILL
-        by_id: dict[str, set[bytes]] = defaultdict(set)
-        for m in msgs:
-            by_id[orjson.loads(m.value() or b"")["id"]].add(m.value() or b"")
-        assert set(by_id) == set(expected)
-        differing = [i for i, values in by_id.items() if len(values) > 1]
-        assert not differing, f"{len(differing)} repeated windows differ"
-        repeats = len(msgs) - len(by_id)
-        print(f"\n{len(by_id)} windows, {repeats} repeated byte-identically after SIGKILL")
+        repeats = assert_identical_repeats(msgs, expected)
+        print(f"\n{len(expected)} windows, {repeats} repeated byte-identically after SIGKILL")
 
     def test_version_1_state_records_restore_identically(
         self,
@@ -423,13 +428,8 @@ class TestRestart:
         assert len(set(rewritten)) == 6, rewritten
         second = daemon_factory[1]
         assert not second.seen("state_corrupt"), second.tail(40)
-        by_id: dict[str, set[bytes]] = defaultdict(set)
-        for m in msgs:
-            by_id[orjson.loads(m.value() or b"")["id"]].add(m.value() or b"")
-        assert set(by_id) == set(expected)
-        assert len(msgs) > len(by_id), "the restart must repeat the windows after the commit"
-        differing = [i for i, values in by_id.items() if len(values) > 1]
-        assert not differing, f"{len(differing)} repeated windows differ"
+        repeats = assert_identical_repeats(msgs, expected)
+        assert repeats > 0, "the restart must repeat the windows after the commit"
 
 
 class TestModelChangeAcrossRestart:
