@@ -244,6 +244,18 @@ def start_daemon(cfg: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
             out.close()
 
 
+def stop_daemon(proc: subprocess.Popen[bytes], timeout_s: float = 600) -> float:
+    """SIGTERM, then wait for the exit; the seconds it took."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return time.monotonic() - started
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM of a process in MiB (0 if gone)."""
     try:
@@ -343,11 +355,7 @@ def daemon_run(
         n, first, last, rss = count_scores(bootstrap, scores_topic, expected, timeout_s, proc)
         done = time.time()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc, 60)
     return {
         "windows": n,
         "wall_s": done - started,
@@ -643,18 +651,6 @@ def topic_records(bootstrap: str, topic: str) -> int:
         )
     finally:
         consumer.close()
-
-
-def stop_daemon(proc: subprocess.Popen[bytes], timeout_s: float = 600) -> float:
-    """SIGTERM, then wait for the exit; the seconds it took."""
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return time.monotonic() - started
 
 
 def restart(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> None:

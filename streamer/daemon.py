@@ -1371,7 +1371,7 @@ class Daemon:
         ring = rec["ring"]
         if ring is not None and ring["anchor_offset"] >= start:
             slot = engine.index.slot(sensor)
-            position = (part.partition << OFFSET_BITS) | int(ring["anchor_offset"])
+            position = to_position(part.partition, int(ring["anchor_offset"]))
             engine.windows.set_anchor(slot, position, ring["anchor_count"])
             self.anchor_offset[sensor] = ring["anchor_offset"]
             self.sensor_part[sensor] = part.partition

@@ -1,10 +1,12 @@
-"""Helpers shared by the test suite: bounded waits and plain produce/consume against a broker."""
+"""Helpers shared by the test suite: bounded waits, plain produce/consume against a broker,
+and threshold state as older versions wrote it."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -15,6 +17,19 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+
+from streamer.scoring.thresholds import unpack_floats
+
+# The float array fields of the threshold state dicts.
+THRESHOLD_ARRAYS = frozenset({"peaks", "ref", "window"})
+
+
+def threshold_as_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """A threshold state dict as version 1 wrote it: float arrays as lists of numbers."""
+    assert state["version"] == 2, state
+    out = {k: (unpack_floats(v).tolist() if k in THRESHOLD_ARRAYS else v) for k, v in state.items()}
+    out["version"] = 1
+    return out
 
 
 class Timeout:

@@ -201,6 +201,14 @@ class TestPositions:
         pos = to_position(np.array([0, 3, 1023]), np.array([0, 12345, (1 << 40) - 1]))
         assert [split_position(int(p)) for p in pos] == [(0, 0), (3, 12345), (1023, (1 << 40) - 1)]
 
+    def test_two_ints_pack_as_the_arrays_do(self) -> None:
+        """The scalar path (one state record's anchor) gives the arrays' position, as an int."""
+        pairs = [(0, 0), (3, 12345), (1023, (1 << 40) - 1)]
+        packed = to_position(np.array([p for p, _ in pairs]), np.array([o for _, o in pairs]))
+        for (p, o), want in zip(pairs, packed.tolist(), strict=True):
+            got = to_position(p, o)
+            assert type(got) is int and got == want
+
     def test_window_id_is_stable(self) -> None:
         """A window id depends on topic, partition and offset only."""
         assert window_id("t", 1, 5) == window_id("t", 1, 5)

@@ -265,9 +265,6 @@ def _vec(state: Mapping[str, Any], key: str) -> NDArray[np.float64]:
         except ValueError as exc:
             raise _CorruptStateError(f"{key} must be packed float64 values: {exc}") from None
     elif isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == np.float64:
-        if _validated(v):
-            # A calibration sample shared with the prototype (``ThresholdBank.restore``).
-            return v
         a = v.copy()  # a threshold mutates its own arrays in place
     else:
         # One C-level pass over the element types instead of a Python step per element
@@ -281,9 +278,12 @@ def _vec(state: Mapping[str, Any], key: str) -> NDArray[np.float64]:
 
 
 def _sorted_ref(state: Mapping[str, Any], key: str) -> NDArray[np.float64]:
+    shared = state[key]
+    if _validated(shared):
+        # The prototype's calibration sample itself (``ThresholdBank.restore``), checked
+        # when it was frozen, and shared rather than copied.
+        return shared  # type: ignore[no-any-return]
     ref = _vec(state, key)
-    if _validated(ref):
-        return ref
     if ref.size > _REFERENCE_SIZE or (ref.size > 1 and np.any(np.diff(ref) < 0)):
         raise _CorruptStateError(f"{key} must be sorted and hold at most {_REFERENCE_SIZE} values")
     return ref

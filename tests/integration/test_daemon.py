@@ -23,9 +23,8 @@ from streamer.codec import DLQ_KINDS
 from streamer.config import KafkaConfig, TopicsConfig, load_config
 from streamer.daemon import Daemon, _Checkpoint, _Partition, _Round
 from streamer.kafka.admin import ensure_topics
-from streamer.scoring.thresholds import unpack_floats
 from tests.conftest import NewTopicFactory
-from tests.helpers import Timeout, consume_all
+from tests.helpers import Timeout, consume_all, threshold_as_version_1
 from tests.integration.helpers import (
     DaemonProcess,
     Sample,
@@ -401,13 +400,8 @@ class TestRestart:
             producer = Producer({"bootstrap.servers": bootstrap})
             for m in records:
                 rec = orjson.loads(m.value() or b"")
-                th = rec["threshold"]
-                if th is not None:
-                    assert th["version"] == 2, th
-                    for name in ("peaks", "window", "ref"):
-                        if name in th:
-                            th[name] = unpack_floats(th[name]).tolist()
-                    th["version"] = 1
+                if rec["threshold"] is not None:
+                    rec["threshold"] = threshold_as_version_1(rec["threshold"])
                     rewritten.append(rec["sensor"])
                 producer.produce(
                     topics.state, orjson.dumps(rec), key=m.key(), partition=m.partition()

@@ -27,6 +27,8 @@ from streamer.scoring.thresholds import (
     pack_floats,
     unpack_floats,
 )
+from tests.helpers import THRESHOLD_ARRAYS as ARRAYS
+from tests.helpers import threshold_as_version_1
 
 CALIBRATION = np.random.default_rng(7).exponential(size=3000)
 STREAM = np.random.default_rng(8).exponential(size=600)
@@ -62,18 +64,6 @@ def concat(results: list[ThresholdResult]) -> ThresholdResult:
 
 def json_round_trip(state: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(json.dumps(state, allow_nan=False))
-    return out
-
-
-# The float array fields of the threshold state dicts.
-ARRAYS = frozenset({"peaks", "ref", "window"})
-
-
-def as_version_1(state: dict[str, Any]) -> dict[str, Any]:
-    """A state dict as version 1 wrote it: float arrays as lists of numbers."""
-    assert state["version"] == 2
-    out = {k: (unpack_floats(v).tolist() if k in ARRAYS else v) for k, v in state.items()}
-    out["version"] = 1
     return out
 
 
@@ -184,7 +174,7 @@ class TestThresholdContract:
     def test_version_1_state_loads_and_continues_identically(self, threshold: Threshold) -> None:
         """A version-1 state (float arrays as JSON lists) restores exactly what it held."""
         threshold.step(STREAM[:200])
-        v1 = as_version_1(threshold.state_dict())
+        v1 = threshold_as_version_1(threshold.state_dict())
         assert any(isinstance(v, list) for v in v1.values())
         restored = threshold.clone()
         restored.load_state_dict(json_round_trip(v1))
