@@ -87,7 +87,7 @@ from streamer.errors import (
 )
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.sink import Sink
-from streamer.kafka.source import LatestRecords, Source, read_latest
+from streamer.kafka.source import CommitResult, LatestRecords, Source, read_latest
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model.checkpoint import load_checkpoint
 from streamer.model.train import resolve_device
@@ -247,12 +247,27 @@ class _Checkpoint:
 
     partition: int
     h: int
-    # Sensors of the partition at H, and the ring anchor (offset, count) of those whose
-    # ring held samples then.
-    sensors: set[str]
-    anchors: dict[str, tuple[int, int]]
+    # Sensors of the partition at H, and the position and count of the oldest sample a
+    # future window of each needs (count 0: its ring held nothing), as arrays: at
+    # 100,000 sensors a round that writes few records should not build 100,000 tuples.
+    sensors: list[str]
+    oldest_pos: NDArray[np.int64]
+    oldest_count: NDArray[np.int64]
     # Evicted at H: their state is written without a ring anchor.
     evicted: set[str]
+    _at: dict[str, int] | None = None
+
+    def index(self) -> dict[str, int]:
+        """Sensor -> its row in the arrays (built on first use)."""
+        if self._at is None:
+            self._at = dict(zip(self.sensors, range(len(self.sensors)), strict=True))
+        return self._at
+
+    def anchor(self, sensor: str) -> tuple[int, int] | None:
+        """The ring anchor (offset, count) of a sensor of the checkpoint, if it held samples."""
+        i = self.index()[sensor]
+        count = int(self.oldest_count[i])
+        return (int(self.oldest_pos[i]) & _OFFSET_MASK, count) if count > 0 else None
 
 
 # sensor, partition, H, ring anchor, threshold snapshot, alerts state
@@ -279,6 +294,19 @@ class _Round:
     states: int = 0
     stalled_s: float = 0.0  # loop time spent on the round
     serialise_s: float = 0.0  # of which serialising the state at H
+
+
+@dataclass(slots=True)
+class _CommitSent:
+    """An interval round's commit, sent and not yet answered by the coordinator."""
+
+    heads: dict[int, int]  # partition -> H
+    reason: str
+    states: int
+    started: float  # the round's start (perf_counter)
+    stalled: float  # loop time the round took
+    sent: float  # perf_counter when the commit was sent
+    extra: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -348,6 +376,7 @@ class Daemon:
         self.submitted = 0
         self.published = 0
         self.round: _Round | None = None
+        self.commits_sent: deque[_CommitSent] = deque()
         self.growth = SensorGrowth()
         # Backpressure: not consuming because the worker's queue is full (since when), and
         # whether the partitions are also paused in the client (after kafka.pause_after_s).
@@ -463,6 +492,8 @@ class Daemon:
                 # in flight, do not wait in consume: wait on the worker below.
                 busy = self.paused or bool(self.pending)
                 msgs = self.source.consume(batch_n, 0.0 if busy else poll_s)
+                for answer in self.source.commit_results():
+                    self._commit_answered(answer)
             if not ready:
                 ready = True
                 self.notifier.ready(f"consuming {self.topics.input}")
@@ -971,6 +1002,7 @@ class Daemon:
             r.states,
             r.started,
             r.stalled_s,
+            wait=False,
             serialise_s=round(r.serialise_s, 4),
         )
 
@@ -1004,37 +1036,90 @@ class Daemon:
         states: int,
         started: float,
         stalled: float,
+        *,
+        wait: bool = True,
         **extra: Any,
     ) -> float:
         """Commit what a round checkpointed (its records are acknowledged).
 
         ``started``: the round's start (perf_counter); ``stalled``: the loop time it took
-        so far. Returns the loop time it took in all.
+        so far. Returns the loop time it took in all. With ``wait=False`` (interval
+        rounds) the commit is sent and the loop goes on: a synchronous commit waits a
+        round trip to the group coordinator (10-25 ms on a busy local broker, more
+        across a network), in which nothing is consumed. ``_commit_answered``
+        completes it.
         """
         assert self.source is not None
         before = time.perf_counter()
+        heads = {c.partition: c.h for c in checkpoints}
+        if not wait:
+            if commits and self.source.commit_async(commits):
+                now = time.perf_counter()
+                stalled += now - before
+                self.commits_sent.append(
+                    _CommitSent(heads, reason, states, started, stalled, now, extra)
+                )
+            # Not sent: a rebalance is under way; the next round (or the revoke) commits.
+            return stalled + time.perf_counter() - before
         if not commits or not self.source.commit(commits):
             # A rebalance is under way: the next round (or the revoke) commits.
             return stalled + time.perf_counter() - before
         now = time.perf_counter()
         stalled += now - before
-        heads = {c.partition: c.h for c in checkpoints}
+        offsets = {p: off for p, (off, _) in commits.items()}
+        self._committed(offsets, heads, reason, states, started, stalled, extra)
+        return stalled
+
+    def _commit_answered(self, answer: CommitResult) -> None:
+        """The coordinator's answer to the oldest commit sent without waiting."""
+        if not self.commits_sent:
+            return
+        sent = self.commits_sent.popleft()
+        if answer.deferred:
+            # Those partitions keep their last committed H: the next round commits them.
+            log.warning("commit_deferred", reason=sent.reason, errors=answer.deferred)
+        heads = {p: h for p, h in sent.heads.items() if p in answer.committed}
+        if heads:
+            self._committed(
+                answer.committed,
+                heads,
+                sent.reason,
+                sent.states,
+                sent.started,
+                sent.stalled,
+                {**sent.extra, "commit_s": round(time.perf_counter() - sent.sent, 4)},
+            )
+
+    def _committed(
+        self,
+        offsets: dict[int, int],
+        heads: dict[int, int],
+        reason: str,
+        states: int,
+        started: float,
+        stalled: float,
+        extra: dict[str, Any],
+    ) -> None:
+        """Book a commit the coordinator accepted."""
         for p, h in heads.items():
-            if p in self.parts:
-                self.parts[p].committed_h = h
+            part = self.parts.get(p)
+            if part is not None:
+                # An answer can come after a later (revocation) commit or a reassignment
+                # that already moved H on; never move it back.
+                part.committed_h = max(part.committed_h, h)
         self.stats.commits += 1
+        now = time.perf_counter()
         self.metrics.commit_done(now - started, stalled)
         log.debug(
             "offsets_committed",
             reason=reason,
-            offsets={p: off for p, (off, _) in commits.items()},
+            offsets=offsets,
             heads=heads,
             states=states,
             seconds=round(now - started, 4),
             stalled_s=round(stalled, 4),
             **extra,
         )
-        return stalled
 
     def _snapshot(self, p: int) -> _Checkpoint | None:
         """Step 1 of a round for partition p: evict, and take the ring anchors at H."""
@@ -1045,19 +1130,7 @@ class Daemon:
         self._expire_anchors(part)
         names, oldest_pos, oldest_count = self._evict(part, h)
         evicted, part.evicted = part.evicted, set()
-        has = oldest_count > 0
-        anchors = dict(
-            zip(
-                itertools.compress(names, has.tolist()),
-                zip(
-                    (oldest_pos[has] & _OFFSET_MASK).tolist(),
-                    oldest_count[has].tolist(),
-                    strict=True,
-                ),
-                strict=True,
-            )
-        )
-        return _Checkpoint(p, h, set(names), anchors, evicted)
+        return _Checkpoint(p, h, names, oldest_pos, oldest_count, evicted)
 
     def _checkpoint(self, c: _Checkpoint, defer: deque[_StateAtH] | None = None) -> tuple[int, str]:
         """Produce the state records of a snapshot; its commit (offset, metadata).
@@ -1073,11 +1146,12 @@ class Daemon:
         # Keep what was learned by evicted sensors; only the ring anchor is gone.
         records: list[tuple[str, dict[str, int] | None]] = [(s, None) for s in sorted(c.evicted)]
         c.evicted = set()
-        dirty = sorted(part.dirty & part.sensors & c.sensors)
+        at_h = c.index() if part.dirty else {}
+        dirty = sorted(s for s in part.dirty if s in at_h and s in part.sensors)
         part.dirty.difference_update(dirty)
         for s in dirty:
             ring = None
-            anchor = c.anchors.get(s)
+            anchor = c.anchor(s)
             if anchor is not None:
                 ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
                 self.anchor_offset[s] = anchor[0]
@@ -1097,8 +1171,9 @@ class Daemon:
                 # hundreds of MB of records. Everything must be delivered before the
                 # commit anyway, so waiting for this slice now costs only a round trip.
                 self.sink.flush(_FLUSH_TIMEOUT_S)
-        anchors = [self.anchor_offset[s] for s in part.sensors if s in self.anchor_offset]
-        offset = min([*anchors, h + 1])
+        # The oldest anchor written for a sensor of the partition, else H + 1.
+        nothing = itertools.repeat(h + 1)
+        offset = min(map(self.anchor_offset.get, part.sensors, nothing), default=h + 1)
         return offset, orjson.dumps({"v": COMMIT_META_VERSION, "h": h}).decode()
 
     def _state_value(
@@ -1162,7 +1237,9 @@ class Daemon:
         slots = engine.index.slots(names)
         last_ts = engine.windows.last_ts_of(slots)
         oldest_pos, oldest_count = engine.windows.oldest(slots)
-        written = np.fromiter((anchor_of(s, -1) for s in names), dtype=np.int64, count=len(names))
+        written = np.fromiter(
+            map(anchor_of, names, itertools.repeat(-1)), dtype=np.int64, count=len(names)
+        )
         held = np.where(oldest_pos >= 0, oldest_pos & _OFFSET_MASK, h)
         anchor = np.where(written >= 0, written, held)
         has_samples = np.isfinite(last_ts)

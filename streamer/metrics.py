@@ -264,9 +264,9 @@ class Metrics:
         )
         self.commit_stall = Histogram(
             name("commit_stall_seconds"),
-            "Loop time a commit round took (snapshot, state records, the commit call); "
-            "interval rounds consume on while records are acknowledged, shutdown and "
-            "revocation rounds wait.",
+            "Loop time a commit round took (snapshot, state records, sending the commit); "
+            "interval rounds consume on while records are acknowledged and the commit "
+            "is answered, shutdown and revocation rounds wait.",
             buckets=INFERENCE_BUCKETS_S,
             registry=reg,
         )

@@ -28,7 +28,7 @@ from confluent_kafka import KafkaError as RdKafkaError
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
 
-__all__ = ["Committed", "LatestRecords", "Source", "read_latest"]
+__all__ = ["CommitResult", "Committed", "LatestRecords", "Source", "read_latest"]
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +79,18 @@ class Committed:
         self.metadata = metadata
 
 
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """The broker's answer to one asynchronous commit (``Source.commit_async``).
+
+    ``committed``: partition -> offset now committed; ``deferred``: partition -> the
+    passing error (a rebalance, a coordinator moving) that kept it from being committed.
+    """
+
+    committed: dict[int, int]
+    deferred: dict[int, str]
+
+
 def _conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
     conf: dict[str, Any] = {**_DEFAULTS, **cfg.librdkafka(), **extra}
     conf["bootstrap.servers"] = cfg.bootstrap_servers
@@ -100,7 +112,10 @@ class Source:
         conf = _conf(cfg, {"group.id": cfg.group_id, "client.id": client_id})
         conf.update(_REQUIRED)
         conf["error_cb"] = self._on_error
+        # Called (inside consume/poll, on the main thread) for asynchronous commits only.
+        conf["on_commit"] = self._commit_cb
         self.topic = topic
+        self._commit_results: list[CommitResult] = []
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
@@ -138,6 +153,24 @@ class Source:
             self._fatal = f"consumer fatal error: {err}"
         else:
             log.warning("consumer_error", error=str(err))
+
+    def _commit_cb(self, err: Any, parts: list[TopicPartition]) -> None:
+        committed: dict[int, int] = {}
+        deferred: dict[int, str] = {}
+        for tp in parts:
+            if tp.topic != self.topic:
+                continue
+            error = err if err is not None else tp.error
+            if error is None:
+                committed[tp.partition] = tp.offset
+            elif _passing(error):
+                deferred[tp.partition] = str(error)
+            elif self._failure is None:
+                # Raised by the next consume (a callback's exception would be swallowed).
+                self._failure = KafkaError(
+                    f"commit of {self.topic}[{tp.partition}] failed: {error}"
+                )
+        self._commit_results.append(CommitResult(committed, deferred))
 
     def _raise(self) -> None:
         if self._failure is not None:
@@ -179,6 +212,36 @@ class Source:
                 log.warning("consume_error", error=str(err))
         return out
 
+    def commit_async(self, offsets: dict[int, tuple[int, str]]) -> bool:
+        """Send a commit of ``{partition: (offset, metadata)}`` without waiting for it.
+
+        Its outcome comes back from ``commit_results`` after a later ``consume``; a
+        failure that does not pass by itself is raised by that ``consume``. Commits
+        reach the group coordinator in the order they are made. Returns False when the
+        request could not even be sent for a passing reason (retry at the next round).
+        """
+        if not offsets:
+            return True
+        try:
+            self._consumer.commit(offsets=self._offsets(offsets), asynchronous=True)
+        except KafkaException as exc:
+            if _passing(exc.args[0] if exc.args else None):
+                log.warning("commit_deferred", topic=self.topic, error=str(exc))
+                return False
+            raise KafkaError(f"commit of {self.topic} offsets failed: {exc}") from exc
+        return True
+
+    def commit_results(self) -> list[CommitResult]:
+        """Outcomes of asynchronous commits answered since the last call, oldest first."""
+        out, self._commit_results = self._commit_results, []
+        return out
+
+    def _offsets(self, offsets: dict[int, tuple[int, str]]) -> list[TopicPartition]:
+        return [
+            TopicPartition(self.topic, p, off, metadata=meta)
+            for p, (off, meta) in sorted(offsets.items())
+        ]
+
     def assignment(self) -> list[int]:
         """Partitions of the topic assigned to this consumer now."""
         return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic)
@@ -216,12 +279,8 @@ class Source:
         """
         if not offsets:
             return True
-        tps = [
-            TopicPartition(self.topic, p, off, metadata=meta)
-            for p, (off, meta) in sorted(offsets.items())
-        ]
         try:
-            result = self._consumer.commit(offsets=tps, asynchronous=False)
+            result = self._consumer.commit(offsets=self._offsets(offsets), asynchronous=False)
         except KafkaException as exc:
             if _passing(exc.args[0] if exc.args else None):
                 log.warning("commit_deferred", topic=self.topic, error=str(exc))

@@ -1,11 +1,17 @@
-"""``read_latest``: a compacted topic's live records, read from the real broker."""
+"""The consumer side against the real broker: ``read_latest`` and asynchronous commits."""
 
 from __future__ import annotations
 
-from confluent_kafka import Producer
+import time
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import Producer, TopicPartition
 
 from streamer.config import KafkaConfig
-from streamer.kafka.source import read_latest
+from streamer.errors import KafkaError
+from streamer.kafka.source import CommitResult, Source, read_latest
 from tests.conftest import NewTopicFactory
 
 
@@ -33,3 +39,86 @@ class TestReadLatest:
             b"k%d" % k: (None if k == 3 else b"v%d-4" % k) for k in range(1, 40, 2)
         }
         assert latest[2].values == {}
+
+
+@pytest.fixture
+def assigned(
+    kafka_bootstrap: str, new_topic: NewTopicFactory, group_id: str
+) -> Iterator[tuple[Source, str]]:
+    """A Source in a fresh group, subscribed to a 2-partition topic holding 5 records each."""
+    topic = new_topic(partitions=2)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(10):
+        producer.produce(topic, b"m%d" % i, partition=i % 2)
+    assert producer.flush(30) == 0
+    assignments: list[list[int]] = []
+    source = Source(
+        KafkaConfig(bootstrap_servers=kafka_bootstrap, group_id=group_id),
+        topic,
+        on_assign=assignments.append,
+        on_revoke=lambda _parts: None,
+        on_lost=lambda _parts: None,
+    )
+    seen = 0
+    deadline = time.monotonic() + 60
+    while seen < 10 and time.monotonic() < deadline:
+        seen += len(source.consume(100, 0.5))
+    assert seen == 10 and sorted(p for a in assignments for p in a) == [0, 1]
+    try:
+        yield source, topic
+    finally:
+        source.close()
+
+
+def _answers(source: Source, timeout_s: float = 30) -> list[CommitResult]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        source.consume(100, 0.1)  # commit callbacks run in here
+        got = source.commit_results()
+        if got:
+            return got
+    raise AssertionError("no answer to the asynchronous commit")
+
+
+class TestCommitAsync:
+    def test_answer_comes_back_and_the_offsets_are_committed(
+        self, assigned: tuple[Source, str]
+    ) -> None:
+        """The call returns at once; the answer names each partition's committed offset."""
+        source, _topic = assigned
+        assert source.commit_async({0: (3, "h0"), 1: (2, "h1")})
+        (answer,) = _answers(source)
+        assert answer == CommitResult(committed={0: 3, 1: 2}, deferred={})
+        got = source.committed([0, 1])
+        assert (got[0].offset, got[0].metadata) == (3, "h0")
+        assert (got[1].offset, got[1].metadata) == (2, "h1")
+
+    def test_answers_come_in_the_order_sent_and_synchronous_commits_give_none(
+        self, assigned: tuple[Source, str]
+    ) -> None:
+        source, _topic = assigned
+        assert source.commit({0: (1, "a")})
+        assert source.commit_async({0: (2, "b")})
+        assert source.commit_async({0: (4, "c")})
+        answers = _answers(source)
+        deadline = time.monotonic() + 30
+        while len(answers) < 2 and time.monotonic() < deadline:
+            answers += _answers(source)
+        assert [a.committed for a in answers] == [{0: 2}, {0: 4}]
+        assert source.committed([0])[0].offset == 4
+
+    def test_passing_errors_are_deferred_and_others_raised_by_the_next_consume(
+        self, assigned: tuple[Source, str]
+    ) -> None:
+        """The client's callback, fed librdkafka's own error objects."""
+        source, topic = assigned
+        rebalance = RdKafkaError(RdKafkaError.REBALANCE_IN_PROGRESS)
+        source._commit_cb(rebalance, [TopicPartition(topic, 0, 7), TopicPartition("other", 0, 1)])
+        (answer,) = source.commit_results()
+        assert answer.committed == {} and list(answer.deferred) == [0]
+        assert "REBALANCE_IN_PROGRESS" in answer.deferred[0]
+
+        denied = RdKafkaError(RdKafkaError.GROUP_AUTHORIZATION_FAILED)
+        source._commit_cb(denied, [TopicPartition(topic, 1, 7)])
+        with pytest.raises(KafkaError, match=rf"commit of {topic}\[1\] failed:.*AUTHORIZATION"):
+            source.consume(10, 0)
