@@ -1053,13 +1053,13 @@ class Daemon:
         before = time.perf_counter()
         heads = {c.partition: c.h for c in checkpoints}
         if not wait:
+            # When not sent (a rebalance is under way), the next round or the revoke commits.
             if commits and self.source.commit_async(commits):
                 now = time.perf_counter()
-                stalled += now - before
+                taken = stalled + now - before
                 self.commits_sent.append(
-                    _CommitSent(heads, reason, states, started, stalled, now, extra)
+                    _CommitSent(heads, reason, states, started, taken, now, extra)
                 )
-            # Not sent: a rebalance is under way; the next round (or the revoke) commits.
             return stalled + time.perf_counter() - before
         if not commits or not self.source.commit(commits):
             # A rebalance is under way: the next round (or the revoke) commits.

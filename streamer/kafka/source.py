@@ -155,8 +155,18 @@ class Source:
             log.warning("consumer_error", error=str(err))
 
     def _commit_cb(self, err: Any, parts: list[TopicPartition]) -> None:
+        result, failure = self._answer(err, parts)
+        if failure is not None and self._failure is None:
+            self._failure = failure  # raised by the next consume (a callback's would be lost)
+        self._commit_results.append(result)
+
+    def _answer(
+        self, err: Any, parts: list[TopicPartition]
+    ) -> tuple[CommitResult, KafkaError | None]:
+        """Sort a commit's answer (request error ``err``, else each partition's) out."""
         committed: dict[int, int] = {}
         deferred: dict[int, str] = {}
+        failure = None
         for tp in parts:
             if tp.topic != self.topic:
                 continue
@@ -165,12 +175,9 @@ class Source:
                 committed[tp.partition] = tp.offset
             elif _passing(error):
                 deferred[tp.partition] = str(error)
-            elif self._failure is None:
-                # Raised by the next consume (a callback's exception would be swallowed).
-                self._failure = KafkaError(
-                    f"commit of {self.topic}[{tp.partition}] failed: {error}"
-                )
-        self._commit_results.append(CommitResult(committed, deferred))
+            elif failure is None:
+                failure = KafkaError(f"commit of {self.topic}[{tp.partition}] failed: {error}")
+        return CommitResult(committed, deferred), failure
 
     def _raise(self) -> None:
         if self._failure is not None:
@@ -220,27 +227,34 @@ class Source:
         reach the group coordinator in the order they are made. Returns False when the
         request could not even be sent for a passing reason (retry at the next round).
         """
-        if not offsets:
-            return True
-        try:
-            self._consumer.commit(offsets=self._offsets(offsets), asynchronous=True)
-        except KafkaException as exc:
-            if _passing(exc.args[0] if exc.args else None):
-                log.warning("commit_deferred", topic=self.topic, error=str(exc))
-                return False
-            raise KafkaError(f"commit of {self.topic} offsets failed: {exc}") from exc
-        return True
+        return not offsets or self._send(offsets, asynchronous=True) is not None
 
     def commit_results(self) -> list[CommitResult]:
         """Outcomes of asynchronous commits answered since the last call, oldest first."""
         out, self._commit_results = self._commit_results, []
         return out
 
-    def _offsets(self, offsets: dict[int, tuple[int, str]]) -> list[TopicPartition]:
-        return [
+    def _send(
+        self, offsets: dict[int, tuple[int, str]], asynchronous: bool
+    ) -> list[TopicPartition] | None:
+        """The client's commit call; None when it could not be made for a passing reason.
+
+        Returns the answer of a synchronous commit, [] for an asynchronous one.
+        """
+        tps = [
             TopicPartition(self.topic, p, off, metadata=meta)
             for p, (off, meta) in sorted(offsets.items())
         ]
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=tps, asynchronous=True)
+                return []
+            return self._consumer.commit(offsets=tps, asynchronous=False) or []
+        except KafkaException as exc:
+            if _passing(exc.args[0] if exc.args else None):
+                log.warning("commit_deferred", topic=self.topic, error=str(exc))
+                return None
+            raise KafkaError(f"commit of {self.topic} offsets failed: {exc}") from exc
 
     def assignment(self) -> list[int]:
         """Partitions of the topic assigned to this consumer now."""
@@ -279,23 +293,15 @@ class Source:
         """
         if not offsets:
             return True
-        try:
-            result = self._consumer.commit(offsets=self._offsets(offsets), asynchronous=False)
-        except KafkaException as exc:
-            if _passing(exc.args[0] if exc.args else None):
-                log.warning("commit_deferred", topic=self.topic, error=str(exc))
-                return False
-            raise KafkaError(f"commit of {self.topic} offsets failed: {exc}") from exc
-        ok = True
-        for tp in result or []:
-            if tp.error is not None:
-                if not _passing(tp.error):
-                    raise KafkaError(f"commit of {self.topic}[{tp.partition}] failed: {tp.error}")
-                log.warning(
-                    "commit_deferred", topic=self.topic, partition=tp.partition, error=str(tp.error)
-                )
-                ok = False
-        return ok
+        answer = self._send(offsets, asynchronous=False)
+        if answer is None:
+            return False
+        result, failure = self._answer(None, answer)
+        if failure is not None:
+            raise failure
+        for p, error in result.deferred.items():
+            log.warning("commit_deferred", topic=self.topic, partition=p, error=error)
+        return not result.deferred
 
     def watermarks(self, partition: int) -> tuple[int, int]:
         """(low, high) offsets known from the last fetch (no request; -1001 when unknown)."""
