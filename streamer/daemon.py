@@ -385,6 +385,8 @@ class Daemon:
         self.client_paused = False
         self.stats = _Stats()
         self._stop_requested = False
+        # Set once the loop raised: from then on nothing is committed (see run).
+        self._failed = False
         self._stop_signal = ""
         self._signals = 0
         self.sink: Sink | None = None
@@ -445,7 +447,15 @@ class Daemon:
             )
             log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
             settle_heap("started")
-            return self._loop()
+            try:
+                return self._loop()
+            except BaseException:
+                # Whatever failed may have left a batch half processed, or its records
+                # unsent: closing the consumer below revokes the partitions, and that
+                # revocation must release them without a commit round. The next owner
+                # replays from the last commit, so nothing is lost.
+                self._failed = True
+                raise
         finally:
             # Frozen objects are not freed at exit, and some extensions report them as leaks.
             gc.unfreeze()
@@ -712,6 +722,7 @@ class Daemon:
         part_arr = np.asarray(parts_l, dtype=np.int64)
         off_arr = np.asarray(offs_l, dtype=np.int64)
         keep = np.ones(len(msgs), dtype=bool)
+        heads: list[tuple[_Partition, int]] = []
         for p in np.unique(part_arr).tolist():
             sel = part_arr == p
             part = self.parts.get(p)
@@ -720,13 +731,23 @@ class Daemon:
                 continue
             # Never process an offset twice in one assignment (pause/resume may refetch).
             keep &= ~(sel & (off_arr <= part.consumed))
-            part.consumed = max(part.consumed, int(off_arr[sel].max()))
+            heads.append((part, int(off_arr[sel].max())))
         if not keep.all():
             idx = np.flatnonzero(keep)
             msgs = [msgs[i] for i in idx.tolist()]
             part_arr, off_arr = part_arr[idx], off_arr[idx]
-        if not msgs:
-            return
+        if msgs:
+            self._process_kept(msgs, part_arr, off_arr)
+        # Only now is the batch fully processed (decoded, dead-lettered, its windows
+        # queued): H, what a commit round may cover, moves past it. Raised above, it
+        # stays where it was, so no round can commit an offset that was never processed.
+        for part, head in heads:
+            part.consumed = max(part.consumed, head)
+
+    def _process_kept(
+        self, msgs: list[Message], part_arr: NDArray[np.int64], off_arr: NDArray[np.int64]
+    ) -> None:
+        """Decode a batch's new messages, dead-letter the bad ones, queue their windows."""
         self.stats.messages += len(msgs)
         self.metrics.messages_consumed.inc(len(msgs))
         positions = to_position(part_arr, off_arr)
@@ -1459,6 +1480,13 @@ class Daemon:
         if not mine:
             return
         self._abandon_round()
+        if self._failed:
+            # Closing after a failure: the consumed offsets may not all be processed, and
+            # the commit would skip what was not. Release without committing.
+            heads = {p: self.parts[p].committed_h for p in mine}
+            self._drop(mine)
+            log.warning("partitions_released_uncommitted", partitions=mine, committed_h=heads)
+            return
         self._commit_round(mine, reason="revoke")
         self._drop(mine)
         log.info("partitions_revoked", partitions=mine, owned=sorted(self.parts))
@@ -1470,7 +1498,8 @@ class Daemon:
         # Another member owns them now: publish what is scored (byte-identical to what
         # the new owner may publish) but commit nothing.
         self._abandon_round()
-        self._drain()
+        if not self._failed:
+            self._drain()
         self._drop(mine)
         log.warning("partitions_lost", partitions=mine, owned=sorted(self.parts))
 
