@@ -7,6 +7,8 @@ import math
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamer.codec import (
     DLQ_KINDS,
@@ -142,6 +144,100 @@ class TestDecodeInvalid:
         """No messages give empty arrays of the right shape."""
         got, dead = Decoder(CFG).decode([], [])
         assert dead == [] and got.values.shape == (0, 3)
+
+
+Fate = tuple[object, ...]
+
+
+def fates(values: list[bytes | None], keys: list[bytes | None]) -> list[Fate]:
+    """What became of each message: its sample (key, ts, values) or its dead letter."""
+    got, dead = decode_batch(values, keys, CFG)
+    out: list[Fate | None] = [None] * len(values)
+    for row, i in enumerate(got.index.tolist()):
+        out[i] = ("sample", got.keys[row], float(got.ts[row]), tuple(got.values[row].tolist()))
+    for d in dead:
+        out[d.index] = ("dead", d.kind, d.reason)
+    assert None not in out
+    return out  # type: ignore[return-value]
+
+
+def assert_judged_alone(values: list[bytes | None], keys: list[bytes | None]) -> None:
+    """Each message of the batch meets the fate it meets in a batch of its own."""
+    alone = [fates([v], [k])[0] for v, k in zip(values, keys, strict=True)]
+    assert fates(values, keys) == alone
+
+
+# Messages crafted to be invalid alone but valid JSON when a batch is joined with "\n,":
+# one holds two values, one ends inside an array, and the next one closes it.
+TWO_VALUES = sample(ts=1.0) + b"\n," + b'{"note": 1}'
+OPENS = b'{"sensor": "s1", "ts": 3, "values": [1, 2'
+CLOSES = b"3]}"
+
+
+class TestMessagesJudgedAlone:
+    """No neighbour changes a message's fate: a batch decodes as its messages do alone."""
+
+    def test_crafted_neighbours(self) -> None:
+        """A valid sample after a two-value message keeps its fate; the crafted ones are lost."""
+        values: list[bytes | None] = [TWO_VALUES, sample(ts=2.0), OPENS, CLOSES]
+        keys: list[bytes | None] = [b"s1"] * 4
+        result = fates(values, keys)
+        assert result[1] == ("sample", "s1", 2.0, (1.0, 2.0, 3.0))
+        assert [f[:2] for f in (result[0], result[2], result[3])] == [("dead", "bad_json")] * 3
+        assert_judged_alone(values, keys)
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            pytest.param([TWO_VALUES, sample(ts=2.0)], id="two-values-then-valid"),
+            pytest.param([sample(ts=2.0), TWO_VALUES], id="valid-then-two-values"),
+            pytest.param([OPENS, CLOSES, sample(ts=2.0)], id="open-array-continued"),
+            pytest.param([OPENS, b"3]}\n," + sample(ts=4.0)], id="continuation-adds-a-value"),
+            pytest.param(
+                [sample(ts=2.0), OPENS, CLOSES + b"\n," + sample(ts=4.0), sample(ts=5.0)],
+                id="merge-and-split",
+            ),
+            pytest.param(
+                [b'{"sensor": "s1", "ts": 6, "values": {"a": 1', b'"b": 2, "c": 3}}'],
+                id="open-object-continued",
+            ),
+            pytest.param([b"[1, 2", b"3]", sample(ts=2.0)], id="open-top-level-array"),
+        ],
+    )
+    def test_variants(self, values: list[bytes | None]) -> None:
+        """Each message gets exactly the fate it gets decoded alone."""
+        assert_judged_alone(values, [b"s1"] * len(values))
+
+    @settings(max_examples=200, deadline=None)
+    @given(data=st.data())
+    def test_random_batches(self, data: st.DataObject) -> None:
+        """Random mixes of valid, malformed and cut or glued messages decode as alone."""
+        values: list[bytes | None] = []
+        keys: list[bytes | None] = []
+        for _ in range(data.draw(st.integers(1, 12), label="parts")):
+            ts = float(len(values))
+            part = data.draw(st.sampled_from(["valid", "bad", "cut", "glued"]), label="part")
+            if part == "valid":
+                values.append(sample(ts=ts))
+            elif part == "bad":
+                value, key, _kind = data.draw(st.sampled_from(BAD), label="bad")
+                values.append(value)
+                keys.append(key)
+                continue
+            elif part == "cut":  # one sample split into two neighbouring messages
+                whole = sample(ts=ts)
+                # Cut anywhere, or at a comma and drop it: the batch's own "\n," then
+                # stands in for it, which is how a joined parse was fooled.
+                commas = [i for i, b in enumerate(whole) if b == ord(",")]
+                at = data.draw(st.sampled_from(commas) | st.integers(1, len(whole) - 1))
+                drop = whole[at] == ord(",")
+                values += [whole[:at], whole[at + drop :]]
+                keys.append(b"s1")
+            else:  # two samples glued into one message
+                sep = data.draw(st.sampled_from([b"\n,", b",", b" "]), label="sep")
+                values.append(sample(ts=ts) + sep + sample(ts=ts + 0.5))
+            keys.append(b"s1")
+        assert_judged_alone(values, keys)
 
 
 class TestWholeBatchPath:
