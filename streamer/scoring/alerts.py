@@ -8,6 +8,11 @@ per-channel error used to name the top channels; it closes after ``close_after``
 consecutive normal windows. The windows before a close never count towards the next
 alert. Events are rare, so the per-row loop stays in Python, with a fast path for the
 common row: a normal window of a sensor with nothing pending (no state is kept for it).
+
+A non-finite score, threshold or channel error (a diverging model: NaN, or an overflow
+to infinity) counts as ``+inf``, as in the thresholds: it is the highest peak, and its
+channel tops the attribution. Exported state writes ``+inf`` as null (JSON has no
+infinity) and restore reads null back as ``+inf``, so such a state survives a restart.
 """
 
 from __future__ import annotations
@@ -152,6 +157,11 @@ class AlertTracker:
         ``channel_errors`` is read only when the window is anomalous.
         """
         alert = self._open
+        if anomalous:
+            # Only anomalous windows are kept: they alone are checked (and they are rare).
+            if not (math.isfinite(score) and math.isfinite(threshold)):
+                score, threshold = _or_inf(score), _or_inf(threshold)
+            errors = _errors_or_inf(channel_errors)
         if alert is not None:
             alert.position = position
             if anomalous:
@@ -159,7 +169,7 @@ class AlertTracker:
                 alert.last_end = window_end
                 if score > alert.peak_score:
                     alert.peak_score, alert.peak_threshold = score, threshold
-                alert.sums += channel_errors
+                alert.sums += errors
                 return None
             alert.normal_run += 1
             if alert.normal_run < self._close:
@@ -170,7 +180,7 @@ class AlertTracker:
         if anomalous:
             if len(recent) == self._m and recent[0] is not None:
                 self._hits -= 1
-            hit = (position, window_end, score, threshold, np.array(channel_errors, np.float64))
+            hit = (position, window_end, score, threshold, errors.copy())
             recent.append(hit)
             self._hits += 1
             if self._hits < self._k:
@@ -210,7 +220,7 @@ class AlertTracker:
         return None if alert is None else self._event(alert, "open", alert.position)
 
     def export(self) -> dict[str, Any]:
-        """JSON-serialisable, versioned state."""
+        """JSON-serialisable, versioned state: finite numbers, and null for ``+inf``."""
         alert = self._open
         return {
             "kind": _KIND,
@@ -218,7 +228,8 @@ class AlertTracker:
             "sensor": self.sensor,
             "channels": list(self._channels),
             "recent": [
-                None if h is None else [h[0], h[1], h[2], h[3], h[4].tolist()] for h in self._recent
+                None if h is None else [h[0], h[1], _out(h[2]), _out(h[3]), _outs(h[4])]
+                for h in self._recent
             ],
             "open": None
             if alert is None
@@ -226,9 +237,9 @@ class AlertTracker:
                 "first_position": alert.first_position,
                 "started": alert.started,
                 "last_end": alert.last_end,
-                "peak_score": alert.peak_score,
-                "peak_threshold": alert.peak_threshold,
-                "sums": alert.sums.tolist(),
+                "peak_score": _out(alert.peak_score),
+                "peak_threshold": _out(alert.peak_threshold),
+                "sums": _outs(alert.sums),
                 "normal_run": alert.normal_run,
                 "position": alert.position,
             },
@@ -272,14 +283,19 @@ class AlertTracker:
                 recent.append(None)
                 continue
             pos, end, score, thr, errs = h
-            recent.append((_text(pos), _real(end), _real(score), _real(thr), _errors(errs, width)))
+            recent.append(
+                (_text(pos), _real(end), _level(score), _level(thr), _errors(errs, width))
+            )
         o = state["open"]
         if o is None:
             return recent, None
         alert = _Open.__new__(_Open)
         alert.first_position, alert.position = _text(o["first_position"]), _text(o["position"])
         alert.started, alert.last_end = _real(o["started"]), _real(o["last_end"])
-        alert.peak_score, alert.peak_threshold = _real(o["peak_score"]), _real(o["peak_threshold"])
+        alert.peak_score, alert.peak_threshold = (
+            _level(o["peak_score"]),
+            _level(o["peak_threshold"]),
+        )
         alert.sums = _errors(o["sums"], width)
         run = o["normal_run"]
         if isinstance(run, bool) or not isinstance(run, int) or not 0 <= run < self._close:
@@ -300,10 +316,45 @@ def _real(v: object) -> float:
     return float(v)
 
 
+def _level(v: object) -> float:
+    """A score, threshold or error: a finite number, or null for ``+inf`` (see ``_out``)."""
+    return math.inf if v is None else _real(v)
+
+
 def _errors(v: object, width: int) -> NDArray[np.float64]:
     if not isinstance(v, list) or len(v) != width:
         raise StateError(f"alert state: expected {width} channel errors, got {v!r}")
-    return np.array([_real(e) for e in v], dtype=np.float64)
+    return np.array([_level(e) for e in v], dtype=np.float64)
+
+
+def _or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+def _errors_or_inf(errors: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Channel errors as float64, each non-finite one as ``+inf``."""
+    out = np.asarray(errors, dtype=np.float64)
+    finite = np.isfinite(out)
+    if not finite.all():
+        out = np.where(finite, out, np.inf)
+    return out
+
+
+def _out(x: float) -> float | None:
+    """A number for exported state: JSON has no infinity, so ``+inf`` is written as null.
+
+    The only non-finite number a tracker holds is ``+inf`` (``update`` maps the others to
+    it), and ``_level`` reads null back as ``+inf``: the state round-trips exactly. States
+    written before this, which held ``inf`` (or NaN) that orjson wrote as null, restore too.
+    """
+    return x if math.isfinite(x) else None
+
+
+def _outs(values: NDArray[np.float64]) -> list[float | None]:
+    out: list[float | None] = values.tolist()
+    if not np.isfinite(values).all():
+        out = [_out(v) for v in out]  # type: ignore[arg-type]
+    return out
 
 
 class AlertBank:

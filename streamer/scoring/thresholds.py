@@ -10,8 +10,10 @@ Implementations: :class:`SpotThreshold` and :class:`DspotThreshold` (Siffer et a
 "Anomaly Detection in Streams with Extreme Value Theory", KDD 2017), a rolling
 empirical quantile and a fixed value. :class:`ThresholdBank` keeps one per sensor.
 
-A non-finite score (a diverging model) is treated as ``+inf``: always anomalous, never
-learned, likelihood 1. Only numpy is used here.
+A non-finite score (a diverging model), or one beyond ``±1e300``, is treated as ``+inf``:
+always anomalous, never learned, likelihood 1. Calibration scores must lie within
+``±1e300`` and thresholds stay below about ``2e300``, so every number a threshold learns
+and exports is finite, and its state restores. Only numpy is used here.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ _MIN_PEAKS = 5
 # Order statistics kept from the calibration scores for the empirical part of the
 # likelihood: enough resolution for a [0, 1] score, small enough to checkpoint per sensor.
 _REFERENCE_SIZE = 256
-# Thresholds stay finite (and JSON-serialisable) even for absurd tail fits.
+# Thresholds stay finite (and JSON-serialisable) even for absurd tail fits; scores beyond
+# this count as +inf, and calibration scores beyond it are refused, so no threshold can
+# overflow to inf (an inf score would then not alarm, and be learned).
 _MAX_THRESHOLD = 1e300
 # |gamma| below this is the exponential limit; the GPD formulas lose precision there.
 _GAMMA_ZERO = 1e-12
@@ -174,11 +178,12 @@ def _calibration_scores(scores: ArrayLike, minimum: int, why: str = "") -> NDArr
         x = np.asarray(scores, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"calibration scores must be numbers: {exc}") from exc
-    bad = np.flatnonzero(~np.isfinite(x))
+    bad = np.flatnonzero(~(np.abs(x) <= _MAX_THRESHOLD))  # NaN compares False
     if bad.size:
         raise ConfigError(
-            f"calibration scores must be finite, got {bad.size} non-finite value(s), "
-            f"first at index {int(bad[0])}: {x[bad[0]]!r}"
+            f"calibration scores must be finite and within ±{_MAX_THRESHOLD:g}, got "
+            f"{bad.size} non-finite value(s) or beyond, first at index {int(bad[0])}: "
+            f"{x[bad[0]]!r}"
         )
     if x.size < minimum:
         raise ConfigError(f"calibration needs at least {minimum} scores{why}, got {x.size}")
@@ -189,10 +194,11 @@ def _live_scores(scores: ArrayLike) -> NDArray[np.float64]:
     x = np.asarray(scores, dtype=np.float64)
     if x.ndim != 1:
         raise DataError(f"scores must be one-dimensional, got shape {x.shape}")
-    bad = ~np.isfinite(x)
+    bad = ~(np.abs(x) <= _MAX_THRESHOLD)
     if bad.any():
         # A NaN compares False with everything and would slip in as a normal point and poison
-        # the moving statistics; +inf alarms and is never learned.
+        # the moving statistics; +inf alarms and is never learned. A finite score beyond
+        # 1e300 too: learned, it could carry a threshold or a moving sum past the float range.
         x = np.where(bad, np.inf, x)
     return x
 
@@ -1090,7 +1096,9 @@ class QuantileThreshold:
         pos = self._q * (len(s) - 1)
         lo = int(pos)
         q = s[-1] if lo + 1 >= len(s) else s[lo] + (s[lo + 1] - s[lo]) * (pos - lo)
-        return self._margin * q
+        # Capped like SPOT's z_q: margin x q could pass the float range, and an infinite
+        # threshold would let an inf score in as normal.
+        return min(self._margin * q, _MAX_THRESHOLD)
 
     @property
     def value(self) -> float:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -276,6 +278,60 @@ class TestPersistence:
             second.restore("s", round_trip(first.export("s")))
             ev2, _ = feed(second, flags[cut:], start=cut, errors=errors[cut:])
             assert ev1 + ev2 == whole
+
+    def test_non_finite_windows_round_trip_and_continue_identically(self) -> None:
+        """Windows scored inf or NaN, with overflowed channel errors, survive export, orjson
+        and restore at any row: the run continues as an uninterrupted one."""
+        inf, nan = math.inf, math.nan
+        flags = [1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0]
+        scores = [inf, nan, 0.1, 2.0, 0.1, 0.1, 0.1, nan, 3e38, inf, 0.1, 2.0, 0.1, 0.1, 0.1]
+        scores += [nan, 2.0, 0.1]
+        errors = np.random.default_rng(1).random((len(flags), len(CHANNELS)))
+        errors[0, 1], errors[1, 2], errors[7] = inf, nan, nan
+        errors[9, 0] = -inf
+        params: dict[str, Any] = {"open_after": 2, "open_within": 3, "close_after": 3}
+        whole, _ = feed(bank(**params), flags, scores=scores, errors=errors)
+        assert [e.state for e in whole] == ["open", "closed", "open", "closed", "open"]
+        assert all(e.peak_score == inf for e in whole)
+        for cut in range(len(flags) + 1):
+            first = bank(**params)
+            ev1, _ = feed(first, flags[:cut], scores=scores[:cut], errors=errors[:cut])
+            state = first.export("s")
+            json.dumps(state, allow_nan=False)  # only finite numbers (and null)
+            second = bank(**params)
+            second.restore("s", orjson.loads(orjson.dumps(state)))
+            assert second.export("s") == state
+            ev2, _ = feed(second, flags[cut:], start=cut, scores=scores[cut:], errors=errors[cut:])
+            assert ev1 + ev2 == whole
+
+    def test_non_finite_counts_as_inf(self) -> None:
+        """A NaN score is the highest peak and a NaN channel error tops the attribution."""
+        errors = np.array([[0.5, np.nan, 0.1, 0.2], [0.5, 0.1, np.inf, 0.2]])
+        (opened,), _ = feed(
+            bank(open_after=1, open_within=1), [1, 1], scores=[math.nan, 5.0], errors=errors
+        )
+        assert opened.peak_score == math.inf
+        assert opened.top_channels[0] == ("pressure", math.inf)
+        (snap,) = self.snapshots([1, 1], [math.nan, 5.0], errors)
+        assert snap.peak_score == math.inf
+        assert [c for c, _ in snap.top_channels[:2]] == ["pressure", "vibration"]
+
+    @staticmethod
+    def snapshots(flags: list[int], scores: list[float], errors: np.ndarray) -> list[AlertEvent]:
+        b = bank(open_after=1, open_within=1)
+        feed(b, flags, scores=scores, errors=errors)
+        return b.open_alerts()
+
+    def test_state_written_with_nulls_restores(self) -> None:
+        """A state whose inf peak and sums orjson wrote as null (before the fix) restores."""
+        b = bank(open_after=1, open_within=1)
+        feed(b, [1], scores=[2.0])
+        state = b.export("s")
+        state["open"] = {**state["open"], "peak_score": None, "sums": [None, 1.0, 1.0, 1.0]}
+        restored = bank(open_after=1, open_within=1)
+        restored.restore("s", state)
+        (snap,) = restored.open_alerts()
+        assert snap.peak_score == math.inf and snap.top_channels[0] == ("temp", math.inf)
 
     @pytest.mark.parametrize(
         "corrupt",

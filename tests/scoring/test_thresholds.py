@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,6 +68,26 @@ def json_round_trip(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def orjson_round_trip(state: dict[str, Any]) -> dict[str, Any]:
+    """Through orjson, as the daemon writes and reads state records (inf and NaN -> null)."""
+    json.dumps(state, allow_nan=False)  # only finite numbers: nothing would turn into null
+    out: dict[str, Any] = orjson.loads(orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY))
+    return out
+
+
+# Window scores of a sample near the float32 limit: overflowed, failed, or merely huge.
+HOSTILE = np.array([np.inf, np.nan, -np.inf, 3e38, float(np.finfo(np.float32).max), 1e301, 1.7e308])
+
+
+def hostile(scores: np.ndarray, every: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` with a HOSTILE value every ``every`` points, and where they are."""
+    out = scores.astype(np.float64)
+    where = np.zeros(out.size, dtype=bool)
+    where[::every] = True
+    out[where] = np.resize(HOSTILE, int(where.sum()))
+    return out, where
+
+
 class TestThresholdContract:
     """Every threshold kind keeps the Threshold protocol's promises."""
 
@@ -104,6 +125,33 @@ class TestThresholdContract:
         res = threshold.step(np.array([1e6, np.inf, np.nan, 1e9, -np.inf]))
         assert res.anomalous.all()
         assert threshold.state_dict() == before
+
+    def test_overflowing_scores_alarm_unlearned_and_the_state_round_trips(
+        self, threshold: Threshold
+    ) -> None:
+        """Scores of inf, NaN or near the float limits alarm and teach nothing; the state
+        then holds only finite numbers, restores through orjson, and continues identically."""
+        head, wild = hostile(STREAM[:200])
+        tail, _ = hostile(STREAM[200:], every=7)
+        twin = threshold.clone()
+        res = threshold.step(head)
+        assert res.anomalous[wild].all()
+        assert np.isfinite(res.threshold).all()
+        twin.step(head[~wild])  # the same stream without them
+        assert threshold.state_dict() == twin.state_dict()
+        restored = threshold.clone()
+        restored.load_state_dict(orjson_round_trip(threshold.state_dict()))
+        assert same_result(threshold.step(tail), restored.step(tail))
+        assert threshold.state_dict() == restored.state_dict()
+
+    def test_huge_calibration_keeps_state_finite_and_restorable(self, threshold: Threshold) -> None:
+        """Calibrated on scores up to 1e150, inf still alarms and the state restores."""
+        threshold.calibrate(CALIBRATION / CALIBRATION.max() * 1e150)
+        res = threshold.step(np.array([np.inf, 1.7e308, np.nan, 1e140]))
+        assert res.anomalous[:3].all() and np.isfinite(res.threshold).all()
+        restored = threshold.clone()
+        restored.load_state_dict(orjson_round_trip(threshold.state_dict()))
+        assert threshold.state_dict() == restored.state_dict()
 
     def test_state_without_reference_is_the_state_less_its_sample(
         self, threshold: Threshold
@@ -242,6 +290,13 @@ class TestThresholdContract:
         bad = CALIBRATION.copy()
         bad[17] = np.nan
         with pytest.raises(ConfigError, match=r"1 non-finite value.*index 17"):
+            threshold.calibrate(bad)
+
+    def test_calibrate_rejects_scores_beyond_1e300(self, threshold: Threshold) -> None:
+        """A finite calibration score past 1e300 is refused: thresholds must stay finite."""
+        bad = CALIBRATION.copy()
+        bad[5] = 1e301
+        with pytest.raises(ConfigError, match=r"within ±1e\+300.*index 5"):
             threshold.calibrate(bad)
 
     def test_calibrate_rejects_too_few_scores(self, threshold: Threshold) -> None:
@@ -560,6 +615,16 @@ class TestQuantile:
         window = unpack_floats(q.state_dict()["window"])
         assert window.tolist() == [*np.arange(2.0, 11.0).tolist(), 0.5]
 
+    def test_threshold_is_capped_below_the_float_range(self) -> None:
+        """margin x quantile can pass the float range: capped at 1e300, the threshold stays
+        finite, so an inf score still alarms and is not learned."""
+        th = QuantileThreshold(quantile=0.99, window=100, margin=1e9)
+        th.calibrate(np.linspace(1e299, 1e300, 100))
+        assert th.value == 1e300
+        before = th.state_dict()
+        assert th.step(np.array([np.inf, np.nan])).anomalous.all()
+        assert th.state_dict() == before
+
     def test_alarm_rate_stays_bounded_on_a_stationary_stream(self) -> None:
         """On i.i.d. scores the alarm rate stays near its fixed point instead of ratcheting."""
         rng = np.random.default_rng(9)
@@ -657,6 +722,23 @@ class TestThresholdBank:
             alone = single.step(scores[rows])
             assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone), sensor
             assert state_of(bank, sensor) == single.state_dict(), sensor
+
+    @pytest.mark.parametrize("kind", sorted(FACTORIES))
+    def test_overflowing_scores_across_sensors_export_and_restore(self, kind: str) -> None:
+        """Sensors stepped together through inf and NaN scores export, restore, continue."""
+        proto = calibrated(kind)
+        owners = [f"s{i % 7}" for i in range(420)]
+        scores, _ = hostile(np.resize(STREAM, len(owners)), every=5)
+        bank = ThresholdBank(proto)
+        bank.step(owners[:210], scores[:210])
+        other = ThresholdBank(proto)
+        for sensor in sorted(set(owners)):
+            other.restore(sensor, orjson_round_trip(bank.export(sensor)))
+        assert same_result(
+            bank.step(owners[210:], scores[210:]), other.step(owners[210:], scores[210:])
+        )
+        for sensor in sorted(set(owners)):
+            assert state_of(bank, sensor) == state_of(other, sensor)
 
     def test_restored_sensors_share_the_prototype_reference(self) -> None:
         """A restored sensor with the prototype's calibration sample shares its array."""
