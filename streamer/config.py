@@ -24,6 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from streamer.client_settings import (
+    is_secret_client_key,
+    name_problem,
+    setting_number,
+    value_problem,
+)
 from streamer.errors import ConfigError
 
 __all__ = [
@@ -53,17 +59,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-# librdkafka keys whose values are secrets: never logged, never printed.
-SECRET_CLIENT_KEYS = frozenset(
-    {
-        "sasl.password",
-        "sasl.oauthbearer.client.secret",
-        "ssl.key.password",
-        "ssl.keystore.password",
-        "ssl.key.pem",
-        "ssl.truststore.password",
-    }
-)
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _FILE_REF = "file:"
 
@@ -90,8 +85,10 @@ class KafkaConfig(_Section):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "streamer"
-    # librdkafka settings passed through verbatim (security.protocol, sasl.*, ssl.*, ...).
-    # Values of secret keys may be ``${ENV_VAR}`` or ``file:/path``; they are held as SecretStr.
+    # librdkafka settings passed through verbatim (security.protocol, sasl.*, ssl.*, ...),
+    # checked on load by name (case-sensitive) and value (streamer.client_settings). Values
+    # of secret keys (a name holding password, secret or passphrase, in any case, or one of
+    # SECRET_CLIENT_KEYS) may be ``${ENV_VAR}`` or ``file:/path``; held as SecretStr.
     client: dict[str, str | int | float | bool | SecretStr] = Field(default_factory=dict)
     create_topics: bool = False
     topic_partitions: PositiveInt = 1
@@ -116,10 +113,9 @@ class KafkaConfig(_Section):
     def _pause_within_poll_interval(self) -> KafkaConfig:
         # librdkafka leaves the group if consume is not called for max.poll.interval.ms.
         raw = self.client.get("max.poll.interval.ms", 300_000)
-        try:
-            interval_ms = float(str(raw))
-        except ValueError:
-            raise ValueError(f"client max.poll.interval.ms {raw!r} is not a number") from None
+        interval_ms = setting_number(raw)
+        if interval_ms is None:  # refused by the client check already; kept for safety
+            raise ValueError(f"client max.poll.interval.ms {raw!r} is not a number")
         if self.pause_after_s * 1000.0 >= interval_ms / 2:
             raise ValueError(
                 f"pause_after_s={self.pause_after_s} must be under half of the client's "
@@ -130,17 +126,43 @@ class KafkaConfig(_Section):
 
     @field_validator("client", mode="before")
     @classmethod
-    def _secrets(cls, value: Any) -> Any:
+    def _client(cls, value: Any) -> Any:
+        """Every key known to librdkafka with a value it reads; secrets as SecretStr.
+
+        Checked here, when the config is loaded, so that ``check-config`` and start-up
+        name the key, rather than the Kafka client's creation later (with the canonical
+        name of an alias) or never (a mis-cased secret key was printed, not refused).
+        All problems are reported at once; values of secret keys never appear.
+        """
         if not isinstance(value, Mapping):
             return value
         out: dict[str, Any] = {}
+        problems: list[str] = []
         for key, raw in value.items():
-            if key in {"bootstrap.servers", "group.id", "enable.auto.offset.store"}:
-                raise ValueError(f"{key!r} is managed by streamer; set it elsewhere or not at all")
-            if key in SECRET_CLIENT_KEYS and isinstance(raw, str):
-                out[key] = SecretStr(_resolve_secret(key, raw))
-            else:
-                out[key] = raw
+            if not isinstance(key, str):
+                problems.append(f"setting names must be strings, got {key!r}")
+                continue
+            problem = name_problem(key)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            if is_secret_client_key(key):
+                if isinstance(raw, SecretStr):
+                    out[key] = raw
+                elif isinstance(raw, str | int | float) and not isinstance(raw, bool):
+                    try:
+                        out[key] = SecretStr(_resolve_secret(key, str(raw)))
+                    except ValueError as exc:
+                        problems.append(str(exc))
+                else:
+                    problems.append(f"{key!r} must be a string")
+                continue
+            problem = value_problem(key, raw)
+            if problem is not None:
+                problems.append(problem)
+            out[key] = raw
+        if problems:
+            raise ValueError("; ".join(problems))
         return out
 
     def librdkafka(self) -> dict[str, Any]:
@@ -182,6 +204,22 @@ class StreamConfig(_Section):
     # messages behind its partition's position is evicted (its window restarts). Must
     # exceed window x sensors per partition, or every window is evicted before it fills.
     max_replay_messages: PositiveInt = 1_000_000
+    # A sample whose timestamp is more than this ahead of the wall clock is dead-lettered
+    # (bad_timestamp): one sample from year 9999 would otherwise lock its sensor out (every
+    # later sample looks out of order) and move its partition's clock.
+    max_future_s: PositiveFloat = 300.0
+    # Sensors with a ring buffer per instance. A new sensor beyond it takes the place of
+    # the least recently seen sensor that has not filled a window yet; with none left, its
+    # samples are dead-lettered (sensor_limit). Sensors that fill windows are never
+    # displaced by new ids. Bounds memory under a flood of new ids.
+    max_sensors: PositiveInt = 100_000
+    # A sensor with no message for this long (wall clock) is evicted at the next commit
+    # round, whatever its timestamps say: ids that arrive once cannot pin the commit.
+    max_idle_s: PositiveFloat = 3600.0
+    # What an evicted sensor learned (threshold, alert state) is kept for this long, and
+    # for at most max_sensors evicted sensors, so that it continues if the sensor returns;
+    # then it is forgotten (a tombstone clears its state record) and it re-warms.
+    evicted_state_ttl_s: PositiveFloat = 86400.0
 
     @field_validator("channels")
     @classmethod
@@ -336,6 +374,9 @@ class MetricsConfig(_Section):
     # consume (kafka.poll_timeout_ms) plus, now and then, a commit round or a partition
     # restore (bounded by kafka.restore_timeout_s), so keep this well above those.
     stall_after_s: PositiveFloat = 30.0
+    # /readyz answers 503 once the Kafka clients have reached no broker for this long
+    # (its body says "kafka": "unreachable for N s"); /healthz ignores Kafka.
+    unready_after_s: PositiveFloat = 10.0
 
 
 class CsvConfig(_Section):
@@ -364,9 +405,10 @@ class Config(_Section):
     def redacted(self) -> dict[str, Any]:
         """A JSON-friendly dump with every secret masked, safe to print or log."""
         data = self.model_dump(mode="json")
-        for key in list(data["kafka"]["client"]):
-            if key in SECRET_CLIENT_KEYS:
-                data["kafka"]["client"][key] = "**********"
+        client = data["kafka"]["client"]
+        for key in list(client):
+            if is_secret_client_key(key):  # held as SecretStr already; masked in any case
+                client[key] = "**********"
         return data
 
 

@@ -70,12 +70,14 @@ from numpy.typing import NDArray
 from streamer.codec import (
     OFFSET_BITS,
     DeadLetter,
+    DecodedSamples,
     Decoder,
     encode_alert,
     encode_scores,
     to_position,
 )
 from streamer.config import Config
+from streamer.deadletter import DEAD_LETTER_OVERHEAD, dead_letter_record
 from streamer.engine import Engine, PendingBatch, ScoredBatch
 from streamer.errors import (
     ConfigError,
@@ -85,7 +87,8 @@ from streamer.errors import (
     StateError,
     StreamerError,
 )
-from streamer.kafka.admin import ensure_topics
+from streamer.kafka.admin import ensure_topics, message_limits
+from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import CommitResult, LatestRecords, Source, read_latest
 from streamer.metrics import Health, Metrics, MetricsServer
@@ -112,6 +115,9 @@ STATE_VERSION = 1
 COMMIT_META_VERSION = 1
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
 _FLUSH_TIMEOUT_S = 60.0
+_PRODUCER_MAX = 1_000_000  # librdkafka's message.max.bytes
+# A dead letter refused for its size this many times (its value halved each time) fails.
+_DEAD_LETTER_RESIZES = 24
 # Gauges (lag, queue depth, ...) are refreshed this often; Prometheus scrapes every 15 s
 # or so, and the refresh reads the consumer, so it is kept off the per-batch path.
 _GAUGE_REFRESH_S = 1.0
@@ -346,6 +352,10 @@ class Daemon:
         self.metrics = Metrics()
         self.health = Health(cfg.metrics.stall_after_s)
         self.metrics.track_health(self.health)
+        # /readyz turns 503 after this long with no broker reachable (metrics.unready_after_s).
+        self.health.unready_after_s = cfg.metrics.unready_after_s
+        # Shared by consumer and producer: one kafka_unreachable line per outage, and Health.
+        self.reachability = Reachability(on_change=self.health.set_broker_down_since)
         self.notifier = Notifier()
         self.engine = Engine(
             model,
@@ -371,6 +381,15 @@ class Daemon:
         self.sensor_part: dict[str, int] = {}
         # Offset of the ring anchor last written to the state topic, per live sensor.
         self.anchor_offset: dict[str, int] = {}
+        # Per live sensor, when its last message arrived (monotonic): wall-clock idleness
+        # (stream.max_idle_s) and which sensor gives way under stream.max_sensors.
+        self.last_seen: dict[str, float] = {}
+        # Evicted sensors whose threshold and alert state is kept in memory: since when
+        # (monotonic) and their partition, oldest first (see _expire_evicted).
+        self.evicted_at: dict[str, tuple[float, int]] = {}
+        # Sensor-limit events since the last sensor_limit_reached line (one per interval).
+        self.limit_counts = {"evicted": 0, "refused_samples": 0, "refused_sensors": 0}
+        self.limit_logged = 0.0
         self.pending: deque[PendingBatch] = deque()
         # Batches submitted to and published from the engine, for a round's barrier.
         self.submitted = 0
@@ -391,6 +410,8 @@ class Daemon:
         self._signals = 0
         self.sink: Sink | None = None
         self.source: Source | None = None
+        # Bytes of a message's value a dead letter keeps (set from the topic limits).
+        self.dlq_value_bytes = self.cfg.stream.max_message_bytes
         log.info(
             "daemon_configured",
             model=model.version,
@@ -437,13 +458,16 @@ class Daemon:
         try:
             self._start_ops()
             ensure_topics(cfg.kafka, self.topics)
-            self.sink = Sink(cfg.kafka)
+            self.sink = Sink(
+                cfg.kafka, max_batch_bytes=self._output_limits(), reachability=self.reachability
+            )
             self.source = Source(
                 cfg.kafka,
                 self.topics.input,
                 on_assign=self._on_assign,
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
+                reachability=self.reachability,
             )
             log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
             settle_heap("started")
@@ -523,6 +547,7 @@ class Daemon:
                 self._apply_reload(outcome)
             now = time.monotonic()
             if self.round is None and now >= next_commit:
+                self._expire_evicted()
                 self._start_round(list(self.parts), reason="interval")
             if self.round is not None:
                 stalled = self._advance_round()
@@ -555,6 +580,20 @@ class Daemon:
         self._log_stats(last_stats)
         log.info("shutdown_complete")
         return 0
+
+    def _output_limits(self) -> int:
+        """Size the dead letters to the DLQ topic; the smallest limit of the output topics.
+
+        A dead letter keeps the original bytes, cut to what both the DLQ topic's
+        ``max.message.bytes`` and the producer's ``message.max.bytes`` accept.
+        """
+        t = self.topics
+        limits = message_limits(self.cfg.kafka, [t.scores, t.alerts, t.dlq, t.state])
+        producer_max = int(self.cfg.kafka.librdkafka().get("message.max.bytes", _PRODUCER_MAX))
+        dlq = min(limits[t.dlq], producer_max)
+        self.dlq_value_bytes = max(0, dlq - DEAD_LETTER_OVERHEAD - dlq // 200)
+        log.info("output_limits", topics=limits, dead_letter_value_bytes=self.dlq_value_bytes)
+        return min(*limits.values(), producer_max)
 
     # -- operations: metrics, health, watchdog, reload ---------------------------------------
 
@@ -756,12 +795,25 @@ class Daemon:
         )
         for d in dead:
             self._dead_letter(msgs[d.index], d)
+        samples = self._refuse_future(msgs, samples)
+        s_parts = part_arr[samples.index]
+        refused = self._track_sensors(samples.keys, s_parts)
+        if refused is not None:
+            samples = self._refuse(
+                msgs,
+                samples,
+                refused,
+                "sensor_limit",
+                lambda r: (
+                    f"new sensor {samples.keys[r]!r} refused: stream.max_sensors "
+                    f"({self.cfg.stream.max_sensors}) reached and every sensor is in this batch"
+                ),
+            )
+            s_parts = part_arr[samples.index]
         if len(samples) == 0:
             return
         self.stats.samples += len(samples)
         self.metrics.samples_decoded.inc(len(samples))
-        s_parts = part_arr[samples.index]
-        self._track_sensors(samples.keys, s_parts)
         keep_fn = self._keep_fn(s_parts, samples.positions)
         push, pieces = self.engine.submit_pieces(
             samples.keys,
@@ -786,23 +838,184 @@ class Daemon:
         # The worker may already be done with older batches: publish them without waiting.
         self._publish_done(block_s=0.0)
 
-    def _track_sensors(self, keys: NDArray[np.object_], parts: NDArray[np.int64]) -> None:
-        """Register new sensors: their ring anchor must be written at the next round."""
+    def _refuse_future(self, msgs: list[Message], samples: DecodedSamples) -> DecodedSamples:
+        """Dead-letter samples stamped more than stream.max_future_s ahead of the wall clock."""
+        if len(samples) == 0:
+            return samples
+        now = time.time()
+        limit = now + self.cfg.stream.max_future_s
+        if float(samples.ts.max()) <= limit:
+            return samples  # the common case: one comparison per batch
+        ts = samples.ts
+        return self._refuse(
+            msgs,
+            samples,
+            ts > limit,
+            "bad_timestamp",
+            lambda r: (
+                f"{self.cfg.stream.timestamp_field} {float(ts[r])!r} is {float(ts[r]) - now:.0f} s "
+                f"ahead of the clock (stream.max_future_s {self.cfg.stream.max_future_s:g})"
+            ),
+        )
+
+    def _refuse(
+        self,
+        msgs: list[Message],
+        samples: DecodedSamples,
+        bad: NDArray[np.bool_],
+        kind: str,
+        reason: Any,
+    ) -> DecodedSamples:
+        """Dead-letter the samples ``bad`` marks (``reason(row)`` says why); the others."""
+        for r in np.flatnonzero(bad).tolist():
+            i = int(samples.index[r])
+            self._dead_letter(msgs[i], DeadLetter(i, kind, reason(r)))
+        keep = ~bad
+        return DecodedSamples(
+            samples.keys[keep],
+            samples.ts[keep],
+            samples.values[keep],
+            samples.positions[keep],
+            samples.index[keep],
+        )
+
+    def _track_sensors(
+        self, keys: NDArray[np.object_], parts: NDArray[np.int64]
+    ) -> NDArray[np.bool_] | None:
+        """Register new sensors (their ring anchor is written at the next round).
+
+        Beyond stream.max_sensors, a new sensor takes the place of the least recently seen
+        one, not in this batch, that has not filled a window yet (since its last reset).
+        Sensors that fill windows are never displaced by new ids: with no such place left,
+        the samples of the sensors that find no room are marked in the returned mask, to
+        be dead-lettered (sensor_limit), so a flood of new ids costs no real sensor its
+        window.
+        """
         known = self.sensor_part
         names = keys.tolist()
+        now = time.monotonic()
         # One dict lookup per sample: cheaper than finding the distinct keys (np.unique
         # sorts objects with Python comparisons), and almost every key is known.
         new = [i for i, key in enumerate(names) if key not in known]
-        for i in new:
-            key = names[i]
-            if key not in known:
-                p = int(parts[i])
+        refused = None
+        if new:
+            first: dict[str, int] = {}
+            for i in new:
+                first.setdefault(names[i], int(parts[i]))
+            room = self.cfg.stream.max_sensors - len(known)
+            if len(first) > room:
+                room += self._make_room(len(first) - room, set(names))
+                if len(first) > room:
+                    over = set(itertools.islice(first, room, None))
+                    refused = np.fromiter((n in over for n in names), bool, len(names))
+                    for key in over:
+                        del first[key]
+                    self._count_limit(refused_samples=int(refused.sum()), refused_sensors=len(over))
+            for key, p in first.items():
                 self.sensor_part[key] = p
                 part = self.parts[p]
                 part.sensors.add(key)
                 part.known.add(key)
                 part.dirty.add(key)
                 part.evicted.discard(key)
+                self.evicted_at.pop(key, None)
+        if refused is None:
+            self.last_seen.update(zip(names, itertools.repeat(now)))
+        else:
+            kept = (n for n, r in zip(names, refused.tolist(), strict=True) if not r)
+            self.last_seen.update((n, now) for n in kept)
+        return refused
+
+    def _make_room(self, wanted: int, batch: set[str]) -> int:
+        """Evict up to ``wanted`` live sensors that have not filled a window, not in ``batch``.
+
+        The least recently seen go first. Runs only at the limit: a pass over the live
+        sensors. Returns how many were evicted.
+        """
+        engine = self.engine
+        names = [s for s in self.sensor_part if s not in batch]
+        if not names:
+            return 0
+        slots = engine.index.slots(names)
+        unfilled = np.flatnonzero(engine.windows.counts_of(slots) < engine.windows.window)
+        seen = np.fromiter(
+            map(self.last_seen.get, names, itertools.repeat(0.0)),
+            dtype=np.float64,
+            count=len(names),
+        )
+        oldest = unfilled[np.argsort(seen[unfilled], kind="stable")[:wanted]]
+        victims = [names[i] for i in oldest.tolist()]
+        for s in victims:
+            part = self.parts[self.sensor_part[s]]
+            self._evicted(s, part, "sensor_limit")
+        self._count_limit(evicted=len(victims))
+        return len(victims)
+
+    def _count_limit(self, **counts: int) -> None:
+        """Count sensor-limit events; one sensor_limit_reached line per stats interval."""
+        for k, v in counts.items():
+            self.limit_counts[k] += v
+        self.metrics.sensors_refused.inc(counts.get("refused_samples", 0))
+        now = time.monotonic()
+        if now - self.limit_logged >= self.cfg.metrics.stats_interval_s:
+            self.limit_logged = now
+            log.warning(
+                "sensor_limit_reached",
+                max_sensors=self.cfg.stream.max_sensors,
+                sensors=len(self.sensor_part),
+                **self.limit_counts,
+                hint="a flood of new sensor ids, or raise stream.max_sensors",
+            )
+            self.limit_counts = dict.fromkeys(self.limit_counts, 0)
+
+    def _evicted(self, sensor: str, part: _Partition, reason: str) -> None:
+        """Drop a live sensor's ring; keep what it learned, if anything (see _expire_evicted).
+
+        A sensor that was never scored has nothing to keep: it leaves the known set, and
+        its record (if an anchor was written) is cleared with a tombstone at the next round.
+        """
+        written = sensor in self.anchor_offset
+        self._forget_ring(sensor, part)
+        if sensor in self.engine.thresholds:
+            part.evicted.add(sensor)
+            self.evicted_at.pop(sensor, None)
+            self.evicted_at[sensor] = (time.monotonic(), part.partition)
+        else:
+            part.known.discard(sensor)
+            if written:
+                part.evicted.add(sensor)
+        self.stats.evicted += 1
+        self.metrics.sensors_evicted.labels(reason=reason).inc()
+
+    def _expire_evicted(self) -> None:
+        """Forget the state of sensors evicted too long ago, or beyond max_sensors of them.
+
+        Run between rounds only (no round's records in flight): the tombstone then comes
+        after every earlier record of the sensor, so a restart re-warms it too.
+        """
+        assert self.sink is not None
+        ttl_s = self.cfg.stream.evicted_state_ttl_s
+        cap = self.cfg.stream.max_sensors
+        now = time.monotonic()
+        expired: list[tuple[str, int]] = []
+        for sensor, (since, p) in self.evicted_at.items():  # oldest first
+            if now - since <= ttl_s and len(self.evicted_at) - len(expired) <= cap:
+                break
+            expired.append((sensor, p))
+        if not expired:
+            return
+        names = [s for s, _ in expired]
+        self.engine.thresholds.drop(names)
+        self.engine.alerts.drop(names)
+        for sensor, p in expired:
+            del self.evicted_at[sensor]
+            part = self.parts.get(p)
+            if part is not None:
+                part.known.discard(sensor)
+                part.evicted.discard(sensor)
+                self.sink.produce(self.topics.state, None, key=sensor, partition=p)
+        self.metrics.sensors_expired.inc(len(expired))
+        log.info("evicted_state_expired", sensors=len(expired), kept=len(self.evicted_at))
 
     def _keep_fn(self, parts: NDArray[np.int64], positions: NDArray[np.int64]) -> Any:
         """Window filter for a replay: None (keep all) once past every partition's replay mark."""
@@ -839,18 +1052,40 @@ class Daemon:
         self.stats.dead_letters += 1
         self.stats.dead_by_kind[d.kind] = self.stats.dead_by_kind.get(d.kind, 0) + 1
         self.metrics.dead_letter(d.kind)
-        self.sink.produce(
-            self.topics.dlq,
-            msg.value(),
-            key=msg.key(),
-            headers=[
-                ("error.kind", d.kind.encode()),
-                ("error.reason", d.reason.encode()),
-                ("source.topic", self.topics.input.encode()),
-                ("source.partition", str(p).encode()),
-                ("source.offset", str(off).encode()),
-            ],
-        )
+        value, key = msg.value(), msg.key()
+        assert not isinstance(value, str) and not isinstance(key, str)
+
+        def record(max_value_bytes: int) -> tuple[bytes | None, bytes | None, list[Any]]:
+            r = dead_letter_record(
+                value,
+                key,
+                kind=d.kind,
+                reason=d.reason,
+                topic=self.topics.input,
+                partition=p,
+                offset=off,
+                max_value_bytes=max_value_bytes,
+            )
+            if r.truncated:
+                self.metrics.dead_letters_truncated.inc()
+                log.warning(
+                    "dead_letter_truncated",
+                    kind=d.kind,
+                    partition=p,
+                    offset=off,
+                    size=len(value or b""),
+                    kept=len(r.value or b""),
+                )
+            return r.value, r.key, r.headers
+
+        def smaller(refusals: int) -> tuple[bytes | None, bytes | None, list[Any]] | None:
+            # Refused anyway (a topic's limit lowered since start-up): halve what is kept.
+            if refusals > _DEAD_LETTER_RESIZES:
+                return None
+            return record(min(len(value or b""), self.dlq_value_bytes) >> refusals)
+
+        first = record(self.dlq_value_bytes)
+        self.sink.produce(self.topics.dlq, first[0], key=first[1], headers=first[2], shrink=smaller)
 
     def _publish_done(self, block_s: float) -> None:
         """Publish scored batches in order; wait up to ``block_s`` for the oldest one."""
@@ -1205,8 +1440,13 @@ class Daemon:
         ring: dict[str, int] | None,
         threshold: Threshold | None,
         alerts: dict[str, Any],
-    ) -> bytes:
-        """A sensor's state record for H = h, from its threshold (snapshot) and alerts."""
+    ) -> bytes | None:
+        """A sensor's state record for H = h, from its threshold (snapshot) and alerts.
+
+        None (a tombstone) for an evicted sensor that was never scored: nothing to keep.
+        """
+        if threshold is None and ring is None:
+            return None
         th = None if threshold is None else self.engine.thresholds.export(sensor, of=threshold)
         return orjson.dumps(
             {
@@ -1221,7 +1461,7 @@ class Daemon:
             option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY,
         )
 
-    def _produce_state(self, sensor: str, p: int, value: bytes) -> None:
+    def _produce_state(self, sensor: str, p: int, value: bytes | None) -> None:
         assert self.sink is not None
         self.sink.produce(self.topics.state, value, key=sensor, partition=p)
         self.stats.state_written += 1
@@ -1264,11 +1504,23 @@ class Daemon:
         held = np.where(oldest_pos >= 0, oldest_pos & _OFFSET_MASK, h)
         anchor = np.where(written >= 0, written, held)
         has_samples = np.isfinite(last_ts)
-        # The partition's clock: the (upper) median of its sensors' latest timestamps, so
-        # one sensor with a clock far ahead cannot make all the others look silent.
-        latest = np.sort(last_ts[has_samples])
+        # The partition's clock: the (upper) median of the latest timestamps of its sensors
+        # that filled a window (of all, while none has), so neither one sensor with a clock
+        # far ahead nor a handful of new ids can make the others look silent.
+        filled = has_samples & (engine.windows.counts_of(slots) >= engine.windows.window)
+        latest = np.sort(last_ts[filled if filled.any() else has_samples])
         now_ts = float(latest[latest.size // 2]) if latest.size else float("-inf")
         silent = has_samples & (now_ts - last_ts > self.cfg.stream.max_gap_s)
+        # Wall-clock idleness: ids that sent a message or two and never again do not pin
+        # the commit, whatever their timestamps say.
+        mono = time.monotonic()
+        seen = np.fromiter(
+            map(self.last_seen.get, names, itertools.repeat(mono)),
+            dtype=np.float64,
+            count=len(names),
+        )
+        idle = ~silent & (mono - seen > self.cfg.stream.max_idle_s)
+        silent |= idle
         limit = self.cfg.stream.max_replay_messages
         behind = (h - anchor) > limit
         replay_bound = behind & ~silent
@@ -1276,24 +1528,25 @@ class Daemon:
         evict = sorted(np.flatnonzero(out).tolist(), key=names.__getitem__)
         for n, i in enumerate(evict):
             s = names[i]
+            reason = "idle" if idle[i] else "silent" if silent[i] else "replay_bound"
             if n < _EVICTIONS_LOGGED:
                 log.warning(
                     "sensor_evicted",
                     sensor=s,
                     partition=part.partition,
-                    reason="silent" if silent[i] else "replay_bound",
+                    reason=reason,
                     samples_dropped=engine.windows.count(int(slots[i])),
                     silent_s=round(float(now_ts - last_ts[i]), 3),
+                    idle_s=round(float(mono - seen[i]), 3),
                     messages_behind=int(h - anchor[i]),
                 )
-            self._forget_ring(s, part)
-            part.evicted.add(s)
-            self.stats.evicted += 1
+            self._evicted(s, part, reason)
         if len(evict) > _EVICTIONS_LOGGED:
             log.warning(
                 "sensors_evicted",
                 partition=part.partition,
-                silent=int(silent.sum()),
+                silent=int((silent & ~idle).sum()),
+                idle=int(idle.sum()),
                 replay_bound=int(replay_bound.sum()),
                 logged=_EVICTIONS_LOGGED,
             )
@@ -1323,6 +1576,7 @@ class Daemon:
         part.dirty.discard(sensor)
         self.sensor_part.pop(sensor, None)
         self.anchor_offset.pop(sensor, None)
+        self.last_seen.pop(sensor, None)
 
     # -- rebalances ------------------------------------------------------------------------
 
@@ -1473,7 +1727,11 @@ class Daemon:
             engine.windows.set_anchor(slot, position, ring["anchor_count"])
             self.anchor_offset[sensor] = ring["anchor_offset"]
             self.sensor_part[sensor] = part.partition
+            self.last_seen[sensor] = time.monotonic()
             part.sensors.add(sensor)
+        elif sensor in engine.thresholds:
+            # Evicted before the record was written: its state is kept as any eviction's.
+            self.evicted_at[sensor] = (time.monotonic(), part.partition)
 
     def _on_revoke(self, partitions: list[int]) -> None:
         mine = [p for p in partitions if p in self.parts]
@@ -1512,6 +1770,8 @@ class Daemon:
                 self._forget_ring(s, part)
             engine.thresholds.drop(sensors)
             engine.alerts.drop(sensors)
+            for s in sensors:
+                self.evicted_at.pop(s, None)
         self.health.partitions = tuple(sorted(self.parts))
 
 

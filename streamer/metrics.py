@@ -17,17 +17,20 @@ Health is the main loop's heartbeat: ``/healthz`` answers 200 while the loop
 completed an iteration within ``metrics.stall_after_s`` (else 503), and the
 systemd watchdog pings are sent only under the same condition
 (``streamer.notify``). ``/readyz`` answers 200 once partitions are assigned and
-the model is loaded.
+the model is loaded, and not while the Kafka clients have reached no broker for
+longer than ``Health.unready_after_s`` (the reason is in the body).
+
+The endpoints are served by ``streamer.httpserver.BoundedHTTPServer``: a fixed
+number of threads however many connections arrive, timeouts on idle and slow
+clients, and one rate-limited ``metrics_client_error`` line per client failure.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
@@ -46,13 +49,16 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from structlog.typing import FilteringBoundLogger
 
 from streamer.codec import DLQ_KINDS
 from streamer.errors import StreamerError
+from streamer.httpserver import BoundedHTTPServer, RequestHandler
 
 __all__ = [
     "BATCH_BUCKETS",
     "LATENCY_BUCKETS_S",
+    "UNREADY_AFTER_S",
     "ArrayHistogram",
     "Health",
     "Metrics",
@@ -70,6 +76,13 @@ LATENCY_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 )  # fmt: skip
 RELOAD_RESULTS = ("ok", "failed", "unchanged")
+# /readyz turns 503 once the Kafka clients have reached no broker for this long
+# (metrics.unready_after_s): long enough that a broker restart or a leader move does not
+# take every instance out of a load balancer at once.
+UNREADY_AFTER_S = 10.0
+# A scrape or probe must send its request within this long of connecting, and read the
+# answer without pausing longer than this; otherwise the connection is closed.
+REQUEST_TIMEOUT_S = 5.0
 
 
 class ArrayHistogram(Collector):
@@ -145,24 +158,47 @@ class Health:
     ``beat()`` costs one ``time.monotonic()`` call and no lock.
     """
 
-    __slots__ = ("_last_beat", "model_version", "partitions", "stall_after_s")
+    __slots__ = (
+        "_last_beat",
+        "broker_down_since",
+        "model_version",
+        "partitions",
+        "stall_after_s",
+        "unready_after_s",
+    )
 
-    def __init__(self, stall_after_s: float) -> None:
+    def __init__(self, stall_after_s: float, unready_after_s: float = UNREADY_AFTER_S) -> None:
         if stall_after_s <= 0:
             raise ValueError(f"stall_after_s must be positive, got {stall_after_s}")
+        if unready_after_s <= 0:
+            raise ValueError(f"unready_after_s must be positive, got {unready_after_s}")
         self.stall_after_s = stall_after_s
+        self.unready_after_s = unready_after_s
         self._last_beat = time.monotonic()
         self.partitions: tuple[int, ...] = ()
         self.model_version: str | None = None
+        # time.monotonic() since when the Kafka clients reach no broker; None: they do.
+        # Written by streamer.kafka.reachability (through set_broker_down_since).
+        self.broker_down_since: float | None = None
 
     def beat(self) -> None:
         """The main loop completed an iteration."""
         self._last_beat = time.monotonic()
 
+    def set_broker_down_since(self, since: float | None) -> None:
+        """The Kafka clients reach no broker since ``since`` (monotonic); None: they do again."""
+        self.broker_down_since = since
+
     @property
     def since_progress_s(self) -> float:
         """Seconds since the last heartbeat."""
         return time.monotonic() - self._last_beat
+
+    @property
+    def broker_down_s(self) -> float | None:
+        """Seconds for which no broker has been reachable, or None while one is."""
+        since = self.broker_down_since  # read once: the Kafka thread may clear it meanwhile
+        return None if since is None else time.monotonic() - since
 
     @property
     def healthy(self) -> bool:
@@ -171,8 +207,13 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        """Whether partitions are assigned and a model is loaded."""
-        return bool(self.partitions) and self.model_version is not None
+        """Partitions assigned, a model loaded, and a broker reached within ``unready_after_s``."""
+        down_s = self.broker_down_s
+        return (
+            bool(self.partitions)
+            and self.model_version is not None
+            and (down_s is None or down_s <= self.unready_after_s)
+        )
 
 
 class Metrics:
@@ -202,6 +243,30 @@ class Metrics:
             registry=reg,
         )
         self._dead_by_kind = {k: self.dead_letters.labels(kind=k) for k in DLQ_KINDS}
+        self.sensors_evicted = Counter(
+            name("sensors_evicted"),
+            "Sensors whose window was dropped: silent (timestamps), idle (wall clock), "
+            "replay_bound, or sensor_limit (room for a new sensor under stream.max_sensors).",
+            ["reason"],
+            registry=reg,
+        )
+        self.sensors_refused = Counter(
+            name("sensors_refused"),
+            "Samples of new sensors dead-lettered (sensor_limit): stream.max_sensors reached "
+            "and every sensor seen in the same batch.",
+            registry=reg,
+        )
+        self.sensors_expired = Counter(
+            name("sensors_expired"),
+            "Evicted sensors whose learned state was forgotten (stream.evicted_state_ttl_s, "
+            "or more evicted sensors than stream.max_sensors).",
+            registry=reg,
+        )
+        self.dead_letters_truncated = Counter(
+            name("dead_letters_truncated"),
+            "Dead letters whose value (or key) was cut to fit the dead-letter topic's limit.",
+            registry=reg,
+        )
         self.windows_scored = Counter(
             name("windows_scored"), "Windows scored and published.", registry=reg
         )
@@ -295,7 +360,14 @@ class Metrics:
             registry=reg,
         )
         self.ready = Gauge(
-            name("ready"), "1 when partitions are assigned and the model loaded.", registry=reg
+            name("ready"),
+            "1 when partitions are assigned, the model loaded and Kafka reachable (/readyz).",
+            registry=reg,
+        )
+        self.kafka_unreachable = Gauge(
+            name("kafka_unreachable_seconds"),
+            "Seconds for which the Kafka clients have reached no broker (0 while they do).",
+            registry=reg,
         )
         self._lag_partitions: set[int] = set()
 
@@ -341,6 +413,7 @@ class Metrics:
         """Export the heartbeat and readiness, computed at scrape time."""
         self.seconds_since_progress.set_function(lambda: health.since_progress_s)
         self.ready.set_function(lambda: 1.0 if health.ready else 0.0)
+        self.kafka_unreachable.set_function(lambda: health.broker_down_s or 0.0)
 
 
 def metric_names(registry: CollectorRegistry) -> set[str]:
@@ -363,22 +436,18 @@ def metric_names(registry: CollectorRegistry) -> set[str]:
 # -- HTTP --------------------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a slow scraper never holds up shutdown
-    registry: CollectorRegistry
-    health: Health
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+class _Handler(RequestHandler):
     server_version = "streamer"
+    # Set on a subclass per server (MetricsServer.start): the handler has no other way in.
+    registry: ClassVar[CollectorRegistry]
+    health: ClassVar[Health]
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server dispatches on this name)
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            h = self.server.health
+            h = self.health
             healthy = h.healthy
             body: dict[str, Any] = {
                 "healthy": healthy,
@@ -386,9 +455,12 @@ class _Handler(BaseHTTPRequestHandler):
             }
             self._json(200 if healthy else 503, body)
         elif path == "/readyz":
-            h = self.server.health
+            h = self.health
             ready = h.ready
             body = {"ready": ready, "partitions": list(h.partitions), "model": h.model_version}
+            down_s = h.broker_down_s
+            if down_s is not None:
+                body["kafka"] = f"unreachable for {down_s:.1f} s"
             self._json(200 if ready else 503, body)
         else:
             self._json(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
@@ -403,51 +475,63 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        # Scrapes every few seconds would drown the daemon's own log.
-        return
-
 
 class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on a small threaded HTTP server."""
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a ``BoundedHTTPServer``.
 
-    def __init__(self, registry: CollectorRegistry, health: Health, host: str, port: int) -> None:
+    ``logger`` receives the ``metrics_client_error`` lines (the module's logger by
+    default); ``request_timeout_s`` bounds how long a client may take to send its
+    request and to read the answer.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        health: Health,
+        host: str,
+        port: int,
+        *,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        logger: FilteringBoundLogger | None = None,
+    ) -> None:
         self._registry = registry
         self._health = health
         self._host = host
         self._port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._request_timeout_s = request_timeout_s
+        self._logger = logger
+        self._server: BoundedHTTPServer | None = None
 
     def start(self) -> tuple[str, int]:
-        """Bind and serve in a daemon thread; returns the bound (host, port).
+        """Bind and serve on background threads; returns the bound (host, port).
 
         Port 0 binds an ephemeral port. Raises StreamerError if the address is unusable.
         """
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        server_cls = type("_BoundServer", (_Server,), {"address_family": family})
+        handler = type(
+            "_BoundHandler", (_Handler,), {"registry": self._registry, "health": self._health}
+        )
+        server = BoundedHTTPServer(
+            handler,
+            self._host,
+            self._port,
+            request_timeout_s=self._request_timeout_s,
+            io_timeout_s=self._request_timeout_s,
+            name="metrics",
+            client_error_event="metrics_client_error",
+            logger=self._logger,
+        )
         try:
-            server = server_cls((self._host, self._port), _Handler)
+            host, port = server.start()
         except OSError as exc:
             raise StreamerError(
                 f"metrics: cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
             ) from exc
-        server.registry = self._registry
-        server.health = self._health
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="metrics", daemon=True
-        )
-        self._thread.start()
-        host, port = server.server_address[:2]
-        return str(host), int(port)
+        return host, port
 
     def close(self) -> None:
         """Stop serving and release the port."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5.0)
+        self._server.close()
         self._server = None

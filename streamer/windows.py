@@ -17,6 +17,11 @@ Policy for irregular input (documented in the README):
 * **Long gaps.** When a sample arrives more than ``max_gap_s`` after its sensor's
   previous accepted sample, that sensor's buffer is reset first: the sample starts
   a fresh window. A window never spans an outage.
+* **Clock jumps back.** A sample more than ``max_gap_s`` *before* its sensor's
+  newest accepted timestamp is not an out-of-order straggler but a clock that was
+  set back (a device's clock reset, a wrong time corrected): it resets the buffer
+  like a gap and starts a fresh window, so the sensor is not locked out until its
+  clock catches up with the old time. It is reported in ``PushResult.resets``.
 * A window is emitted when a sensor has at least ``window`` samples since its last
   reset and ``(count - window) % stride == 0``.
 * **Replays.** After a restart the daemon replays a partition from its committed
@@ -163,6 +168,17 @@ class SensorIndex:
         return list(self._slots.items())
 
 
+def _joined(parts: list[PushResult], offsets: list[int]) -> PushResult:
+    """The results of consecutive pushes of one batch's pieces (starting at ``offsets``)."""
+    if len(parts) == 1 and offsets[0] == 0:
+        return parts[0]
+    return PushResult(
+        WindowBatch(*(np.concatenate(f) for f in zip(*(p.windows for p in parts), strict=True))),
+        np.concatenate([p.rejected + lo for p, lo in zip(parts, offsets, strict=True)]),
+        np.concatenate([p.resets + lo for p, lo in zip(parts, offsets, strict=True)]),
+    )
+
+
 def _group_ranks(sorted_slots: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """For slots already sorted: the rank of each sample within its slot and the group starts."""
     n = sorted_slots.shape[0]
@@ -252,6 +268,12 @@ class RingWindows:
     def count(self, slot: int) -> int:
         """Samples held for ``slot`` since its last reset."""
         return int(self._count[slot]) if slot < self.capacity else 0
+
+    def counts_of(self, slots: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Samples held for each of ``slots`` since its last reset (0 beyond capacity)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        inside = slots < self.capacity
+        return np.where(inside, self._count[np.where(inside, slots, 0)], 0)
 
     def last_ts(self, slot: int) -> float:
         """Timestamp of the newest accepted sample of ``slot`` (-inf if none)."""
@@ -384,14 +406,7 @@ class RingWindows:
             if lo in hit_set:
                 self._apply_anchor(int(slots[lo]))
             parts.append(self._push(slots[lo:hi], ts[lo:hi], values[lo:hi], positions[lo:hi]))
-        offsets = bounds[:-1]
-        return PushResult(
-            WindowBatch(
-                *(np.concatenate(f) for f in zip(*(p.windows for p in parts), strict=True))
-            ),
-            np.concatenate([p.rejected + lo for p, lo in zip(parts, offsets, strict=True)]),
-            np.concatenate([p.resets + lo for p, lo in zip(parts, offsets, strict=True)]),
-        )
+        return _joined(parts, bounds[:-1])
 
     def _apply_anchor(self, slot: int) -> None:
         """Make the next sample of ``slot`` its anchor's count (see set_anchor)."""
@@ -417,6 +432,51 @@ class RingWindows:
         values: NDArray[np.floating],
         positions: NDArray[np.int64],
     ) -> PushResult:
+        """Push, split at each clock jump back (rare: one more push per jump)."""
+        out = self._push_run(slots, ts, values, positions)
+        if isinstance(out, PushResult):
+            return out
+        slots = np.asarray(slots, dtype=np.int64)
+        parts: list[PushResult] = []
+        offsets: list[int] = []
+        jumps: list[int] = []
+        lo, jump = 0, out
+        while True:
+            if jump > 0:
+                # Nothing before the first jump is a jump itself: it pushes in one go.
+                head = self._push_run(
+                    slots[lo : lo + jump],
+                    ts[lo : lo + jump],
+                    values[lo : lo + jump],
+                    positions[lo : lo + jump],
+                )
+                assert isinstance(head, PushResult)
+                parts.append(head)
+                offsets.append(lo)
+            lo += jump
+            jumps.append(lo)
+            slot = int(slots[lo])
+            self._count[slot] = 0
+            self._last_ts[slot] = -np.inf  # the jump's sample is this sensor's first
+            rest = self._push_run(slots[lo:], ts[lo:], values[lo:], positions[lo:])
+            if isinstance(rest, PushResult):
+                parts.append(rest)
+                offsets.append(lo)
+                break
+            jump = rest
+        res = _joined(parts, offsets)
+        resets = np.sort(np.concatenate([res.resets, np.asarray(jumps, dtype=np.int64)]))
+        return PushResult(res.windows, res.rejected, resets)
+
+    def _push_run(
+        self,
+        slots: NDArray[np.int64],
+        ts: NDArray[np.float64],
+        values: NDArray[np.floating],
+        positions: NDArray[np.int64],
+    ) -> PushResult | int:
+        """Push samples with no clock jump back; else change nothing and return the index
+        (in the pushed arrays) of the first one."""
         slots = np.asarray(slots, dtype=np.int64)
         ts = np.asarray(ts, dtype=np.float64)
         positions = np.asarray(positions, dtype=np.int64)
@@ -459,6 +519,9 @@ class RingWindows:
         prev_ts = np.maximum(prev_batch_ts, self._last_ts[s_slots])
         accept = s_ts > prev_ts
         if not np.all(accept):
+            jump = ~accept & (prev_ts - s_ts > self.max_gap_s)
+            if jump.any():
+                return int(order[jump].min())
             rejected = np.sort(order[~accept])
             keep = np.flatnonzero(accept)
             order = order[keep]

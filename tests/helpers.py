@@ -3,11 +3,14 @@ and threshold state as older versions wrote it."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+import structlog.testing
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -161,3 +164,36 @@ def consume_all(
         return messages
     finally:
         consumer.close()
+
+
+class CapturedLog:
+    """A structlog logger that keeps its events in memory, whatever the global configuration.
+
+    Hand ``logger`` to the code under test: other tests may have configured structlog
+    (and cached its loggers) for JSON on stdout, which ``structlog.testing.capture_logs``
+    cannot intercept.
+    """
+
+    def __init__(self) -> None:
+        self._sink = structlog.testing.CapturingLogger()
+        self.logger: Any = structlog.wrap_logger(
+            self._sink,
+            processors=[],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        )
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every event so far (or those named ``name``), each with its ``level``."""
+        out = [{"level": c.method_name, **c.kwargs} for c in list(self._sink.calls)]
+        return [e for e in out if name is None or e["event"] == name]
+
+    def wait_for(self, name: str, timeout: Timeout, count: int = 1) -> list[dict[str, Any]]:
+        """The events named ``name``, once ``count`` are there (AssertionError at the deadline)."""
+        while not timeout.expired:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            time.sleep(0.02)
+        raise AssertionError(
+            f"{count} x {name} not logged within {timeout.timeout_s}s: {self.events()}"
+        )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from streamer.client_settings import is_secret_client_key
 from streamer.config import Config, load_config, parse_config
 from streamer.errors import ConfigError
+from streamer.librdkafka_properties import PROPERTIES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +54,8 @@ class TestConfigValidation:
             ),
             (
                 {"kafka": {"client": {"max.poll.interval.ms": "soon"}}},
-                r"max\.poll\.interval\.ms 'soon' is not a number",
+                r"kafka\.client: 'max\.poll\.interval\.ms' must be an integer in 1 \.\. "
+                r"86400000, got 'soon'",
             ),
             (
                 {"alerts": {"open_after": 5, "open_within": 3}},
@@ -100,6 +106,145 @@ class TestConfigValidation:
         assert "hunter2" not in str(cfg.redacted())
 
 
+# One key of each secret-looking family librdkafka has, with a value to hide.
+SECRET_KEYS = {
+    "sasl.password": "pw-sasl",
+    "ssl.key.password": "pw-key",
+    "ssl.keystore.password": "pw-keystore",
+    "sasl.oauthbearer.config": "principal=svc clientSecret=pw-oauth-config",
+    "sasl.oauthbearer.client.secret": "pw-oauth-client",
+    "sasl.oauthbearer.client.credentials.client.secret": "pw-oauth-credentials",
+    "sasl.oauthbearer.assertion.private.key.passphrase": "pw-passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem": "-----BEGIN PRIVATE KEY----- pw-assertion",
+    "ssl.key.pem": "-----BEGIN PRIVATE KEY----- pw-ssl-key",
+}
+# Ordinary settings a plant's deployment sets: all must pass.
+ORDINARY_CLIENT = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanisms": "SCRAM-SHA-512",
+    "sasl.username": "streamer",
+    "ssl.ca.location": "/etc/streamer/ca.pem",
+    "ssl.endpoint.identification.algorithm": "https",
+    "session.timeout.ms": 45000,
+    "heartbeat.interval.ms": "3000",
+    "max.poll.interval.ms": 300000,
+    "queued.max.messages.kbytes": 65536,
+    "fetch.max.bytes": 52428800,
+    "linger.ms": 5,
+    "acks": -1,
+    "compression.type": "lz4",
+    "enable.idempotence": True,
+    "statistics.interval.ms": 0,
+    "auto.offset.reset": "earliest",
+    "isolation.level": "read_committed",
+    "client.id": "streamer-1",
+    "debug": "broker, cgrp",
+}
+
+
+class TestClientSettings:
+    """``kafka.client`` holds librdkafka settings: known names, readable values, secrets hidden."""
+
+    def test_ordinary_settings_pass(self) -> None:
+        """Security, timeouts, batching and statistics settings validate unchanged."""
+        cfg = parse_config({"kafka": {"client": ORDINARY_CLIENT}})
+        assert cfg.kafka.librdkafka() == ORDINARY_CLIENT
+
+    @pytest.mark.parametrize(
+        ("client", "expected"),
+        [
+            (
+                {"frobnicate.ms": 5},
+                r"^c\.yaml: kafka\.client: unknown librdkafka setting 'frobnicate\.ms' "
+                r"\(librdkafka [\d.]+ has no such property",
+            ),
+            (
+                {"SASL.PASSWORD": "hunter2"},
+                r"^c\.yaml: kafka\.client: unknown librdkafka setting 'SASL\.PASSWORD' "
+                r"\(did you mean 'sasl\.password'\?\)$",
+            ),
+            (
+                {"Session.Timeout.Ms": 6000},
+                r"unknown librdkafka setting 'Session\.Timeout\.Ms' "
+                r"\(did you mean 'session\.timeout\.ms'\?\)",
+            ),
+            (
+                {"sasl.pasword": "x"},
+                r"unknown librdkafka setting 'sasl\.pasword' \(did you mean 'sasl\.password'\?\)",
+            ),
+            (
+                {"Group.Id": "g"},
+                r"unknown librdkafka setting 'Group\.Id' \(did you mean 'group\.id'\? "
+                r"streamer sets that one itself\)",
+            ),
+            (
+                {"session.timeout.ms": "abc"},
+                r"kafka\.client: 'session\.timeout\.ms' must be an integer in 1 \.\. 3600000, "
+                r"got 'abc'",
+            ),
+            ({"session.timeout.ms": 0}, r"'session\.timeout\.ms' must be in 1 \.\. 3600000, got 0"),
+            # librdkafka would read 30 (ms) and ignore the rest.
+            ({"session.timeout.ms": "30s"}, r"'session\.timeout\.ms' must be an integer .* '30s'"),
+            ({"linger.ms": "soon"}, r"'linger\.ms' must be a number in 0 \.\. 900000"),
+            ({"enable.idempotence": "yes"}, r"'enable\.idempotence' must be true or false"),
+            ({"security.protocol": "SASL-SSL"}, r"'security\.protocol' must be one of plaintext, "),
+            ({"debug": "broker,everything"}, r"'debug' must be a comma-separated list of "),
+            ({"error_cb": "print"}, r"'error_cb' is set through the client's API"),
+            (
+                {"x.y": 1, "linger.ms": -1},
+                r"unknown librdkafka setting 'x\.y' .*; 'linger\.ms' must be in 0 \.\. 900000",
+            ),
+        ],
+    )
+    def test_refused_naming_the_key(self, client: dict[str, object], expected: str) -> None:
+        """An unknown, mis-cased or mis-typed setting stops loading and names the key."""
+        with pytest.raises(ConfigError, match=expected) as info:
+            parse_config({"kafka": {"client": client}}, "c.yaml")
+        assert "hunter2" not in str(info.value)
+
+    def test_every_secret_family_is_masked(self) -> None:
+        """Secret-looking keys are held as SecretStr and masked by redacted(), in any case."""
+        cfg = parse_config({"kafka": {"client": {**SECRET_KEYS, "sasl.username": "svc"}}})
+        shown = cfg.redacted()["kafka"]["client"]
+        assert shown == {**dict.fromkeys(SECRET_KEYS, "**********"), "sasl.username": "svc"}
+        assert "pw-" not in repr(cfg) + str(cfg.redacted())
+        assert cfg.kafka.librdkafka() == {**SECRET_KEYS, "sasl.username": "svc"}
+        for key in SECRET_KEYS:
+            assert is_secret_client_key(key) and is_secret_client_key(key.upper())
+
+    def test_every_librdkafka_secret_is_known_as_one(self) -> None:
+        """Each librdkafka property that can carry a secret is masked."""
+        looks_secret = re.compile(r"pass|secret|key\.pem|oauthbearer\.config|^ssl_key$")
+        secret = [k for k in PROPERTIES if looks_secret.search(k)]
+        assert set(SECRET_KEYS) <= set(secret)
+        assert [k for k in secret if not is_secret_client_key(k)] == []
+
+    def test_secret_references_resolve_for_every_family(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``${ENV}`` and ``file:`` work for any secret key, a non-string value is a string."""
+        monkeypatch.setenv("STREAMER_TEST_OAUTH", "clientSecret=pw-env")
+        pem = tmp_path / "key.pem"
+        pem.write_text("-----BEGIN PRIVATE KEY----- pw-file\n")
+        cfg = parse_config(
+            {
+                "kafka": {
+                    "client": {
+                        "sasl.oauthbearer.config": "${STREAMER_TEST_OAUTH}",
+                        "ssl.key.pem": f"file:{pem}",
+                        "sasl.password": 1234,
+                    }
+                }
+            }
+        )
+        assert cfg.kafka.librdkafka() == {
+            "sasl.oauthbearer.config": "clientSecret=pw-env",
+            "ssl.key.pem": "-----BEGIN PRIVATE KEY----- pw-file",
+            "sasl.password": "1234",
+        }
+        assert set(cfg.redacted()["kafka"]["client"].values()) == {"**********"}
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streamer", *args],
@@ -148,3 +293,26 @@ class TestCheckConfigCommand:
         assert proc.returncode == 0
         assert "s3cr3t-value" not in proc.stdout + proc.stderr
         assert "**********" in proc.stdout
+
+    def test_every_secret_family_masked_and_miscased_key_refused(self, tmp_path: Path) -> None:
+        """check-config masks each secret family; a mis-cased secret key exits 2, value unseen."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump({"kafka": {"client": SECRET_KEYS}}))
+        proc = run_cli("check-config", "--config", str(cfg))
+        assert proc.returncode == 0, proc.stderr
+        assert "pw-" not in proc.stdout + proc.stderr
+        client = json.loads(proc.stdout)["kafka"]["client"]
+        assert client == dict.fromkeys(SECRET_KEYS, "**********")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(
+            yaml.safe_dump(
+                {"kafka": {"client": {"SASL.PASSWORD": "pw-miscased", "sasl.username": "u"}}}
+            )
+        )
+        proc = run_cli("check-config", "--config", str(bad))
+        assert proc.returncode == 2
+        assert "pw-miscased" not in proc.stdout + proc.stderr
+        assert (
+            f"{bad}: kafka.client: unknown librdkafka setting 'SASL.PASSWORD' "
+            "(did you mean 'sasl.password'?)" in proc.stderr
+        )

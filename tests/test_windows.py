@@ -25,9 +25,10 @@ class NaiveWindows:
 
     def push(self, slot: int, ts: float, pos: int, vals: np.ndarray) -> tuple[str, object]:
         last = self.last.get(slot)
-        if last is not None and ts <= last:
+        if last is not None and ts <= last and last - ts <= self.max_gap_s:
             return ("rejected", None)
-        reset = last is not None and ts - last > self.max_gap_s
+        # A gap forward, or a clock set back by more than the gap: start afresh.
+        reset = last is not None and abs(ts - last) > self.max_gap_s
         if reset:
             self.buf[slot].clear()
             self.count[slot] = 0
@@ -44,7 +45,8 @@ class NaiveWindows:
 samples = st.lists(
     st.tuples(
         st.integers(0, 3),  # slot
-        st.integers(-2, 9),  # timestamp increment (<= 0: out of order / duplicate)
+        # Timestamp increment (<= 0: out of order / duplicate; -20: a clock set back).
+        st.one_of(st.integers(-2, 9), st.just(-20)),
     ),
     min_size=0,
     max_size=120,
@@ -96,6 +98,9 @@ class TestRingWindowsAgainstReference:
         for i in range(n):
             s = slots[i]
             if s in last and ts[i] <= last[s]:
+                if last[s] - ts[i] > max_gap:
+                    exp_resets.append(i)  # a clock set back
+                    last[s] = ts[i]
                 continue
             if s in last and ts[i] - last[s] > max_gap:
                 exp_resets.append(i)
@@ -326,3 +331,30 @@ class TestRingWindowsAnchor:
         ring = RingWindows(channels=1, window=4, stride=2)
         with pytest.raises(DataError, match="count"):
             ring.set_anchor(0, 5, 0)
+
+
+class TestClockJumps:
+    """A clock set back by more than max_gap_s restarts the sensor instead of locking it out."""
+
+    def test_jump_back_resets_and_small_disorder_is_still_rejected(self) -> None:
+        ring = RingWindows(channels=1, window=3, stride=1, max_gap_s=10.0)
+        ts = np.array([100.0, 101.0, 102.0, 101.5, 5.0, 6.0, 7.0, 8.0])
+        vals = np.arange(8, dtype=np.float32).reshape(-1, 1)
+        res = ring.push(np.zeros(8, dtype=np.int64), ts, vals, np.arange(8, dtype=np.int64))
+        assert res.rejected.tolist() == [3]  # 0.5 s back: a straggler, rejected
+        assert res.resets.tolist() == [4]  # 97 s back: the clock was set back
+        # Windows: [100, 101, 102], then after the reset [5, 6, 7] and [6, 7, 8].
+        assert res.windows.end_ts.tolist() == [102.0, 7.0, 8.0]
+        assert res.windows.start_ts.tolist() == [100.0, 5.0, 6.0]
+        assert ring.last_ts(0) == 8.0
+
+    def test_far_future_sample_does_not_lock_the_sensor_out(self) -> None:
+        ring = RingWindows(channels=1, window=2, stride=1, max_gap_s=60.0)
+        one = np.zeros(1, dtype=np.int64)
+        vals = np.ones((1, 1), dtype=np.float32)
+        ring.push(one, np.array([1000.0]), vals, np.array([0]))
+        ring.push(one, np.array([253402300799.0]), vals, np.array([1]))  # year 9999
+        res = ring.push(one, np.array([1001.0]), vals, np.array([2]))
+        assert res.rejected.size == 0 and res.resets.tolist() == [0]
+        res = ring.push(one, np.array([1002.0]), vals, np.array([3]))
+        assert res.windows.end_ts.tolist() == [1002.0]

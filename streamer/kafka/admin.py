@@ -11,22 +11,27 @@ from typing import Any
 
 import structlog
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 from confluent_kafka.cimpl import NewTopic
 
 from streamer.config import KafkaConfig, TopicsConfig
 from streamer.errors import KafkaError
+from streamer.kafka.clientlog import client_logger
 
-__all__ = ["ensure_topics", "partition_count"]
+__all__ = ["DEFAULT_MESSAGE_MAX_BYTES", "ensure_topics", "message_limits", "partition_count"]
 
 log = structlog.get_logger(__name__)
 
 _TIMEOUT_S = 30.0
+DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
+"""A topic's ``max.message.bytes`` when its configuration cannot be read (the broker default)."""
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
 
 
 def _admin(cfg: KafkaConfig) -> AdminClient:
     conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
+    # librdkafka's own lines through structlog, not raw to stderr (delivered on poll).
+    conf["logger"] = client_logger()
     # Consumer/producer-only settings make the admin client warn; drop the obvious ones.
     for key in list(conf):
         if key.startswith(("enable.auto", "auto.offset", "partition.assignment", "acks")):
@@ -94,3 +99,30 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TI
             f"{n_input} of input topic {topics.input}; it needs at least as many"
         )
     return n_input
+
+
+def message_limits(
+    cfg: KafkaConfig, topics: list[str], timeout_s: float = _TIMEOUT_S
+) -> dict[str, int]:
+    """Each topic's ``max.message.bytes``: the largest record batch the broker accepts.
+
+    A topic whose configuration cannot be read (no DescribeConfigs permission, say) gets
+    the broker default, with a warning: the producer's refusals are handled anyway.
+    """
+    admin = _admin(cfg)
+    names = list(dict.fromkeys(topics))
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
+    out = dict.fromkeys(names, DEFAULT_MESSAGE_MAX_BYTES)
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout_s)
+    except KafkaException as exc:
+        log.warning("topic_limits_unknown", topics=names, error=str(exc))
+        return out
+    for res, fut in futures.items():
+        try:
+            entry = fut.result(timeout=timeout_s).get("max.message.bytes")
+            if entry is not None and entry.value is not None:
+                out[res.name] = int(entry.value)
+        except (KafkaException, ValueError) as exc:
+            log.warning("topic_limits_unknown", topics=[res.name], error=str(exc))
+    return out

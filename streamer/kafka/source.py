@@ -27,6 +27,8 @@ from confluent_kafka import KafkaError as RdKafkaError
 
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
+from streamer.kafka.clientlog import client_logger
+from streamer.kafka.reachability import Reachability
 
 __all__ = ["CommitResult", "Committed", "LatestRecords", "Source", "read_latest"]
 
@@ -44,6 +46,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 PartitionsCallback = Callable[[list[int]], None]
+_CLIENT = "consumer"  # this client's name in the Reachability tracker
 
 
 _PASSING_CODES = frozenset(
@@ -94,11 +97,18 @@ class CommitResult:
 def _conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
     conf: dict[str, Any] = {**_DEFAULTS, **cfg.librdkafka(), **extra}
     conf["bootstrap.servers"] = cfg.bootstrap_servers
+    # librdkafka's own log lines as rate-limited structlog events (served by consume/poll)
+    # rather than raw "%3|...|FAIL|" lines on stderr.
+    conf["logger"] = client_logger()
     return conf
 
 
 class Source:
-    """Subscribes to one topic in the configured group; partitions are reported as ints."""
+    """Subscribes to one topic in the configured group; partitions are reported as ints.
+
+    ``reachability`` hears the client's errors and statistics (the daemon shares one
+    with its Sink, so an outage is told once); by default the Source has its own.
+    """
 
     def __init__(
         self,
@@ -108,10 +118,15 @@ class Source:
         on_revoke: PartitionsCallback,
         on_lost: PartitionsCallback,
         client_id: str = "streamer",
+        *,
+        reachability: Reachability | None = None,
     ) -> None:
         conf = _conf(cfg, {"group.id": cfg.group_id, "client.id": client_id})
         conf.update(_REQUIRED)
         conf["error_cb"] = self._on_error
+        # Broker outages: one line when one starts and ends, not one per failed connection.
+        self._reachability = reachability if reachability is not None else Reachability()
+        conf.update(self._reachability.watch(_CLIENT, conf))
         # Called (inside consume/poll, on the main thread) for asynchronous commits only.
         conf["on_commit"] = self._commit_cb
         self.topic = topic
@@ -152,7 +167,7 @@ class Source:
         if err.fatal():
             self._fatal = f"consumer fatal error: {err}"
         else:
-            log.warning("consumer_error", error=str(err))
+            self._reachability.on_error(_CLIENT, err)
 
     def _commit_cb(self, err: Any, parts: list[TopicPartition]) -> None:
         result, failure = self._answer(err, parts)
@@ -216,7 +231,7 @@ class Source:
             elif err.fatal():
                 raise KafkaError(f"consume failed: {err}")
             else:
-                log.warning("consume_error", error=str(err))
+                self._reachability.on_error(_CLIENT, err)  # one line per kind, rate-limited
         return out
 
     def commit_async(self, offsets: dict[int, tuple[int, str]]) -> bool:
@@ -316,6 +331,7 @@ class Source:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer_close_failed", error=str(exc))
+        self._reachability.forget(_CLIENT)
         self._raise()
 
 

@@ -181,6 +181,7 @@ def test_failure_at_any_stage_commits_nothing_unprocessed(
     wanted = set(expected_windows(topics.input, samples, W, S))
     again = DaemonProcess(cfg_path).start()
     daemons.append(again)
+    again.wait_event("daemon_ready", timeout)  # signals are handled from then on
     seen = wait_for_ids(kafka_bootstrap, topics.scores, wanted, timeout, again)
     missing = wanted - seen
     assert not missing, f"{stage}: {len(missing)} windows never published\n{again.tail()}"

@@ -196,7 +196,9 @@ def bad_messages() -> list[Sample]:
         (doc(values=[1, "2", 3, 4, 5]), k, "wrong_type"),
         (doc(values=[1, None, 3, 4, 5]), k, "null_value"),
         (b'{"sensor": "sensor-0", "ts": 1764300000, "values": [1, NaN, 3, 4, 5]}', k, "non_finite"),
-        (doc(ts=1_764_000_000.0), k, "out_of_order"),
+        # Behind sensor-0's newest sample by less than max_gap_s: a straggler. (Further
+        # back, it would be a clock set back, which restarts the sensor's window.)
+        (doc(ts=1_764_201_610.0), k, "out_of_order"),
     ]
     return [Sample("sensor-0", key, value, False, kind) for value, key, kind in raw]
 

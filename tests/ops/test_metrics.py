@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -139,6 +140,33 @@ class TestMetricsServer:
         assert scrape(url + "/metrics")["streamer_ready"] == 1
         health.partitions = ()
         assert http_get(url + "/readyz")[0] == 503
+
+    def test_readyz_turns_503_while_kafka_is_unreachable(
+        self, served: tuple[Health, Metrics, str]
+    ) -> None:
+        """Past unready_after_s without a broker /readyz is 503 and says why; /healthz stays 200."""
+        health, _, url = served
+        health.partitions, health.model_version = (0,), "m"
+        health.set_broker_down_since(time.monotonic() - 3.0)  # within the default 10 s
+        status, body = http_get(url + "/readyz")
+        assert status == 200 and re.fullmatch(
+            r"unreachable for 3\.\d s", orjson.loads(body)["kafka"]
+        )
+        health.set_broker_down_since(time.monotonic() - 12.3)
+        health.beat()
+        status, body = http_get(url + "/readyz")
+        assert status == 503
+        got = orjson.loads(body)
+        assert re.fullmatch(r"unreachable for 12\.\d s", got.pop("kafka"))
+        assert got == {"ready": False, "partitions": [0], "model": "m"}
+        assert http_get(url + "/healthz")[0] == 200
+        values = scrape(url + "/metrics")
+        assert values["streamer_ready"] == 0
+        assert values["streamer_kafka_unreachable_seconds"] > 12
+        health.set_broker_down_since(None)
+        status, body = http_get(url + "/readyz")
+        assert status == 200 and "kafka" not in orjson.loads(body)
+        assert scrape(url + "/metrics")["streamer_kafka_unreachable_seconds"] == 0
 
     def test_binds_localhost_by_default(self) -> None:
         """The default bind address is loopback only."""
