@@ -222,8 +222,11 @@ def write_config(
 DAEMON_LOG_DIR: Path | None = None  # --daemon-logs: keep each daemon's log here
 
 
-def start_daemon(cfg: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
-    """``streamer run`` on ``cfg``, logging to ``log`` (else ``DAEMON_LOG_DIR/<config>.log``)."""
+def start_daemon(cfg: Path, log: Path | None = None, repo: Path = REPO) -> subprocess.Popen[bytes]:
+    """``streamer run`` on ``cfg``, logging to ``log`` (else ``DAEMON_LOG_DIR/<config>.log``).
+
+    ``repo``: the checkout whose ``streamer`` runs (another build, for a side-by-side run).
+    """
     out: Any = subprocess.DEVNULL
     if log is None and DAEMON_LOG_DIR is not None:
         DAEMON_LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -231,10 +234,12 @@ def start_daemon(cfg: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
     if log is not None:
         out = log.open("wb")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if repo != REPO:
+        env["PYTHONPATH"] = str(repo)  # ahead of this checkout's editable install
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
-            cwd=REPO,
+            cwd=repo,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -345,15 +350,34 @@ def ceiling(bootstrap: str, topic: str, total: int) -> float:
     return float(n / elapsed)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def daemon_run(
-    cfg: Path, bootstrap: str, scores_topic: str, expected: int, timeout_s: float = 1800
+    cfg: Path,
+    bootstrap: str,
+    scores_topic: str,
+    expected: int,
+    timeout_s: float = 1800,
+    repo: Path = REPO,
 ) -> dict[str, float]:
-    """Start the daemon, wait for every expected score; wall time from start, and first->last."""
+    """Start the daemon, wait for every expected score; wall time from start, and first->last.
+
+    Also the daemon's CPU seconds up to its last score: on a shared machine the wall-clock
+    rates swing with whatever else runs, the CPU a build spends on the same input less so.
+    """
     started = time.time()
-    proc = start_daemon(cfg)
+    proc = start_daemon(cfg, repo=repo)
     try:
         n, first, last, rss = count_scores(bootstrap, scores_topic, expected, timeout_s, proc)
         done = time.time()
+        cpu_s = cpu_seconds(proc.pid)
     finally:
         stop_daemon(proc, 60)
     return {
@@ -361,6 +385,7 @@ def daemon_run(
         "wall_s": done - started,
         "publish_s": max(last - first, 1e-3),
         "rss_mb": rss,
+        "cpu_s": cpu_s,
     }
 
 
@@ -457,6 +482,8 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list
     print(f"produced {total:,} samples in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     ceil = ceiling(bootstrap, topics["input"], total)
     expected = expected_windows(sensors, rows, window, stride)
+    if args.baseline is not None:
+        side_by_side(bootstrap, tmp, args, topics["input"], model, expected, report)
     cfg = write_config(
         tmp / "tp.yaml", bootstrap, topics, model, window, stride, channels, **overrides(args)
     )
@@ -489,6 +516,74 @@ def throughput(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list
         "",
     ]
     return float(d_steady)
+
+
+def side_by_side(
+    bootstrap: str,
+    tmp: Path,
+    args: argparse.Namespace,
+    input_topic: str,
+    model: Path,
+    expected: int,
+    report: list[str],
+) -> None:
+    """This build and ``--baseline`` in turns on one produced stream, ``--pairs`` times each.
+
+    Each run has its own group and output topics. The order alternates (this build first,
+    then the baseline first), so a drift of the machine's load favours neither.
+    """
+    sensors, window, stride, channels = args.sensors, args.window, args.stride, args.channels
+    rows = args.samples // sensors
+    builds = {"this build": REPO, "baseline": args.baseline.resolve()}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
+    for i in range(args.pairs):
+        order = list(builds) if i % 2 == 0 else list(reversed(builds))
+        for name in order:
+            topics = {**make_topics(bootstrap, args.partitions), "input": input_topic}
+            cfg = write_config(
+                tmp / f"ab-{i}-{name.replace(' ', '-')}.yaml",
+                bootstrap,
+                topics,
+                model,
+                window,
+                stride,
+                channels,
+                **overrides(args),
+            )
+            d = daemon_run(cfg, bootstrap, topics["scores"], expected, repo=builds[name])
+            d["steady"] = steady_samples(sensors, rows, window) / d["publish_s"]
+            d["from_start"] = sensors * rows / d["wall_s"]
+            runs[name].append(d)
+            print(f"pair {i + 1} {name}: {d}", file=sys.stderr)
+    report += [
+        "## Side by side",
+        "",
+        f"This build and `{args.baseline}` in turns, {args.pairs} runs each, on one produced "
+        f"stream ({sensors:,} sensors, {sensors * rows:,} samples). Samples/s first to last "
+        "score and from process start; CPU: the daemon's user + system seconds up to its last "
+        "score (start-up included).",
+        "",
+        "| run | this build: steady / from start / CPU s | baseline: steady / from start / CPU s |",
+        "|---|---|---|",
+    ]
+    for i in range(args.pairs):
+        a, b = runs["this build"][i], runs["baseline"][i]
+        report.append(
+            f"| {i + 1} | {a['steady']:,.0f} / {a['from_start']:,.0f} / {a['cpu_s']:.1f} "
+            f"| {b['steady']:,.0f} / {b['from_start']:,.0f} / {b['cpu_s']:.1f} |"
+        )
+
+    def median(name: str, key: str) -> float:
+        return float(np.median([r[key] for r in runs[name]]))
+
+    report += [
+        "",
+        "Medians, this build / baseline: steady "
+        f"{median('this build', 'steady') / median('baseline', 'steady'):.3f}, from start "
+        f"{median('this build', 'from_start') / median('baseline', 'from_start'):.3f}, CPU "
+        f"seconds {median('this build', 'cpu_s') / median('baseline', 'cpu_s'):.3f}.",
+        "",
+    ]
 
 
 def latency(
@@ -746,6 +841,13 @@ def main() -> None:
     ap.add_argument(
         "--daemon-logs", type=Path, default=None, help="keep each daemon's log in this folder"
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="throughput: also run the daemon of this other checkout, in turns with this one",
+    )
+    ap.add_argument("--pairs", type=int, default=3, help="runs of each build with --baseline")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     global DAEMON_LOG_DIR
