@@ -15,15 +15,14 @@ import pytest
 
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all
+from tests.hostile.conftest import ScoreAll
 from tests.integration.helpers import (
     T0,
     DaemonProcess,
     Sample,
-    expected_windows,
     make_topics,
     plant_samples,
     produce,
-    wait_for_ids,
     write_config,
 )
 
@@ -38,7 +37,7 @@ def test_crafted_neighbours_keep_their_own_fate(
     group_id: str,
     model_dir: Path,
     tmp_path: Path,
-    daemons: list[DaemonProcess],
+    score_all: ScoreAll,
 ) -> None:
     """Two values in one message, an array closed by the next message: each judged alone."""
     topics = make_topics(new_topic, 1)
@@ -53,11 +52,7 @@ def test_crafted_neighbours_keep_their_own_fate(
     stream = [*good[:80], two_values, *good[80:82], opens, closes, *good[82:]]
     produce(kafka_bootstrap, topics.input, stream)
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics, group_id, model_dir)
-    daemon = DaemonProcess(cfg).start()
-    daemons.append(daemon)
-    wanted = set(expected_windows(topics.input, stream, W, S))
-    seen = wait_for_ids(kafka_bootstrap, topics.scores, wanted, Timeout(120), daemon)
-    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{daemon.tail()}"
+    daemon = score_all(cfg, topics, stream)
     dead = consume_all(kafka_bootstrap, topics.dlq, expected=3, timeout_s=30)
     assert daemon.stop() == 0, daemon.tail()
     got = sorted((int(dict(m.headers() or [])["source.offset"]), m.value()) for m in dead)
@@ -72,6 +67,7 @@ def test_values_at_the_float32_limit_keep_their_state_across_a_restart(
     model_dir: Path,
     tmp_path: Path,
     daemons: list[DaemonProcess],
+    score_all: ScoreAll,
 ) -> None:
     """A sensor scored as null (3e38 values) restores its state: no state_corrupt."""
     topics = make_topics(new_topic, 1)
@@ -88,11 +84,7 @@ def test_values_at_the_float32_limit_keep_their_state_across_a_restart(
     stream = [*good, *huge]
     produce(kafka_bootstrap, topics.input, stream)
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics, group_id, model_dir)
-    first = DaemonProcess(cfg).start()
-    daemons.append(first)
-    wanted = set(expected_windows(topics.input, stream, W, S))
-    seen = wait_for_ids(kafka_bootstrap, topics.scores, wanted, Timeout(120), first)
-    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{first.tail()}"
+    first = score_all(cfg, topics, stream)
     assert first.stop() == 0, first.tail()
     scores = [orjson.loads(m.value() or b"") for m in consume_all(kafka_bootstrap, topics.scores)]
     extreme = [r for r in scores if r["sensor"] == "sensor-0" and r["score"] is None]

@@ -22,14 +22,12 @@ from streamer.deadletter import dead_letter_record
 from streamer.errors import KafkaError
 from streamer.kafka.sink import Sink
 from tests.conftest import NewTopicFactory
-from tests.helpers import Timeout, consume_all
+from tests.helpers import consume_all
+from tests.hostile.conftest import ScoreAll
 from tests.integration.helpers import (
-    DaemonProcess,
     Sample,
     Topics,
-    expected_windows,
     plant_samples,
-    wait_for_ids,
     write_config,
 )
 
@@ -135,7 +133,7 @@ def test_oversized_message_is_dead_lettered_cut_and_nothing_lost(
     group_id: str,
     model_dir: Path,
     tmp_path: Path,
-    daemons: list[DaemonProcess],
+    score_all: ScoreAll,
 ) -> None:
     topics = Topics(
         input=new_topic(1, config={"max.message.bytes": input_limit} if input_limit else None),
@@ -153,12 +151,7 @@ def test_oversized_message_is_dead_lettered_cut_and_nothing_lost(
     samples = [*good[:100], big, *good[100:]]
     _big_produce(kafka_bootstrap, topics.input, samples)
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics, group_id, model_dir)
-    daemon = DaemonProcess(cfg).start()
-    daemons.append(daemon)
-    timeout = Timeout(120)
-    wanted = set(expected_windows(topics.input, samples, W, S))
-    seen = wait_for_ids(kafka_bootstrap, topics.scores, wanted, timeout, daemon)
-    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{daemon.tail()}"
+    daemon = score_all(cfg, topics, samples)
     dead = consume_all(kafka_bootstrap, topics.dlq, expected=1, timeout_s=30)
     assert len(dead) == 1, daemon.tail()
     headers = dict(dead[0].headers() or [])

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all
+from tests.hostile.conftest import ScoreAll
 from tests.integration.helpers import (
     T0,
     DaemonProcess,
@@ -53,7 +54,7 @@ def test_future_timestamps_are_dead_lettered_and_lock_nobody_out(
     group_id: str,
     model_dir: Path,
     tmp_path: Path,
-    daemons: list[DaemonProcess],
+    score_all: ScoreAll,
 ) -> None:
     """Year 9999 and 1e308 go to the DLQ as bad_timestamp; the sensor scores on."""
     topics = make_topics(new_topic, 1)
@@ -66,11 +67,7 @@ def test_future_timestamps_are_dead_lettered_and_lock_nobody_out(
     stream = [*good[:100], *poison, *good[100:]]
     produce(kafka_bootstrap, topics.input, stream)
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics, group_id, model_dir)
-    daemon = DaemonProcess(cfg).start()
-    daemons.append(daemon)
-    wanted = set(expected_windows(topics.input, stream, W, S))
-    seen = wait_for_ids(kafka_bootstrap, topics.scores, wanted, Timeout(120), daemon)
-    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{daemon.tail()}"
+    daemon = score_all(cfg, topics, stream)
     assert dlq_kinds(kafka_bootstrap, topics.dlq, 3) == ["bad_timestamp"] * 3
     assert daemon.stop() == 0, daemon.tail()
     assert daemon.seen("stats")[-1]["dead_by_kind"] == {"bad_timestamp": 3}
@@ -82,7 +79,7 @@ def test_clock_set_back_restarts_the_window(
     group_id: str,
     model_dir: Path,
     tmp_path: Path,
-    daemons: list[DaemonProcess],
+    score_all: ScoreAll,
 ) -> None:
     """A device clock reset to a day earlier: its windows start afresh, none is refused."""
     topics = make_topics(new_topic, 1)
@@ -94,11 +91,7 @@ def test_clock_set_back_restarts_the_window(
     stream = [*before, *after]
     produce(kafka_bootstrap, topics.input, stream)
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics, group_id, model_dir)
-    daemon = DaemonProcess(cfg).start()
-    daemons.append(daemon)
-    wanted = set(expected_windows(topics.input, stream, W, S))
-    seen = wait_for_ids(kafka_bootstrap, topics.scores, wanted, Timeout(120), daemon)
-    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{daemon.tail()}"
+    daemon = score_all(cfg, topics, stream)
     assert daemon.stop() == 0, daemon.tail()
     assert daemon.seen("stats")[-1]["dead_letters"] == 0
 
@@ -109,7 +102,7 @@ def test_new_ids_far_ahead_do_not_make_real_sensors_silent(
     group_id: str,
     model_dir: Path,
     tmp_path: Path,
-    daemons: list[DaemonProcess],
+    score_all: ScoreAll,
 ) -> None:
     """Six new ids a year ahead of the fleet (within max_future_s of the wall clock)."""
     topics = make_topics(new_topic, 1)
@@ -127,11 +120,8 @@ def test_new_ids_far_ahead_do_not_make_real_sensors_silent(
         stream={"max_gap_s": 30},
         kafka={"commit_interval_s": 0.3, "consume_batch": 50},
     )
-    daemon = DaemonProcess(cfg).start()
-    daemons.append(daemon)
-    real = {k for k, v in expected_windows(topics.input, stream, W, S).items() if "sensor" in v[0]}
-    seen = wait_for_ids(kafka_bootstrap, topics.scores, real, Timeout(120), daemon)
-    assert real <= seen, f"{len(real - seen)} windows missing\n{daemon.tail()}"
+    due = expected_windows(topics.input, stream, W, S)
+    daemon = score_all(cfg, topics, stream, windows=[k for k, v in due.items() if "sensor" in v[0]])
     assert daemon.stop() == 0, daemon.tail()
     evicted = [e for e in daemon.seen("sensor_evicted") if e["sensor"].startswith("sensor-")]
     assert not evicted, evicted
