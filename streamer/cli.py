@@ -1,4 +1,4 @@
-"""The ``streamer`` command: run, train, score, eval, demo, check-config, broker.
+"""The ``streamer`` command: run, train, score, eval, demo, check-config, check-access, broker.
 
 Exit codes: 0 success, 2 bad configuration or arguments, 1 runtime failure.
 """
@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p)
 
+    p = sub.add_parser(
+        "check-access",
+        help="connect with the configured credentials and check every permission the daemon "
+        "needs (exit 1, with the grants to add, when one is missing)",
+    )
+    _add_config(p)
+
     p = sub.add_parser("run", help="run the daemon: consume samples, publish scores and alerts")
     _add_config(p)
 
@@ -102,6 +109,35 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     json.dump(cfg.redacted(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     print(f"{args.config}: ok", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_check_access(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException
+
+    from streamer.kafka.access import check_access
+
+    cfg = _load(args.config)
+    try:
+        grants = check_access(cfg.kafka, cfg.topics)
+    except KafkaException as exc:
+        raise StreamerError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc}") from exc
+    user = cfg.kafka.librdkafka().get("sasl.username")
+    principal = f"User:{user}" if user else "User:<the principal of these credentials>"
+    width = max(len(f"{g.resource_type} {g.name}") for g in grants)
+    for g in grants:
+        mark = {True: "ok", False: "MISSING", None: "unknown"}[g.held]
+        line = f"{mark:8} {g.operation:9} {g.resource_type + ' ' + g.name:{width}}  ({g.role})"
+        print(line + (f": {g.detail}" if g.detail else ""))
+    missing = [g for g in grants if g.held is False]
+    if any(g.held is None for g in grants):
+        print("unknown: the broker reported no authorized operations (no authorizer configured?)")
+    if missing:
+        print(f"\n{len(missing)} permission(s) missing for {principal}; to grant them:")
+        for g in missing:
+            print("  " + g.acl_command(principal, cfg.kafka.bootstrap_servers))
+        return EXIT_RUNTIME
+    print(f"every permission the daemon needs is held ({principal})")
     return EXIT_OK
 
 
@@ -190,6 +226,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "check-config": _cmd_check_config,
+    "check-access": _cmd_check_access,
     "train": _cmd_train,
     "score": _cmd_score,
     "eval": _cmd_eval,

@@ -115,6 +115,8 @@ STATE_VERSION = 1
 COMMIT_META_VERSION = 1
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
 _FLUSH_TIMEOUT_S = 60.0
+# A refusal by the broker (authorization) is logged again this often while it lasts.
+_ACCESS_REPEAT_S = 30.0
 _PRODUCER_MAX = 1_000_000  # librdkafka's message.max.bytes
 # A dead letter refused for its size this many times (its value halved each time) fails.
 _DEAD_LETTER_RESIZES = 24
@@ -403,6 +405,7 @@ class Daemon:
         self.paused_since = 0.0
         self.client_paused = False
         self.stats = _Stats()
+        self._access_logged = 0.0
         self._stop_requested = False
         # Set once the loop raised: from then on nothing is committed (see run).
         self._failed = False
@@ -678,6 +681,40 @@ class Daemon:
         m.partitions_paused.set(len(self.parts) if self.paused else 0)
         m.alerts_open.set(self.engine.alerts.open_count())
         m.sensors.set(len(self.sensor_part))
+        self._check_access()
+
+    def _check_access(self) -> None:
+        """Not ready while the broker refuses our input or group; say so, at a bounded rate.
+
+        A fetch refused for lack of READ leaves a partition assigned and the loop healthy,
+        consuming nothing: without this, the instance would report ready while its
+        backlog grows.
+        """
+        if self.source is None:
+            return
+        refused = self.source.refusals()
+        reason = (
+            None
+            if not refused
+            else "; ".join(
+                f"{'group ' + self.cfg.kafka.group_id if p < 0 else f'{self.topics.input}[{p}]'}"
+                f": {why}"
+                for p, why in sorted(refused.items())
+            )
+        )
+        now = time.monotonic()
+        if reason is not None and (
+            reason != self.health.access_refused or now - self._access_logged >= _ACCESS_REPEAT_S
+        ):
+            self._access_logged = now
+            log.error(
+                "kafka_access_refused",
+                reason=reason,
+                hint="check the grants with `streamer check-access --config ...`",
+            )
+        elif reason is None and self.health.access_refused is not None:
+            log.info("kafka_access_granted", was=self.health.access_refused)
+        self.health.access_refused = reason
 
     def _set_paused(self, paused: bool) -> None:
         """Stop consuming while the worker's queue is full, or start again.

@@ -160,6 +160,7 @@ class Health:
 
     __slots__ = (
         "_last_beat",
+        "access_refused",
         "broker_down_since",
         "model_version",
         "partitions",
@@ -180,6 +181,9 @@ class Health:
         # time.monotonic() since when the Kafka clients reach no broker; None: they do.
         # Written by streamer.kafka.reachability (through set_broker_down_since).
         self.broker_down_since: float | None = None
+        # Why the broker refuses this instance its input or group (authorization), if it
+        # does: the instance is then not ready, whatever else holds.
+        self.access_refused: str | None = None
 
     def beat(self) -> None:
         """The main loop completed an iteration."""
@@ -213,6 +217,7 @@ class Health:
             bool(self.partitions)
             and self.model_version is not None
             and (down_s is None or down_s <= self.unready_after_s)
+            and self.access_refused is None
         )
 
 
@@ -461,6 +466,9 @@ class _Handler(RequestHandler):
             down_s = h.broker_down_s
             if down_s is not None:
                 body["kafka"] = f"unreachable for {down_s:.1f} s"
+            refused = h.access_refused
+            if refused is not None:
+                body["access"] = refused
             self._json(200 if ready else 503, body)
         else:
             self._json(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})

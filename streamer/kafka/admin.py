@@ -7,9 +7,11 @@ partition p, so whoever owns p restores it by reading one partition.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
+from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 from confluent_kafka.cimpl import NewTopic
@@ -28,15 +30,74 @@ DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
 
 
-def _admin(cfg: KafkaConfig) -> AdminClient:
+# Client errors that no retry mends: the credentials or the TLS set-up are wrong.
+_CAUSES = {
+    RdKafkaError._AUTHENTICATION: "authentication failed",
+    RdKafkaError.SASL_AUTHENTICATION_FAILED: "authentication failed",
+    RdKafkaError._SSL: "TLS failed",
+}
+# How often a start-up metadata request looks for such an error while it waits.
+_CAUSE_POLL_S = 0.5
+
+
+class _Causes:
+    """The admin client's error callback: keeps the first error that names a cause."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+
+    def __call__(self, err: Any) -> None:
+        what = _CAUSES.get(err.code()) if isinstance(err, RdKafkaError) else None
+        if what is not None and self.first is None:
+            self.first = f"{what}: {err.str()}"
+
+
+def _admin(cfg: KafkaConfig, causes: _Causes | None = None) -> AdminClient:
     conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
     # librdkafka's own lines through structlog, not raw to stderr (delivered on poll).
     conf["logger"] = client_logger()
+    if causes is not None:
+        conf["error_cb"] = causes
     # Consumer/producer-only settings make the admin client warn; drop the obvious ones.
     for key in list(conf):
         if key.startswith(("enable.auto", "auto.offset", "partition.assignment", "acks")):
             del conf[key]
     return AdminClient(conf)
+
+
+def _list_topics(admin: AdminClient, causes: _Causes, cfg: KafkaConfig, timeout_s: float) -> Any:
+    """Cluster metadata; fails at once, naming it, when credentials or TLS are refused.
+
+    A refused login or certificate otherwise shows only as a metadata timeout ("broker
+    transport failure") after ``timeout_s``: the admin client reports the cause through
+    its error callback, served by ``poll``, so the wait is cut into short requests.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return admin.list_topics(timeout=max(min(_CAUSE_POLL_S, left), 0.01))
+        except KafkaException as exc:
+            admin.poll(0)
+            if causes.first is not None:
+                raise KafkaError(_explain(cfg, causes.first)) from exc
+            if left <= _CAUSE_POLL_S:
+                raise KafkaError(
+                    f"cannot reach Kafka at {cfg.bootstrap_servers} to list topics: {exc}"
+                ) from exc
+
+
+def _explain(cfg: KafkaConfig, cause: str) -> str:
+    """The refusal, with the settings it concerns (never a secret's value)."""
+    client = cfg.librdkafka()
+    said = [
+        f"{k}={client[k]}"
+        for k in ("security.protocol", "sasl.mechanisms", "sasl.username", "ssl.ca.location")
+        if k in client
+    ]
+    return f"Kafka at {cfg.bootstrap_servers} refused the connection: {cause}" + (
+        f" (with {', '.join(said)})" if said else ""
+    )
 
 
 def partition_count(cfg: KafkaConfig, topic: str, timeout_s: float = _TIMEOUT_S) -> int:
@@ -57,20 +118,17 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TI
     alerts and DLQ with ``kafka.topic_partitions`` partitions; the state topic
     compacted, with the input's count); otherwise KafkaError names them all.
     """
-    admin = _admin(cfg)
-    try:
-        meta = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        raise KafkaError(
-            f"cannot reach Kafka at {cfg.bootstrap_servers} to list topics: {exc}"
-        ) from exc
+    causes = _Causes()
+    admin = _admin(cfg, causes)
+    meta = _list_topics(admin, causes, cfg, timeout_s)
     existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
     wanted = [topics.input, topics.scores, topics.alerts, topics.dlq, topics.state]
     missing = [t for t in dict.fromkeys(wanted) if t not in existing]
     if missing and not cfg.create_topics:
         raise KafkaError(
-            f"topic(s) {', '.join(missing)} do not exist on {cfg.bootstrap_servers}; "
-            "create them, or set kafka.create_topics: true"
+            f"topic(s) {', '.join(missing)} do not exist on {cfg.bootstrap_servers}, or are "
+            "not visible to this user (a cluster with ACLs lists only the topics it may "
+            "DESCRIBE): create them, grant access, or set kafka.create_topics: true"
         )
     if missing:
         n_input = existing.get(topics.input, cfg.topic_partitions)
@@ -106,8 +164,9 @@ def message_limits(
 ) -> dict[str, int]:
     """Each topic's ``max.message.bytes``: the largest record batch the broker accepts.
 
-    A topic whose configuration cannot be read (no DescribeConfigs permission, say) gets
-    the broker default, with a warning: the producer's refusals are handled anyway.
+    A topic whose configuration cannot be read (no DescribeConfigs permission, which the
+    daemon does not require) gets the broker default, said once at start-up: a refusal
+    for size is resized anyway (``Sink.produce(shrink=...)``).
     """
     admin = _admin(cfg)
     names = list(dict.fromkeys(topics))
@@ -116,7 +175,7 @@ def message_limits(
     try:
         futures = admin.describe_configs(resources, request_timeout=timeout_s)
     except KafkaException as exc:
-        log.warning("topic_limits_unknown", topics=names, error=str(exc))
+        log.info("topic_limits_unknown", topics=names, error=str(exc))
         return out
     for res, fut in futures.items():
         try:
@@ -124,5 +183,5 @@ def message_limits(
             if entry is not None and entry.value is not None:
                 out[res.name] = int(entry.value)
         except (KafkaException, ValueError) as exc:
-            log.warning("topic_limits_unknown", topics=[res.name], error=str(exc))
+            log.info("topic_limits_unknown", topics=[res.name], error=str(exc))
     return out

@@ -10,7 +10,6 @@ the next owner of the partition reads back.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,16 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 PartitionsCallback = Callable[[list[int]], None]
+# Refusals that the broker repeats at every fetch or join while they last; one seen
+# within this long counts as still in force (there is no event for "granted again").
+_REFUSAL_HOLD_S = 15.0
+_REFUSALS = frozenset(
+    {
+        RdKafkaError.TOPIC_AUTHORIZATION_FAILED,
+        RdKafkaError.GROUP_AUTHORIZATION_FAILED,
+        RdKafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
 _CLIENT = "consumer"  # this client's name in the Reachability tracker
 
 
@@ -136,6 +145,8 @@ class Source:
         self._on_lost = on_lost
         self._failure: BaseException | None = None
         self._fatal: str | None = None
+        # What the broker refuses us (partition, or -1 for the group): reason, when seen.
+        self._refused: dict[int, tuple[str, float]] = {}
         try:
             self._consumer = Consumer(conf)
         except KafkaException as exc:
@@ -167,7 +178,25 @@ class Source:
         if err.fatal():
             self._fatal = f"consumer fatal error: {err}"
         else:
+            self._note_refusal(-1, err)
             self._reachability.on_error(_CLIENT, err)
+
+    def _note_refusal(self, partition: int, err: Any) -> None:
+        if isinstance(err, RdKafkaError) and err.code() in _REFUSALS:
+            self._refused[partition] = (f"{err.name()}: {err.str()}", time.monotonic())
+
+    def refusals(self) -> dict[int, str]:
+        """What the broker refuses this consumer now: partition (-1: the group) -> reason.
+
+        A refusal counts while the broker has repeated it within the last 15 s, or until a
+        message of that partition arrives.
+        """
+        if not self._refused:
+            return {}
+        now = time.monotonic()
+        for p in [p for p, (_, seen) in self._refused.items() if now - seen > _REFUSAL_HOLD_S]:
+            del self._refused[p]
+        return {p: reason for p, (reason, _) in self._refused.items()}
 
     def _commit_cb(self, err: Any, parts: list[TopicPartition]) -> None:
         result, failure = self._answer(err, parts)
@@ -231,7 +260,12 @@ class Source:
             elif err.fatal():
                 raise KafkaError(f"consume failed: {err}")
             else:
+                part = m.partition()
+                self._note_refusal(-1 if part is None else part, err)
                 self._reachability.on_error(_CLIENT, err)  # one line per kind, rate-limited
+        if self._refused and out:
+            for m in out:
+                self._refused.pop(m.partition() or 0, None)
         return out
 
     def commit_async(self, offsets: dict[int, tuple[int, str]]) -> bool:
@@ -355,12 +389,19 @@ def read_latest(
     Records without a key are skipped. Returns the latest records per partition and the
     partitions whose end was not reached within ``timeout_s``. The reader is assigned,
     not subscribed: it joins no group and commits nothing.
+
+    It carries the daemon's own ``group.id`` (the client requires one): on a cluster
+    with ACLs the daemon holds READ on its group, while a group named per reader (one
+    uuid each) could not be granted by name, and every restart with state to read
+    failed with GROUP_AUTHORIZATION_FAILED. Being assigned, it never joins the group,
+    so the members' assignment is not disturbed.
     """
     conf = _conf(
         cfg,
         {
-            "group.id": f"streamer-state-reader-{uuid.uuid4().hex}",
+            "group.id": cfg.group_id,
             "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
             "enable.partition.eof": True,
         },
     )

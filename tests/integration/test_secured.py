@@ -1,0 +1,283 @@
+"""The daemon on a secured cluster: SCRAM over SASL_SSL, ACLs enforced, least privilege.
+
+One secured broker (tests/kafka/test_secure_broker.py checks the broker itself) serves
+the module. ``User:streamer`` gets exactly the documented grants (deploy/OPERATIONS.md):
+READ on the input topic and the group, WRITE on scores, alerts and dead letters, READ
+and WRITE on the state topic. A restart with state to read used to exit 1 at every
+start (the state reader's group could not be granted); a refused login or certificate
+used to surface after a 30 s metadata timeout as a "transport failure"; a missing READ
+on the input left the daemon ready while it consumed nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AclBinding,
+    AclOperation,
+    AdminClient,
+    ResourceType,
+)
+
+from streamer.kafka.localbroker import BrokerSecurity, LocalBroker
+from tests.helpers import Timeout
+from tests.integration.helpers import (
+    REPO,
+    DaemonProcess,
+    Sample,
+    Topics,
+    expected_windows,
+    plant_samples,
+    train_tiny,
+    write_config,
+)
+from tests.ops.helpers import http_get, metrics_url
+from tests.secure import allow, create_topics, grant
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+W, S = 16, 4
+USERS = {"admin": "admin-secret", "streamer": "streamer-secret"}
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[LocalBroker]:
+    """A secured broker: SCRAM users admin (super user) and streamer, ACLs enforced."""
+    secured = LocalBroker(security=BrokerSecurity(users=USERS, super_users=["admin"]))
+    try:
+        secured.start(timeout_s=180)
+        yield secured
+    finally:
+        secured.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(broker: LocalBroker) -> AdminClient:
+    """An AdminClient of the super user."""
+    return AdminClient(dict(broker.client_config("admin")))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny conv1d model (window 16, stride 4)."""
+    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@dataclass
+class Plant:
+    """One test's topics and group, and a config for the daemon as ``User:streamer``."""
+
+    topics: Topics
+    group: str
+    config: Path
+
+
+def client_settings(broker: LocalBroker, user: str, **override: str) -> dict[str, str]:
+    """librdkafka settings of ``user`` for the daemon's kafka.client (bootstrap set apart)."""
+    conf = {k: str(v) for k, v in broker.client_config(user).items() if k != "bootstrap.servers"}
+    conf.update(override)
+    return conf
+
+
+def documented_grants(
+    topics: Topics, group: str, *, skip: tuple[str, str] | None = None
+) -> list[AclBinding]:
+    """The grants OPERATIONS.md documents, less ``skip`` (role, operation)."""
+    wanted = [
+        ("input", ResourceType.TOPIC, topics.input, AclOperation.READ),
+        ("group", ResourceType.GROUP, group, AclOperation.READ),
+        ("scores", ResourceType.TOPIC, topics.scores, AclOperation.WRITE),
+        ("alerts", ResourceType.TOPIC, topics.alerts, AclOperation.WRITE),
+        ("dlq", ResourceType.TOPIC, topics.dlq, AclOperation.WRITE),
+        ("state", ResourceType.TOPIC, topics.state, AclOperation.READ),
+        ("state", ResourceType.TOPIC, topics.state, AclOperation.WRITE),
+    ]
+    return [allow(kind, name, op) for role, kind, name, op in wanted if skip != (role, op.name)]
+
+
+def new_plant(
+    broker: LocalBroker,
+    admin: AdminClient,
+    model_dir: Path,
+    tmp_path: Path,
+    *,
+    skip: tuple[str, str] | None = None,
+    metrics: bool = False,
+    **client: str,
+) -> Plant:
+    """Fresh topics (made by the admin), the documented grants, a daemon config."""
+    suffix = uuid.uuid4().hex[:12]
+    names = {k: f"{k}-{suffix}" for k in ("input", "scores", "alerts", "dlq", "state")}
+    create_topics(admin, *names.values())
+    topics = Topics(**names, partitions=1)
+    group = f"streamer-{suffix}"
+    grant(admin, documented_grants(topics, group, skip=skip))
+    config = write_config(
+        tmp_path / "c.yaml",
+        broker.bootstrap,
+        topics,
+        group,
+        model_dir,
+        kafka={"client": client_settings(broker, "streamer", **client), "commit_interval_s": 1.0},
+        **({"metrics": {"enabled": True, "port": 0, "stats_interval_s": 2.0}} if metrics else {}),
+    )
+    return Plant(topics, group, config)
+
+
+def produce_as_admin(broker: LocalBroker, topic: str, samples: list[Sample]) -> None:
+    """Produce samples with the admin's credentials; fills in partition and offset."""
+    producer = Producer({**broker.client_config("admin"), "linger.ms": 5})
+
+    def report(sample: Sample):  # type: ignore[no-untyped-def]
+        def cb(err, msg):  # type: ignore[no-untyped-def]
+            assert err is None, err
+            sample.partition, sample.offset = msg.partition(), msg.offset()
+
+        return cb
+
+    for s in samples:
+        producer.produce(topic, key=s.key, value=s.value, on_delivery=report(s))
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def wait_scored(broker: LocalBroker, plant: Plant, samples: list[Sample], d: DaemonProcess) -> None:
+    """Until every window of ``samples`` is on the scores topic (read as the admin)."""
+    wanted = set(expected_windows(plant.topics.input, samples, W, S))
+    consumer = Consumer({**broker.client_config("admin"), "group.id": f"reader-{uuid.uuid4().hex}"})
+    seen: set[str] = set()
+    try:
+        consumer.assign([TopicPartition(plant.topics.scores, 0, 0)])
+        timeout = Timeout(120)
+        while not timeout.expired and not wanted <= seen and d.proc.poll() is None:
+            for m in consumer.consume(1000, 0.5):
+                if m.error() is None:
+                    seen.add(orjson.loads(m.value() or b"")["id"])
+    finally:
+        consumer.close()
+    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{d.tail()}"
+
+
+def check_access(plant: Plant) -> subprocess.CompletedProcess[str]:
+    """``streamer check-access`` on the plant's config."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", "check-access", "--config", str(plant.config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemon processes started by a test; any still running at the end are killed."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.__exit__()
+
+
+class TestLeastPrivilege:
+    """With exactly the documented grants, the daemon works across restarts."""
+
+    def test_restart_with_state_to_read_and_check_access(
+        self,
+        broker: LocalBroker,
+        admin: AdminClient,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        plant = new_plant(broker, admin, model_dir, tmp_path)
+        shown = check_access(plant)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "MISSING" not in shown.stdout and shown.stdout.count("ok ") == 12, shown.stdout
+        samples = plant_samples(2, 80, seed=21)
+        produce_as_admin(broker, plant.topics.input, samples[:80])
+        first = DaemonProcess(plant.config).start()
+        daemons.append(first)
+        wait_scored(broker, plant, samples[:80], first)
+        assert first.stop() == 0, first.tail()
+        # The restart reads the state topic back: it used to exit 1 here, every time.
+        produce_as_admin(broker, plant.topics.input, samples[80:])
+        second = DaemonProcess(plant.config).start()
+        daemons.append(second)
+        restored = second.wait_event("state_restored", Timeout(60))
+        assert restored["sensors"] == 2, restored
+        wait_scored(broker, plant, samples, second)
+        assert second.stop() == 0, second.tail()
+
+
+class TestCausesNamed:
+    """A refused login, certificate or grant is named in the daemon's own words, fast."""
+
+    def test_wrong_password(
+        self, broker: LocalBroker, admin: AdminClient, model_dir: Path, tmp_path: Path
+    ) -> None:
+        plant = new_plant(broker, admin, model_dir, tmp_path, **{"sasl.password": "wrong"})
+        self._fails_naming(plant, "authentication failed", "sasl.username=streamer")
+
+    def test_untrusted_ca(
+        self, broker: LocalBroker, admin: AdminClient, model_dir: Path, tmp_path: Path
+    ) -> None:
+        # The system's trust store: it does not hold the test CA.
+        plant = new_plant(broker, admin, model_dir, tmp_path, **{"ssl.ca.location": "probe"})
+        self._fails_naming(plant, "TLS failed", "certificate verify failed")
+
+    @staticmethod
+    def _fails_naming(plant: Plant, *words: str) -> None:
+        timeout = Timeout(60)
+        daemon = DaemonProcess(plant.config).start()
+        try:
+            failed = daemon.wait_event("daemon_failed", timeout)
+            ready = daemon.wait_event("daemon_configured", timeout)
+        finally:
+            daemon.__exit__()
+        for word in words:
+            assert word in failed["error"], failed
+        assert USERS["streamer"] not in "\n".join(daemon.lines)
+
+        # Named within 15 s of start-up (it used to take a 30 s metadata timeout).
+        def at(ev: dict[str, str]) -> dt.datetime:
+            return dt.datetime.fromisoformat(ev["timestamp"])
+
+        assert (at(failed) - at(ready)).total_seconds() < 15, (ready, failed)
+
+    def test_missing_read_on_input_is_not_ready_and_listed(
+        self,
+        broker: LocalBroker,
+        admin: AdminClient,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """DESCRIBE but no READ on the input: check-access names it; /readyz 503, logged."""
+        plant = new_plant(broker, admin, model_dir, tmp_path, skip=("input", "READ"), metrics=True)
+        grant(admin, [allow(ResourceType.TOPIC, plant.topics.input, AclOperation.DESCRIBE)])
+        shown = check_access(plant)
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        missing = [line for line in shown.stdout.splitlines() if line.startswith("MISSING")]
+        assert len(missing) == 1 and "READ" in missing[0] and plant.topics.input in missing[0]
+        assert f"--operation Read --topic {plant.topics.input}" in shown.stdout
+        produce_as_admin(broker, plant.topics.input, plant_samples(1, 40, seed=22))
+        daemon = DaemonProcess(plant.config).start()
+        daemons.append(daemon)
+        timeout = Timeout(90)
+        base = metrics_url(daemon, timeout)
+        daemon.wait_event("partitions_assigned", timeout)
+        refused = daemon.wait_event("kafka_access_refused", timeout)
+        assert "TOPIC_AUTHORIZATION_FAILED" in refused["reason"], refused
+        status, body = http_get(base + "/readyz")
+        assert status == 503 and b"TOPIC_AUTHORIZATION_FAILED" in body, body
+        assert daemon.stop() == 0, daemon.tail()
