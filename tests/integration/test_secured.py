@@ -12,6 +12,7 @@ on the input left the daemon ready while it consumed nothing.
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import subprocess
 import sys
 import uuid
@@ -53,7 +54,7 @@ USERS = {"admin": "admin-secret", "streamer": "streamer-secret"}
 @pytest.fixture(scope="module")
 def broker() -> Iterator[LocalBroker]:
     """A secured broker: SCRAM users admin (super user) and streamer, ACLs enforced."""
-    secured = LocalBroker(security=BrokerSecurity(users=USERS, super_users=["admin"]))
+    secured = LocalBroker(security=BrokerSecurity(users=USERS, super_users=["admin"], mtls=True))
     try:
         secured.start(timeout_s=180)
         yield secured
@@ -113,22 +114,33 @@ def new_plant(
     *,
     skip: tuple[str, str] | None = None,
     metrics: bool = False,
+    mtls: bool = False,
     **client: str,
 ) -> Plant:
-    """Fresh topics (made by the admin), the documented grants, a daemon config."""
+    """Fresh topics (made by the admin), the documented grants, a daemon config.
+
+    ``mtls``: the daemon authenticates with a client certificate for CN=streamer on the
+    mTLS listener instead of SCRAM (the same principal, so the same grants).
+    """
     suffix = uuid.uuid4().hex[:12]
     names = {k: f"{k}-{suffix}" for k in ("input", "scores", "alerts", "dlq", "state")}
     create_topics(admin, *names.values())
     topics = Topics(**names, partitions=1)
     group = f"streamer-{suffix}"
     grant(admin, documented_grants(topics, group, skip=skip))
+    if mtls:
+        settings = broker.mtls_client_config("streamer")
+        bootstrap = settings.pop("bootstrap.servers")
+        settings.update(client)
+    else:
+        bootstrap, settings = broker.bootstrap, client_settings(broker, "streamer", **client)
     config = write_config(
         tmp_path / "c.yaml",
-        broker.bootstrap,
+        bootstrap,
         topics,
         group,
         model_dir,
-        kafka={"client": client_settings(broker, "streamer", **client), "commit_interval_s": 1.0},
+        kafka={"client": settings, "commit_interval_s": 1.0},
         **({"metrics": {"enabled": True, "port": 0, "stats_interval_s": 2.0}} if metrics else {}),
     )
     return Plant(topics, group, config)
@@ -218,6 +230,28 @@ class TestLeastPrivilege:
         wait_scored(broker, plant, samples, second)
         assert second.stop() == 0, second.tail()
 
+    def test_mtls_client_scores_every_window_across_a_sigkill(
+        self,
+        broker: LocalBroker,
+        admin: AdminClient,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """Authenticated by its certificate (CN=streamer): scored, killed, restarted, scored."""
+        plant = new_plant(broker, admin, model_dir, tmp_path, mtls=True)
+        samples = plant_samples(2, 100, seed=23)
+        produce_as_admin(broker, plant.topics.input, samples[:60])
+        first = DaemonProcess(plant.config).start()
+        daemons.append(first)
+        wait_scored(broker, plant, samples[:60], first)
+        first.stop(signal.SIGKILL)
+        produce_as_admin(broker, plant.topics.input, samples[60:])
+        second = DaemonProcess(plant.config).start()
+        daemons.append(second)
+        wait_scored(broker, plant, samples, second)
+        assert second.stop() == 0, second.tail()
+
 
 class TestCausesNamed:
     """A refused login, certificate or grant is named in the daemon's own words, fast."""
@@ -254,6 +288,29 @@ class TestCausesNamed:
 
         assert (at(failed) - at(ready)).total_seconds() < 15, (ready, failed)
 
+    def test_missing_read_on_group_is_not_ready_and_said(
+        self,
+        broker: LocalBroker,
+        admin: AdminClient,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """No READ on the group: check-access names it; the daemon says why it is not ready."""
+        plant = new_plant(broker, admin, model_dir, tmp_path, skip=("group", "READ"), metrics=True)
+        shown = check_access(plant)
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        assert f"--operation Read --group {plant.group}" in shown.stdout, shown.stdout
+        daemon = DaemonProcess(plant.config).start()
+        daemons.append(daemon)
+        timeout = Timeout(90)
+        base = metrics_url(daemon, timeout)
+        refused = daemon.wait_event("kafka_access_refused", timeout)
+        assert "GROUP_AUTHORIZATION_FAILED" in refused["reason"], refused
+        status, body = http_get(base + "/readyz")
+        assert status == 503 and b"GROUP_AUTHORIZATION_FAILED" in body, body
+        assert daemon.stop() == 0, daemon.tail()
+
     def test_missing_read_on_input_is_not_ready_and_listed(
         self,
         broker: LocalBroker,
@@ -270,14 +327,20 @@ class TestCausesNamed:
         missing = [line for line in shown.stdout.splitlines() if line.startswith("MISSING")]
         assert len(missing) == 1 and "READ" in missing[0] and plant.topics.input in missing[0]
         assert f"--operation Read --topic {plant.topics.input}" in shown.stdout
-        produce_as_admin(broker, plant.topics.input, plant_samples(1, 40, seed=22))
+        samples = plant_samples(1, 40, seed=22)
+        produce_as_admin(broker, plant.topics.input, samples)
         daemon = DaemonProcess(plant.config).start()
         daemons.append(daemon)
-        timeout = Timeout(90)
+        timeout = Timeout(120)
         base = metrics_url(daemon, timeout)
         daemon.wait_event("partitions_assigned", timeout)
         refused = daemon.wait_event("kafka_access_refused", timeout)
         assert "TOPIC_AUTHORIZATION_FAILED" in refused["reason"], refused
         status, body = http_get(base + "/readyz")
         assert status == 503 and b"TOPIC_AUTHORIZATION_FAILED" in body, body
+        # The grant arrives: the daemon consumes and turns ready, without a restart.
+        grant(admin, [allow(ResourceType.TOPIC, plant.topics.input, AclOperation.READ)])
+        wait_scored(broker, plant, samples, daemon)
+        daemon.wait_event("kafka_access_granted", timeout)
+        assert http_get(base + "/readyz")[0] == 200
         assert daemon.stop() == 0, daemon.tail()
