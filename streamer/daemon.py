@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import orjson
 import structlog
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
 from numpy.typing import NDArray
 
 from streamer.codec import (
@@ -87,6 +87,7 @@ from streamer.errors import (
     StateError,
     StreamerError,
 )
+from streamer.kafka.access import check_access
 from streamer.kafka.admin import ensure_topics, message_limits
 from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
@@ -461,6 +462,7 @@ class Daemon:
         try:
             self._start_ops()
             ensure_topics(cfg.kafka, self.topics)
+            self._check_grants()
             self.sink = Sink(
                 cfg.kafka, max_batch_bytes=self._output_limits(), reachability=self.reachability
             )
@@ -583,6 +585,36 @@ class Daemon:
         self._log_stats(last_stats)
         log.info("shutdown_complete")
         return 0
+
+    def _check_grants(self) -> None:
+        """Fail at start-up, naming the grant, when an output or the state is not writable.
+
+        Without WRITE on an output topic (or READ and WRITE on the state topic) the first
+        record there fails, perhaps hours later at the first alert; the broker says now.
+        A refused input or group is only logged: the daemon stays up, not ready, and
+        consumes once the grant arrives (see _check_access).
+        """
+        try:
+            grants = check_access(self.cfg.kafka, self.topics, timeout_s=10.0)
+        except KafkaException as exc:
+            log.info("kafka_access_unchecked", error=str(exc))
+            return
+        missing = [g for g in grants if g.held is False]
+        if not missing:
+            return
+        user = self.cfg.kafka.librdkafka().get("sasl.username")
+        principal = f"User:{user}" if user else "User:<this client's principal>"
+        said = [f"{g.operation} on {g.resource_type} {g.name} ({g.role})" for g in missing]
+        commands = [g.acl_command(principal, self.cfg.kafka.bootstrap_servers) for g in missing]
+        log.error("kafka_access_missing", missing=said, principal=principal, grant=commands)
+        # Only READ on the input and on the group may wait for their grant (not ready).
+        waits = [g.operation == "READ" and g.role in ("input", "group") for g in missing]
+        fatal = [s for s, w in zip(said, waits, strict=True) if not w]
+        if fatal:
+            raise KafkaError(
+                f"{principal} lacks {'; '.join(fatal)} on {self.cfg.kafka.bootstrap_servers}; "
+                f"grant it: {' && '.join(commands)}"
+            )
 
     def _output_limits(self) -> int:
         """Size the dead letters to the DLQ topic; the smallest limit of the output topics.

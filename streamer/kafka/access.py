@@ -69,7 +69,7 @@ def required_grants(topics: TopicsConfig, group_id: str) -> list[Grant]:
             if (name, op) not in seen:
                 seen.add((name, op))
                 out.append(Grant("topic", name, op, role))
-    out.append(Grant("group", group_id, "READ", "consumer group (commits, membership)"))
+    out.append(Grant("group", group_id, "READ", "group"))
     return out
 
 

@@ -269,6 +269,18 @@ class TestCausesNamed:
         plant = new_plant(broker, admin, model_dir, tmp_path, **{"ssl.ca.location": "probe"})
         self._fails_naming(plant, "TLS failed", "certificate verify failed")
 
+    def test_missing_write_on_an_output(
+        self, broker: LocalBroker, admin: AdminClient, model_dir: Path, tmp_path: Path
+    ) -> None:
+        """No WRITE on the scores topic: start-up fails naming it and the grant, not hours later."""
+        plant = new_plant(broker, admin, model_dir, tmp_path, skip=("scores", "WRITE"))
+        grant(admin, [allow(ResourceType.TOPIC, plant.topics.scores, AclOperation.DESCRIBE)])
+        self._fails_naming(
+            plant,
+            f"WRITE on topic {plant.topics.scores}",
+            f"--operation Write --topic {plant.topics.scores}",
+        )
+
     @staticmethod
     def _fails_naming(plant: Plant, *words: str) -> None:
         timeout = Timeout(60)
