@@ -701,7 +701,8 @@ class Daemon:
         for p, part in self.parts.items():
             _, hi = self.source.watermarks(p)
             if hi >= 0:
-                out[p] = max(0, hi - (part.consumed + 1))
+                # Before the first message, the position is after the last commit's H.
+                out[p] = max(0, hi - (max(part.consumed, part.committed_h) + 1))
         return out
 
     def _refresh_gauges(self) -> None:

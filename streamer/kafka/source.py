@@ -48,6 +48,8 @@ PartitionsCallback = Callable[[list[int]], None]
 # Refusals that the broker repeats at every fetch or join while they last; one seen
 # within this long counts as still in force (there is no event for "granted again").
 _REFUSAL_HOLD_S = 15.0
+# Watermarks unknown from fetches are asked of the broker at most this often.
+_WATERMARK_ASK_S = 10.0
 _REFUSALS = frozenset(
     {
         RdKafkaError.TOPIC_AUTHORIZATION_FAILED,
@@ -147,6 +149,8 @@ class Source:
         self._fatal: str | None = None
         # What the broker refuses us (partition, or -1 for the group): reason, when seen.
         self._refused: dict[int, tuple[str, float]] = {}
+        # Watermarks asked of the broker (no fetch told them): partition -> (when, them).
+        self._asked: dict[int, tuple[float, tuple[int, int]]] = {}
         try:
             self._consumer = Consumer(conf)
         except KafkaException as exc:
@@ -353,11 +357,27 @@ class Source:
         return not result.deferred
 
     def watermarks(self, partition: int) -> tuple[int, int]:
-        """(low, high) offsets known from the last fetch (no request; -1001 when unknown)."""
-        lo, hi = self._consumer.get_watermark_offsets(
-            TopicPartition(self.topic, partition), cached=True
-        )
-        return int(lo), int(hi)
+        """(low, high) offsets known from the last fetch (-1001 when unknown).
+
+        Known from fetches, without a request, while the partition is fetched. When no
+        fetch has told them (a fetch refused, say), they are asked of the broker, at most
+        every 10 s per partition and for at most 1 s, so that a consumer that cannot read
+        still shows its backlog.
+        """
+        tp = TopicPartition(self.topic, partition)
+        lo, hi = self._consumer.get_watermark_offsets(tp, cached=True)
+        if hi >= 0:
+            return int(lo), int(hi)
+        asked = self._asked.get(partition)
+        now = time.monotonic()
+        if asked is None or now - asked[0] >= _WATERMARK_ASK_S:
+            try:
+                got = self._consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            except KafkaException:
+                got = None
+            asked = (now, (int(got[0]), int(got[1])) if got else (-1001, -1001))
+            self._asked[partition] = asked
+        return asked[1]
 
     def close(self) -> None:
         """Leave the group (revoke callbacks run) and release the consumer."""

@@ -15,6 +15,7 @@ import datetime as dt
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from tests.integration.helpers import (
     train_tiny,
     write_config,
 )
-from tests.ops.helpers import http_get, metrics_url
+from tests.ops.helpers import http_get, metrics_url, scrape
 from tests.secure import allow, create_topics, grant
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -350,6 +351,12 @@ class TestCausesNamed:
         assert "TOPIC_AUTHORIZATION_FAILED" in refused["reason"], refused
         status, body = http_get(base + "/readyz")
         assert status == 503 and b"TOPIC_AUTHORIZATION_FAILED" in body, body
+        # The backlog shows, though nothing was fetched (it used to read 0).
+        lag = None
+        while lag is None and not timeout.expired:
+            lag = scrape(base + "/metrics").get('streamer_consumer_lag_messages{partition="0"}')
+            time.sleep(0.5)
+        assert lag == len(samples), lag
         # The grant arrives: the daemon consumes and turns ready, without a restart.
         grant(admin, [allow(ResourceType.TOPIC, plant.topics.input, AclOperation.READ)])
         wait_scored(broker, plant, samples, daemon)

@@ -207,6 +207,10 @@ class TestMetricsEndpoint:
                 values["streamer_windows_scored_total"] == len(expected)
                 and values["streamer_end_to_end_latency_seconds_count"] == len(expected)
                 and values.get(lag) == 0
+                # Gauges are refreshed once a second: wait for the queue's to catch up too.
+                and values.get("streamer_inference_queue_depth") == 0
+                and values.get("streamer_inference_queued_windows") == 0
+                and values.get("streamer_partitions_paused") == 0
             ):
                 break
             time.sleep(0.2)
