@@ -1653,6 +1653,13 @@ class Daemon:
     def _on_assign(self, partitions: list[int]) -> None:
         if not partitions:
             return
+        if self._stop_requested or self._failed:
+            # Leaving the group (SIGTERM, or after a failure) can still bring an incremental
+            # assignment, revoked again a moment later. Restoring it would ask the busy
+            # coordinator for commits (a 30 s timeout seen while the group rebalanced);
+            # left unrestored, its revocation commits nothing, and the next owner replays.
+            log.info("partitions_assigned_while_leaving", partitions=partitions)
+            return
         assert self.source is not None
         committed = self.source.committed(partitions)
         started = time.monotonic()
