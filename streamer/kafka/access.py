@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaException, TopicCollection
-from confluent_kafka.admin import AclOperation, AdminClient  # type: ignore[attr-defined]
+from confluent_kafka.admin import AclOperation  # type: ignore[attr-defined]
 
 from streamer.config import KafkaConfig, TopicsConfig
+from streamer.kafka.admin import admin_client
 
 __all__ = ["Grant", "check_access", "required_grants"]
 
@@ -92,11 +93,7 @@ def check_access(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 15.0
     reports it); a refusal for one resource is a grant not held, with the broker's
     reason in ``detail``.
     """
-    conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
-    for key in list(conf):
-        if key.startswith(("enable.auto", "auto.offset", "partition.assignment", "acks")):
-            del conf[key]
-    admin = AdminClient(conf)
+    admin = admin_client(cfg)
     grants = required_grants(topics, cfg.group_id)
     names = list(dict.fromkeys(g.name for g in grants if g.resource_type == "topic"))
     held: dict[tuple[str, str], tuple[set[str] | None, str]] = {}

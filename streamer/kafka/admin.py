@@ -20,7 +20,13 @@ from streamer.config import KafkaConfig, TopicsConfig
 from streamer.errors import KafkaError
 from streamer.kafka.clientlog import client_logger
 
-__all__ = ["DEFAULT_MESSAGE_MAX_BYTES", "ensure_topics", "message_limits", "partition_count"]
+__all__ = [
+    "DEFAULT_MESSAGE_MAX_BYTES",
+    "admin_client",
+    "ensure_topics",
+    "message_limits",
+    "partition_count",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +58,8 @@ class _Causes:
             self.first = f"{what}: {err.str()}"
 
 
-def _admin(cfg: KafkaConfig, causes: _Causes | None = None) -> AdminClient:
+def admin_client(cfg: KafkaConfig, causes: _Causes | None = None) -> AdminClient:
+    """An AdminClient on the configured cluster, its log routed through structlog."""
     conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
     # librdkafka's own lines through structlog, not raw to stderr (delivered on poll).
     conf["logger"] = client_logger()
@@ -103,7 +110,7 @@ def _explain(cfg: KafkaConfig, cause: str) -> str:
 def partition_count(cfg: KafkaConfig, topic: str, timeout_s: float = _TIMEOUT_S) -> int:
     """Number of partitions of ``topic`` (KafkaError if it does not exist)."""
     try:
-        meta = _admin(cfg).list_topics(topic, timeout=timeout_s).topics.get(topic)
+        meta = admin_client(cfg).list_topics(topic, timeout=timeout_s).topics.get(topic)
     except KafkaException as exc:
         raise KafkaError(f"cannot read metadata of {topic}: {exc}") from exc
     if meta is None or meta.error is not None:
@@ -119,7 +126,7 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TI
     compacted, with the input's count); otherwise KafkaError names them all.
     """
     causes = _Causes()
-    admin = _admin(cfg, causes)
+    admin = admin_client(cfg, causes)
     meta = _list_topics(admin, causes, cfg, timeout_s)
     existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
     wanted = [topics.input, topics.scores, topics.alerts, topics.dlq, topics.state]
@@ -168,7 +175,7 @@ def message_limits(
     daemon does not require) gets the broker default, said once at start-up: a refusal
     for size is resized anyway (``Sink.produce(shrink=...)``).
     """
-    admin = _admin(cfg)
+    admin = admin_client(cfg)
     names = list(dict.fromkeys(topics))
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
     out = dict.fromkeys(names, DEFAULT_MESSAGE_MAX_BYTES)
