@@ -25,6 +25,9 @@ One command runs the suite and prints a Markdown report (also written with
   exit, and from the new process's start until it is ready (its state restored),
   with the restore's own seconds (the partitions' state is read together; the
   longest ``state_restored`` line counts from the start of that read).
+* **tls** (only with ``--only tls``): the throughput run's daemon on a plaintext broker
+  and on a second, SASL_SSL broker (SCRAM-SHA-512, ACLs enforced), in turns on the same
+  stream, ``--pairs`` times each: the cost of TLS and SASL as ratios.
 
 Benchmarks print figures; they assert nothing.
 """
@@ -54,12 +57,21 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from streamer.config import TrainConfig
-from streamer.kafka.localbroker import LocalBroker
+from streamer.kafka.localbroker import BrokerSecurity, LocalBroker
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
 from streamer.model.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_764_201_600.0
+
+# The security settings (SASL_SSL, SCRAM) of each secured broker this run started, by
+# bootstrap address: every client of this script, and the daemon's kafka.client, use them.
+SECURED: dict[str, dict[str, str]] = {}
+
+
+def client(bootstrap: str, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings for a client of the broker at ``bootstrap`` (secured or not)."""
+    return {"bootstrap.servers": bootstrap, **SECURED.get(bootstrap, {}), **extra}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -93,7 +105,7 @@ def make_topics(bootstrap: str, partitions: int) -> dict[str, str]:
     """Fresh topics for one run."""
     stamp = time.time_ns()
     names = {k: f"bench-{k}-{stamp}" for k in ("input", "scores", "alerts", "dlq", "state")}
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client(bootstrap))
     specs = []
     for k, name in names.items():
         n = partitions if k in ("input", "state", "scores") else 1
@@ -120,18 +132,20 @@ def produce_stream(
     ``first_row[s]``: sensor s comes online at that row (default: every sensor at row 0).
     """
     producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
+        client(
+            bootstrap,
             # Idempotence keeps each partition in order across retries (a fresh topic's
             # first requests are often retried); reordered samples would be dead-lettered.
-            "enable.idempotence": True,
-            # Paced runs (latency) send each row at once: the producer's own batching
-            # delay would otherwise count as the daemon's latency.
-            "linger.ms": 20 if rate_hz is None else 1,
-            "batch.size": 1_000_000,
-            "queue.buffering.max.messages": 2_000_000,
-            "compression.type": "lz4",
-        }
+            **{
+                "enable.idempotence": True,
+                # Paced runs (latency) send each row at once: the producer's own batching
+                # delay would otherwise count as the daemon's latency.
+                "linger.ms": 20 if rate_hz is None else 1,
+                "batch.size": 1_000_000,
+                "queue.buffering.max.messages": 2_000_000,
+                "compression.type": "lz4",
+            },
+        )
     )
     # This process imported torch to train the model: without freezing, a full garbage
     # collection (~100 ms) now and then would hold samples stamped before it.
@@ -201,6 +215,7 @@ def write_config(
             "bootstrap_servers": bootstrap,
             "group_id": f"bench-{time.time_ns()}",
             "commit_interval_s": 5.0,
+            **({"client": SECURED[bootstrap]} if bootstrap in SECURED else {}),
         },
         "topics": topics,
         "stream": {
@@ -275,12 +290,14 @@ def peak_rss_mb(pid: int) -> float:
 def consumer_from_start(bootstrap: str, topic: str, purpose: str) -> Consumer:
     """A consumer (own throwaway group) assigned to every partition of ``topic`` from offset 0."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"{purpose}-{time.time_ns()}",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
+        client(
+            bootstrap,
+            **{
+                "group.id": f"{purpose}-{time.time_ns()}",
+                "enable.auto.commit": False,
+                "fetch.max.bytes": 52_428_800,
+            },
+        )
     )
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
@@ -402,7 +419,7 @@ def floor(
     module = model.module
     window, stride = model.window, model.stride
     consumer = consumer_from_start(bootstrap, topic, "floor")
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(client(bootstrap))
     buffers: dict[str, list[list[float]]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     n = 0
@@ -582,6 +599,84 @@ def side_by_side(
         f"{median('this build', 'steady') / median('baseline', 'steady'):.3f}, from start "
         f"{median('this build', 'from_start') / median('baseline', 'from_start'):.3f}, CPU "
         f"seconds {median('this build', 'cpu_s') / median('baseline', 'cpu_s'):.3f}.",
+        "",
+    ]
+
+
+def tls(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) -> None:
+    """The cost of SASL_SSL: one stream on a plaintext and on a secured broker, in turns.
+
+    A second broker is started with a SASL_SSL listener (SCRAM-SHA-512, TLS 1.2+,
+    ACLs enforced; the benchmark's user is a super user, since ACL checks are not
+    what is measured). The same stream is produced to both; the daemon then runs
+    ``--pairs`` times on each, alternating which goes first, as in the side-by-side run.
+    """
+    sensors, channels, window, stride = args.sensors, args.channels, args.window, args.stride
+    rows = args.samples // sensors
+    model = train(tmp / "model-tls", window, stride, channels)
+    secured = LocalBroker(
+        security=BrokerSecurity(users={"bench": "bench-secret"}, super_users=["bench"])
+    )
+    secured.start(timeout_s=180)
+    try:
+        conf = secured.client_config("bench")
+        SECURED[secured.bootstrap] = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
+        brokers = {"PLAINTEXT": bootstrap, "SASL_SSL": secured.bootstrap}
+        inputs = {}
+        for name, address in brokers.items():
+            inputs[name] = make_topics(address, args.partitions)["input"]
+            produce_stream(address, inputs[name], sensors, rows, channels)
+        expected = expected_windows(sensors, rows, window, stride)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in brokers}
+        for i in range(args.pairs):
+            order = list(brokers) if i % 2 == 0 else list(reversed(brokers))
+            for name in order:
+                address = brokers[name]
+                topics = {**make_topics(address, args.partitions), "input": inputs[name]}
+                cfg = write_config(
+                    tmp / f"tls-{i}-{name}.yaml",
+                    address,
+                    topics,
+                    model,
+                    window,
+                    stride,
+                    channels,
+                    **overrides(args),
+                )
+                d = daemon_run(cfg, address, topics["scores"], expected)
+                d["steady"] = steady_samples(sensors, rows, window) / d["publish_s"]
+                d["from_start"] = sensors * rows / d["wall_s"]
+                runs[name].append(d)
+                print(f"tls pair {i + 1} {name}: {d}", file=sys.stderr)
+    finally:
+        secured.stop()
+
+    def median(name: str, key: str) -> float:
+        return float(np.median([r[key] for r in runs[name]]))
+
+    report += [
+        "## SASL_SSL",
+        "",
+        f"One stream ({sensors:,} sensors, {sensors * rows:,} samples) on a plaintext broker "
+        "and on a SASL_SSL one (SCRAM-SHA-512, ACLs enforced), the daemon on each in turns, "
+        f"{args.pairs} runs each. Samples/s first to last score and from process start; CPU: "
+        "the daemon's user + system seconds up to its last score.",
+        "",
+        "| run | PLAINTEXT: steady / from start / CPU s | SASL_SSL: steady / from start / CPU s |",
+        "|---|---|---|",
+    ]
+    for i in range(args.pairs):
+        a, b = runs["PLAINTEXT"][i], runs["SASL_SSL"][i]
+        report.append(
+            f"| {i + 1} | {a['steady']:,.0f} / {a['from_start']:,.0f} / {a['cpu_s']:.1f} "
+            f"| {b['steady']:,.0f} / {b['from_start']:,.0f} / {b['cpu_s']:.1f} |"
+        )
+    report += [
+        "",
+        "Medians, SASL_SSL / PLAINTEXT: steady "
+        f"{median('SASL_SSL', 'steady') / median('PLAINTEXT', 'steady'):.3f}, from start "
+        f"{median('SASL_SSL', 'from_start') / median('PLAINTEXT', 'from_start'):.3f}, CPU "
+        f"seconds {median('SASL_SSL', 'cpu_s') / median('PLAINTEXT', 'cpu_s'):.3f}.",
         "",
     ]
 
@@ -798,7 +893,7 @@ def main() -> None:
     """Run the chosen suites and print (and optionally write) the Markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument(
-        "--only", choices=["throughput", "latency", "scale", "restart"], action="append"
+        "--only", choices=["throughput", "latency", "scale", "restart", "tls"], action="append"
     )
     ap.add_argument("--bootstrap", default=os.environ.get("STREAMER_BENCH_BOOTSTRAP"))
     ap.add_argument("--sensors", type=int, default=1000)
@@ -886,6 +981,8 @@ def main() -> None:
                 scale(bootstrap, tmp, args, report)
             if "restart" in suites:
                 restart(bootstrap, tmp, args, report)
+            if "tls" in suites:
+                tls(bootstrap, tmp, args, report)
         finally:
             if broker is not None:
                 broker.stop()

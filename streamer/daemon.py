@@ -596,7 +596,7 @@ class Daemon:
         """
         try:
             grants = check_access(self.cfg.kafka, self.topics, timeout_s=10.0)
-        except KafkaException as exc:
+        except (KafkaException, KafkaError) as exc:
             log.info("kafka_access_unchecked", error=str(exc))
             return
         missing = [g for g in grants if g.held is False]

@@ -64,6 +64,25 @@ def grant(admin: AdminClient, bindings: list[AclBinding], principal: str = "User
         time.sleep(0.05)
 
 
+def revoke(admin: AdminClient, binding: AclBinding) -> None:
+    """Delete one ACL and wait until the broker's authorizer no longer has it."""
+    matching = AclBindingFilter(
+        binding.restype,
+        binding.name,
+        binding.resource_pattern_type,
+        binding.principal,
+        binding.host,
+        binding.operation,
+        binding.permission_type,
+    )
+    for future in admin.delete_acls([matching], request_timeout=TIMEOUT_S).values():
+        future.result(timeout=TIMEOUT_S)
+    timeout = Timeout(TIMEOUT_S)
+    while admin.describe_acls(matching, request_timeout=TIMEOUT_S).result():
+        assert not timeout.expired, f"ACL {binding} still in force"
+        time.sleep(0.05)
+
+
 def create_topics(admin: AdminClient, *names: str) -> None:
     """Create one-partition topics and wait until each has a leader."""
     specs = [NewTopic(name, num_partitions=1, replication_factor=1) for name in names]

@@ -28,7 +28,7 @@ from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation  # type: ignore[attr-defined]
 
 from streamer.config import KafkaConfig, TopicsConfig
-from streamer.kafka.admin import admin_client
+from streamer.kafka.admin import connected_admin
 
 __all__ = ["Grant", "check_access", "required_grants"]
 
@@ -89,11 +89,15 @@ def _operations(ops: Iterable[Any] | None) -> set[str] | None:
 def check_access(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 15.0) -> list[Grant]:
     """Each required grant, with whether the configured user holds it.
 
-    Raises KafkaException only when the cluster cannot be reached at all (the caller
-    reports it); a refusal for one resource is a grant not held, with the broker's
-    reason in ``detail``.
+    A refusal for one resource is a grant not held, with the broker's reason in
+    ``detail``.
+
+    Raises:
+        KafkaError: the login or the certificate is refused (named at once), or the
+            cluster cannot be reached.
+        KafkaException: a request timed out after the cluster was reached.
     """
-    admin = admin_client(cfg)
+    admin = connected_admin(cfg, timeout_s)
     grants = required_grants(topics, cfg.group_id)
     names = list(dict.fromkeys(g.name for g in grants if g.resource_type == "topic"))
     held: dict[tuple[str, str], tuple[set[str] | None, str]] = {}

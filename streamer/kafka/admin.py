@@ -23,6 +23,7 @@ from streamer.kafka.clientlog import client_logger
 __all__ = [
     "DEFAULT_MESSAGE_MAX_BYTES",
     "admin_client",
+    "connected_admin",
     "ensure_topics",
     "message_limits",
     "partition_count",
@@ -70,6 +71,19 @@ def admin_client(cfg: KafkaConfig, causes: _Causes | None = None) -> AdminClient
         if key.startswith(("enable.auto", "auto.offset", "partition.assignment", "acks")):
             del conf[key]
     return AdminClient(conf)
+
+
+def connected_admin(cfg: KafkaConfig, timeout_s: float = _TIMEOUT_S) -> AdminClient:
+    """An AdminClient that has reached the cluster and been let in.
+
+    Raises:
+        KafkaError: credentials or TLS refused (named, within a second or so), or the
+            cluster not reached within ``timeout_s``.
+    """
+    causes = _Causes()
+    admin = admin_client(cfg, causes)
+    _list_topics(admin, causes, cfg, timeout_s)
+    return admin
 
 
 def _list_topics(admin: AdminClient, causes: _Causes, cfg: KafkaConfig, timeout_s: float) -> Any:

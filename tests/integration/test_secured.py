@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from tests.integration.helpers import (
     write_config,
 )
 from tests.ops.helpers import http_get, metrics_url, scrape
-from tests.secure import allow, create_topics, grant
+from tests.secure import allow, create_topics, grant, revoke
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -164,21 +165,27 @@ def produce_as_admin(broker: LocalBroker, topic: str, samples: list[Sample]) -> 
     assert producer.flush(60) == 0
 
 
-def wait_scored(broker: LocalBroker, plant: Plant, samples: list[Sample], d: DaemonProcess) -> None:
-    """Until every window of ``samples`` is on the scores topic (read as the admin)."""
+def wait_scored(
+    broker: LocalBroker, plant: Plant, samples: list[Sample], d: DaemonProcess
+) -> Counter[str]:
+    """Until every window of ``samples`` is on the scores topic (read as the admin).
+
+    Returns how often each window id was published so far.
+    """
     wanted = set(expected_windows(plant.topics.input, samples, W, S))
     consumer = Consumer({**broker.client_config("admin"), "group.id": f"reader-{uuid.uuid4().hex}"})
-    seen: set[str] = set()
+    seen: Counter[str] = Counter()
     try:
         consumer.assign([TopicPartition(plant.topics.scores, 0, 0)])
         timeout = Timeout(120)
-        while not timeout.expired and not wanted <= seen and d.proc.poll() is None:
+        while not timeout.expired and not wanted <= seen.keys() and d.proc.poll() is None:
             for m in consumer.consume(1000, 0.5):
                 if m.error() is None:
-                    seen.add(orjson.loads(m.value() or b"")["id"])
+                    seen[orjson.loads(m.value() or b"")["id"]] += 1
     finally:
         consumer.close()
-    assert wanted <= seen, f"{len(wanted - seen)} windows missing\n{d.tail()}"
+    assert wanted <= seen.keys(), f"{len(wanted - seen.keys())} windows missing\n{d.tail()}"
+    return seen
 
 
 def check_access(plant: Plant) -> subprocess.CompletedProcess[str]:
@@ -212,24 +219,33 @@ class TestLeastPrivilege:
         tmp_path: Path,
         daemons: list[DaemonProcess],
     ) -> None:
+        """check-access passes; a clean restart scores each window once, a SIGKILL loses none."""
         plant = new_plant(broker, admin, model_dir, tmp_path)
         shown = check_access(plant)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert "MISSING" not in shown.stdout and shown.stdout.count("ok ") == 12, shown.stdout
-        samples = plant_samples(2, 80, seed=21)
+        samples = plant_samples(2, 120, seed=21)
         produce_as_admin(broker, plant.topics.input, samples[:80])
         first = DaemonProcess(plant.config).start()
         daemons.append(first)
         wait_scored(broker, plant, samples[:80], first)
         assert first.stop() == 0, first.tail()
         # The restart reads the state topic back: it used to exit 1 here, every time.
-        produce_as_admin(broker, plant.topics.input, samples[80:])
+        produce_as_admin(broker, plant.topics.input, samples[80:160])
         second = DaemonProcess(plant.config).start()
         daemons.append(second)
         restored = second.wait_event("state_restored", Timeout(60))
         assert restored["sensors"] == 2, restored
-        wait_scored(broker, plant, samples, second)
-        assert second.stop() == 0, second.tail()
+        seen = wait_scored(broker, plant, samples[:160], second)
+        assert max(seen.values()) == 1, [k for k, n in seen.items() if n > 1]
+        # Killed: what it had not committed is replayed by the next start, nothing lost.
+        second.stop(signal.SIGKILL)
+        produce_as_admin(broker, plant.topics.input, samples[160:])
+        third = DaemonProcess(plant.config).start()
+        daemons.append(third)
+        third.wait_event("state_restored", Timeout(60))
+        wait_scored(broker, plant, samples, third)
+        assert third.stop() == 0, third.tail()
 
     def test_mtls_client_scores_every_window_across_a_sigkill(
         self,
@@ -262,6 +278,7 @@ class TestCausesNamed:
     ) -> None:
         plant = new_plant(broker, admin, model_dir, tmp_path, **{"sasl.password": "wrong"})
         self._fails_naming(plant, "authentication failed", "sasl.username=streamer")
+        self._check_access_fails_naming(plant, "authentication failed", "sasl.username=streamer")
 
     def test_untrusted_ca(
         self, broker: LocalBroker, admin: AdminClient, model_dir: Path, tmp_path: Path
@@ -269,18 +286,59 @@ class TestCausesNamed:
         # The system's trust store: it does not hold the test CA.
         plant = new_plant(broker, admin, model_dir, tmp_path, **{"ssl.ca.location": "probe"})
         self._fails_naming(plant, "TLS failed", "certificate verify failed")
+        self._check_access_fails_naming(plant, "TLS failed", "certificate verify failed")
 
-    def test_missing_write_on_an_output(
+    def test_no_acl_on_the_input_topic(
         self, broker: LocalBroker, admin: AdminClient, model_dir: Path, tmp_path: Path
     ) -> None:
-        """No WRITE on the scores topic: start-up fails naming it and the grant, not hours later."""
-        plant = new_plant(broker, admin, model_dir, tmp_path, skip=("scores", "WRITE"))
-        grant(admin, [allow(ResourceType.TOPIC, plant.topics.scores, AclOperation.DESCRIBE)])
-        self._fails_naming(
-            plant,
-            f"WRITE on topic {plant.topics.scores}",
-            f"--operation Write --topic {plant.topics.scores}",
-        )
+        """A topic the user may not describe is hidden: said so, not "create it"."""
+        plant = new_plant(broker, admin, model_dir, tmp_path, skip=("input", "READ"))
+        self._fails_naming(plant, plant.topics.input, "not visible to this user")
+        shown = check_access(plant)
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        assert self._missing(shown) == [
+            ("READ", f"topic {plant.topics.input}"),
+            ("DESCRIBE", f"topic {plant.topics.input}"),
+        ], shown.stdout
+
+    @pytest.mark.parametrize("role", ["scores", "alerts", "dlq", "state"])
+    def test_missing_write_on_an_output(
+        self, broker: LocalBroker, admin: AdminClient, model_dir: Path, tmp_path: Path, role: str
+    ) -> None:
+        """No WRITE on an output: start-up fails naming it and the grant, not at the first alert.
+
+        check-access lists exactly that one grant as missing.
+        """
+        plant = new_plant(broker, admin, model_dir, tmp_path, skip=(role, "WRITE"))
+        topic = getattr(plant.topics, role)
+        if role != "state":  # the state keeps READ, which lets the user describe it
+            grant(admin, [allow(ResourceType.TOPIC, topic, AclOperation.DESCRIBE)])
+        shown = check_access(plant)
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        assert self._missing(shown) == [("WRITE", f"topic {topic}")], shown.stdout
+        assert f"--operation Write --topic {topic}" in shown.stdout, shown.stdout
+        self._fails_naming(plant, f"WRITE on topic {topic}", f"--operation Write --topic {topic}")
+
+    @staticmethod
+    def _missing(shown: subprocess.CompletedProcess[str]) -> list[tuple[str, str]]:
+        """(operation, resource) of each MISSING line of check-access."""
+        out = []
+        for line in shown.stdout.splitlines():
+            if line.startswith("MISSING"):
+                _, op, kind, name = line.split(maxsplit=4)[:4]
+                out.append((op, f"{kind} {name}"))
+        return out
+
+    @staticmethod
+    def _check_access_fails_naming(plant: Plant, *words: str) -> None:
+        started = time.monotonic()
+        shown = check_access(plant)
+        elapsed = time.monotonic() - started
+        assert shown.returncode == 1, shown.stdout + shown.stderr
+        for word in words:
+            assert word in shown.stderr, shown.stderr
+        assert USERS["streamer"] not in shown.stdout + shown.stderr
+        assert elapsed < 15, elapsed
 
     @staticmethod
     def _fails_naming(plant: Plant, *words: str) -> None:
@@ -363,3 +421,36 @@ class TestCausesNamed:
         daemon.wait_event("kafka_access_granted", timeout)
         assert http_get(base + "/readyz")[0] == 200
         assert daemon.stop() == 0, daemon.tail()
+
+
+class TestRefusedWhileRunning:
+    """A grant withdrawn from a running daemon, then given back: nothing is lost."""
+
+    def test_output_refused_then_granted_loses_nothing(
+        self,
+        broker: LocalBroker,
+        admin: AdminClient,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        plant = new_plant(broker, admin, model_dir, tmp_path)
+        samples = plant_samples(2, 120, seed=24)
+        produce_as_admin(broker, plant.topics.input, samples[:80])
+        first = DaemonProcess(plant.config).start()
+        daemons.append(first)
+        wait_scored(broker, plant, samples[:80], first)
+        write = allow(ResourceType.TOPIC, plant.topics.scores, AclOperation.WRITE)
+        revoke(admin, write)
+        # DESCRIBE stays, as an operator who withdrew WRITE alone would leave it.
+        grant(admin, [allow(ResourceType.TOPIC, plant.topics.scores, AclOperation.DESCRIBE)])
+        produce_as_admin(broker, plant.topics.input, samples[80:])
+        failed = first.wait_event("daemon_failed", Timeout(90))
+        assert plant.topics.scores in failed["error"], failed
+        assert "authorization" in failed["error"].lower(), failed
+        assert first.proc.wait(60) == 1, first.tail()
+        grant(admin, [write])
+        second = DaemonProcess(plant.config).start()
+        daemons.append(second)
+        wait_scored(broker, plant, samples, second)
+        assert second.stop() == 0, second.tail()
