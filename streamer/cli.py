@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scores-out", type=Path, default=None, help="write per-row results here")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N files")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="choose what labels choose (SKAB: the fixed alarm level; NAB: each profile's "
+        "threshold) on K-1 folds of files and report the held-out folds only",
+    )
 
     p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for model, plot, log")
@@ -196,7 +204,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # Without --config each benchmark uses its documented built-in settings.
     cfg = None if args.config is None else _load(args.config)
     fn = eval_skab if args.benchmark == "skab" else eval_nab
-    figures = fn(cfg, args.data, scores_out=args.scores_out, limit=args.limit)
+    figures = fn(cfg, args.data, scores_out=args.scores_out, limit=args.limit, folds=args.folds)
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(figures, indent=2) + "\n")

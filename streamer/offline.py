@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from streamer.config import Config
 from streamer.data import read_csv
 from streamer.engine import Engine, ScoredBatch
-from streamer.errors import DataError
+from streamer.errors import ConfigError, DataError
 from streamer.model.checkpoint import LoadedModel, load_checkpoint
 from streamer.model.networks import ScoringModel
 from streamer.model.train import resolve_device, train_model
@@ -28,7 +28,9 @@ from streamer.model.train import resolve_device, train_model
 __all__ = [
     "NAB_DEFAULTS",
     "SKAB_DEFAULTS",
+    "SKAB_LEVELS",
     "RowResults",
+    "alert_decisions",
     "eval_nab",
     "eval_skab",
     "run_rows",
@@ -265,17 +267,23 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     Console().print(table)
 
 
-def eval_skab(
-    cfg: Config | None, data_dir: Path, scores_out: Path | None = None, limit: int | None = None
-) -> dict[str, float]:
-    """SKAB protocol: per file, train on the first 400 rows, score the rest causally, pool."""
-    from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
+# Alarm levels an out-of-fold SKAB run chooses among (fixed threshold on the window
+# score): 1 to 100 in geometric steps of 1.08, tried from the highest down, so a tie
+# goes to the more conservative level.
+SKAB_LEVELS = tuple(float(x) for x in np.geomspace(100.0, 1.0, 61))
 
-    cfg = _benchmark_config(cfg, SKAB_DEFAULTS)
-    device = resolve_device(cfg.model.device)
-    files = _skab_files(Path(data_dir))[:limit]
-    parts: list[Confusion] = []
-    started = time.monotonic()
+
+@dataclass(frozen=True, slots=True)
+class _SkabFile:
+    path: Path
+    raw_timestamps: list[str]
+    labels: NDArray[np.bool_]  # scored rows only
+    scores: NDArray[np.float64]  # window score per row (NaN where none ends)
+    decision: NDArray[np.bool_]  # alert open per row, with the configured threshold
+
+
+def _skab_score_files(cfg: Config, files: list[Path], device: str) -> list[_SkabFile]:
+    out = []
     for path in files:
         table = read_csv(
             path, ";", "datetime", list(cfg.stream.channels), ("anomaly", "changepoint")
@@ -287,24 +295,96 @@ def eval_skab(
         model = _train_detector(cfg, table.values[:SKAB_TRAIN_ROWS], device)
         with _engine(cfg, model, device, 1) as engine:
             res = run_rows(engine, path.stem, table.timestamps, table.values, SKAB_TRAIN_ROWS)
-        decision = res.alert_open
-        scored = slice(SKAB_TRAIN_ROWS, None)
-        parts.append(skab_confusion(table.extra["anomaly"][scored], decision[scored]))
-        if scores_out is not None:
-            target = scores_out / path.parent.name / f"{path.stem}.csv"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with target.open("w", newline="") as fh:
-                writer = csv.writer(fh, lineterminator="\n")
-                writer.writerow(["datetime", "anomaly_score", "anomaly"])
-                for i in range(SKAB_TRAIN_ROWS, len(table)):
-                    writer.writerow(
-                        [table.raw_timestamps[i], f"{res.likelihood[i]:.6g}", int(decision[i])]
-                    )
-    conf = Confusion.pooled(parts)
-    figures = skab_metrics(conf)
+        labels = np.asarray(table.extra["anomaly"][SKAB_TRAIN_ROWS:]) > 0.5
+        out.append(_SkabFile(path, table.raw_timestamps, labels, res.score, res.alert_open))
+    return out
+
+
+def alert_decisions(
+    scores: NDArray[np.float64], level: float, cfg: Config, sensor: str = "replay"
+) -> NDArray[np.bool_]:
+    """Per row, whether an alert is open after it, for a fixed alarm ``level``.
+
+    The engine's own alert rules (``AlertTracker``, ``alerts.*``) replayed on a file's
+    window scores (NaN where no window ends): what the engine decides with
+    ``threshold: {method: fixed, value: level}``, without running the model again.
+    """
+    from streamer.scoring.alerts import AlertTracker
+
+    a = cfg.alerts
+    tracker = AlertTracker(sensor, ["score"], a.open_after, a.open_within, a.close_after, top_k=1)
+    out = np.zeros(scores.size, dtype=bool)
+    errors = np.zeros(1)
+    rows = np.flatnonzero(np.isfinite(scores))
+    for row, score in zip(rows.tolist(), scores[rows].tolist(), strict=True):
+        tracker.update(str(row), float(row), score, level, score > level, errors)
+        out[row] = tracker.is_open
+    return out
+
+
+def eval_skab(
+    cfg: Config | None,
+    data_dir: Path,
+    scores_out: Path | None = None,
+    limit: int | None = None,
+    folds: int | None = None,
+) -> dict[str, Any]:
+    """SKAB protocol: per file, train on the first 400 rows, score the rest causally, pool.
+
+    ``folds``: the alarm level (``threshold.method: fixed``) is chosen out of fold:
+    for each of ``folds`` folds of files, the level of ``SKAB_LEVELS`` with the best
+    pooled F1 on the other folds decides the held-out fold's alarms, and the figures
+    pool the held-out files only. ``threshold.value`` is then not used.
+    """
+    from streamer.evaluation.folds import assign_folds, choose_out_of_fold
+    from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
+
+    cfg = _benchmark_config(cfg, SKAB_DEFAULTS)
+    if folds is not None and cfg.threshold.method != "fixed":
+        raise ConfigError(
+            f"--folds chooses the alarm level of threshold.method 'fixed'; this config's "
+            f"threshold.method is {cfg.threshold.method!r}, which labels do not set"
+        )
+    device = resolve_device(cfg.model.device)
+    paths = _skab_files(Path(data_dir))[:limit]
+    fold_of = assign_folds(len(paths), folds) if folds is not None else None
+    started = time.monotonic()
+    scored = _skab_score_files(cfg, paths, device)
+    scored_rows = slice(SKAB_TRAIN_ROWS, None)
+    decisions = [f.decision for f in scored]
+    title = "pooled, point-wise, no point-adjust"
+    chosen: list[float] = []
+    if fold_of is not None:
+        cache: dict[tuple[int, float], Confusion] = {}
+
+        def confusion(i: int, level: float) -> Confusion:
+            if (i, level) not in cache:
+                f = scored[i]
+                decided = alert_decisions(f.scores, level, cfg)
+                cache[(i, level)] = skab_confusion(f.labels, decided[scored_rows])
+            return cache[(i, level)]
+
+        def pooled_f1(items: list[int], level: float) -> float:
+            return skab_metrics(Confusion.pooled(confusion(i, level) for i in items))["f1"]
+
+        for choice in choose_out_of_fold(fold_of, SKAB_LEVELS, pooled_f1):
+            chosen.append(choice.chosen)
+            for i in choice.held_out:
+                decisions[i] = alert_decisions(scored[i].scores, choice.chosen, cfg)
+        title = (
+            f"out of fold, {folds} folds: alarm levels {', '.join(f'{v:.3g}' for v in chosen)} "
+            "chosen on the other folds; " + title
+        )
+    parts = [
+        skab_confusion(f.labels, d[scored_rows]) for f, d in zip(scored, decisions, strict=True)
+    ]
+    if scores_out is not None:
+        for f, d in zip(scored, decisions, strict=True):
+            _write_skab_scores(scores_out, f, d)
+    figures = skab_metrics(Confusion.pooled(parts))
     elapsed = time.monotonic() - started
     _print_table(
-        f"SKAB ({len(files)} files, {elapsed:.0f} s; pooled, point-wise, no point-adjust)",
+        f"SKAB ({len(paths)} files, {elapsed:.0f} s; {title})",
         ["detector", "F1", "FAR %", "MAR %"],
         [
             [
@@ -319,14 +399,44 @@ def eval_skab(
             ["Isolation Forest (published)", "0.29", "-", "-"],
         ],
     )
-    return {"f1": figures["f1"], "far": figures["far"], "mar": figures["mar"]}
+    out: dict[str, Any] = {"f1": figures["f1"], "far": figures["far"], "mar": figures["mar"]}
+    out["seconds"] = elapsed
+    if fold_of is not None:
+        out["folds"] = folds
+        out["levels"] = chosen
+    return out
+
+
+def _write_skab_scores(scores_out: Path, f: _SkabFile, decision: NDArray[np.bool_]) -> None:
+    target = scores_out / f.path.parent.name / f"{f.path.stem}.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["datetime", "anomaly_score", "anomaly"])
+        for i in range(SKAB_TRAIN_ROWS, len(f.raw_timestamps)):
+            score = f.scores[i]
+            writer.writerow([f.raw_timestamps[i], f"{score:.6g}", int(decision[i])])
 
 
 def eval_nab(
-    cfg: Config | None, data_dir: Path, scores_out: Path | None = None, limit: int | None = None
-) -> dict[str, float]:
-    """NAB protocol: per file, train on the probation rows, then score each row causally."""
-    from streamer.evaluation.nab import load_nab_corpus, score_corpus, write_nab_results
+    cfg: Config | None,
+    data_dir: Path,
+    scores_out: Path | None = None,
+    limit: int | None = None,
+    folds: int | None = None,
+) -> dict[str, Any]:
+    """NAB protocol: per file, train on the probation rows, then score each row causally.
+
+    ``folds``: each profile's threshold is chosen out of fold (NAB's sweep on the other
+    folds' files, applied to the held-out fold) instead of over the whole corpus.
+    """
+    from streamer.evaluation.folds import assign_folds
+    from streamer.evaluation.nab import (
+        load_nab_corpus,
+        score_corpus,
+        score_corpus_out_of_fold,
+        write_nab_results,
+    )
 
     cfg = _benchmark_config(cfg, NAB_DEFAULTS)
     if len(cfg.stream.channels) != 1:
@@ -335,6 +445,7 @@ def eval_nab(
         )
     device = resolve_device(cfg.model.device)
     files = load_nab_corpus(Path(data_dir))[:limit]
+    fold_of = assign_folds(len(files), folds) if folds is not None else None
     scores: dict[str, NDArray[np.float64]] = {}
     started = time.monotonic()
     window = cfg.stream.window
@@ -355,8 +466,20 @@ def eval_nab(
         scores[f.name] = np.where(res.scored & opened, res.likelihood, 0.0)
         if scores_out is not None:
             write_nab_results(scores_out, "streamer", f, f.timestamps, scores[f.name])
-    results = score_corpus(files, scores)
+    keys = ("standard", "reward_low_FP", "reward_low_FN")
+    out: dict[str, Any]
+    if fold_of is None:
+        results = score_corpus(files, scores)
+        out = {k: results[k].normalized for k in keys}
+        title = "threshold swept per profile over the corpus"
+    else:
+        oof = score_corpus_out_of_fold(files, scores, fold_of)
+        out = {k: oof[k].normalized for k in keys}
+        out["folds"] = folds
+        out["thresholds"] = {k: oof[k].thresholds for k in keys}
+        title = f"out of fold, {folds} folds: each profile's threshold swept on the other folds"
     elapsed = time.monotonic() - started
+    out["seconds"] = elapsed
     published = [
         ("ARTime", 74.9),
         ("Numenta HTM", 70.5),
@@ -367,21 +490,13 @@ def eval_nab(
         ("Windowed Gaussian", 39.6),
         ("random", 11.0),
     ]
-    rows = [
-        [
-            "streamer (this run)",
-            *(
-                f"{results[k].normalized:.1f}"
-                for k in ("standard", "reward_low_FP", "reward_low_FN")
-            ),
-        ]
-    ]
+    rows = [["streamer (this run)", *(f"{out[k]:.1f}" for k in keys)]]
     rows += [
         [f"{name} (published, full corpus)", f"{score:.1f}", "-", "-"] for name, score in published
     ]
     _print_table(
-        f"NAB ({len(files)} files, {elapsed:.0f} s; normalised, threshold swept per profile)",
+        f"NAB ({len(files)} files, {elapsed:.0f} s; normalised, {title})",
         ["detector", "standard", "reward_low_FP", "reward_low_FN"],
         rows,
     )
-    return {k: results[k].normalized for k in ("standard", "reward_low_FP", "reward_low_FN")}
+    return out

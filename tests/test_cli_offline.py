@@ -175,8 +175,8 @@ class TestEvalCommands:
         )
         assert proc.returncode == 0, proc.stderr
         figures = json.loads((tmp_path / "r.json").read_text())
-        assert set(figures) == {"f1", "far", "mar"}
-        assert all(0.0 <= v <= 1.0 for v in figures.values())
+        assert set(figures) == {"f1", "far", "mar", "seconds"}
+        assert all(0.0 <= figures[k] <= 1.0 for k in ("f1", "far", "mar"))
         # The injected level shift is large: the detector must find most of it.
         assert figures["mar"] < 0.5
         with (tmp_path / "out" / "valve9" / "0.csv").open() as fh:
@@ -201,7 +201,7 @@ class TestEvalCommands:
         )
         assert proc.returncode == 0, proc.stderr
         figures = json.loads((tmp_path / "r.json").read_text())
-        assert set(figures) == {"standard", "reward_low_FP", "reward_low_FN"}
+        assert set(figures) == {"standard", "reward_low_FP", "reward_low_FN", "seconds"}
         assert figures["standard"] > 50  # an obvious spike inside each window
         out = tmp_path / "out" / "synthetic" / "streamer_s0.csv"
         header = out.read_text().splitlines()[0]

@@ -60,6 +60,7 @@ __all__ = [
     "STANDARD_PROFILES",
     "CostProfile",
     "NabFile",
+    "OutOfFoldResult",
     "ProfileResult",
     "load_nab_corpus",
     "load_nab_profiles",
@@ -67,6 +68,7 @@ __all__ = [
     "scaled_sigmoid",
     "score_at_threshold",
     "score_corpus",
+    "score_corpus_out_of_fold",
     "threshold_curve",
     "write_nab_results",
 ]
@@ -545,6 +547,54 @@ def score_corpus(
             tn=curve.n_out - fp,
         )
     return results
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfFoldResult:
+    """One profile scored out of fold: each fold's threshold chosen on the other folds."""
+
+    thresholds: list[float]  # per fold
+    score: float  # raw, summed over the held-out folds
+    normalized: float
+
+
+def score_corpus_out_of_fold(
+    files: Sequence[NabFile],
+    anomaly_scores: Mapping[str, npt.ArrayLike],
+    folds: Sequence[int],
+    profiles: Mapping[str, CostProfile] | None = None,
+) -> dict[str, OutOfFoldResult]:
+    """NAB's score with the threshold chosen without the labels of the files it scores.
+
+    ``folds[i]`` is the fold of ``files[i]``. For each fold and profile, the threshold
+    NAB's sweep would pick on the other folds' files is applied to the fold's files;
+    the raw scores of the folds add up (NAB's raw score is a sum over files) and are
+    normalised with the whole corpus's null and perfect scores, as in ``score_corpus``.
+    """
+    if profiles is None:
+        profiles = STANDARD_PROFILES
+    if len(folds) != len(files):
+        raise DataError(f"{len(folds)} fold numbers for {len(files)} files")
+    whole = score_corpus(files, anomaly_scores, profiles)
+    out: dict[str, OutOfFoldResult] = {}
+    for pname, profile in profiles.items():
+        key = PROFILE_KEYS.get(pname, pname)
+        thresholds, total = [], 0.0
+        for fold in sorted(set(folds)):
+            train = [f for f, k in zip(files, folds, strict=True) if k != fold]
+            held = [f for f, k in zip(files, folds, strict=True) if k == fold]
+            ts, raw = threshold_curve(train, anomaly_scores, profile)
+            threshold = float(ts[int(np.argmax(raw))])  # the highest among ties, as NAB
+            thresholds.append(threshold)
+            total += score_at_threshold(held, anomaly_scores, profile, threshold)
+        ref = whole[key]
+        span = ref.perfect_score - ref.null_score
+        out[key] = OutOfFoldResult(
+            thresholds=thresholds,
+            score=total,
+            normalized=100.0 * (total - ref.null_score) / span if span else math.nan,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- results files

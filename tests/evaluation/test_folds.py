@@ -1,0 +1,124 @@
+"""Out-of-fold evaluation: folds, choices that never see the held-out files, NAB and SKAB."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamer.config import parse_config
+from streamer.errors import ConfigError
+from streamer.evaluation.folds import assign_folds, choose_out_of_fold
+from streamer.evaluation.nab import (
+    PROFILE_KEYS,
+    STANDARD_PROFILES,
+    score_at_threshold,
+    score_corpus,
+    score_corpus_out_of_fold,
+)
+from streamer.offline import SKAB_DEFAULTS, _skab_files, _skab_score_files, alert_decisions
+from tests.evaluation.test_nab import random_corpus
+from tests.test_cli_offline import make_skab
+
+
+class TestAssignFolds:
+    def test_round_robin(self) -> None:
+        assert assign_folds(7, 3) == [0, 1, 2, 0, 1, 2, 0]
+
+    @pytest.mark.parametrize("k", [0, 1, 6])
+    def test_impossible_counts_name_the_value(self, k: int) -> None:
+        with pytest.raises(ConfigError, match=f"--folds {k}: need 2 to 5"):
+            assign_folds(5, k)
+
+
+class TestChooseOutOfFold:
+    def test_objective_never_sees_the_held_out_items(self) -> None:
+        folds = assign_folds(6, 3)
+        seen: list[tuple[list[int], int]] = []
+
+        def objective(items: list[int], cand: int) -> float:
+            seen.append((items, cand))
+            return float(cand)
+
+        choices = choose_out_of_fold(folds, [1, 2, 3], objective)
+        assert [c.held_out for c in choices] == [[0, 3], [1, 4], [2, 5]]
+        for c in choices:
+            assert c.chosen == 3
+        for items, _ in seen:
+            assert len(items) == 4
+        # Each fold's objective calls had exactly the other folds' items.
+        for c, (items, _) in zip(choices, seen[::3], strict=True):
+            assert not set(items) & set(c.held_out)
+
+    def test_each_fold_gets_the_best_candidate_on_the_others(self) -> None:
+        # Item i prefers candidate i % 2: fold 0 holds items 0 and 2 (even), so the
+        # others (1, 3: odd) prefer candidate 1, and the other way round for fold 1.
+        folds = assign_folds(4, 2)
+
+        def objective(items: list[int], cand: int) -> float:
+            return float(sum(1 for i in items if i % 2 == cand))
+
+        assert [c.chosen for c in choose_out_of_fold(folds, [0, 1], objective)] == [1, 0]
+
+    def test_ties_go_to_the_first_candidate(self) -> None:
+        choices = choose_out_of_fold([0, 1], ["high", "low"], lambda items, c: 1.0)
+        assert [c.chosen for c in choices] == ["high", "high"]
+
+    def test_no_candidates_is_an_error(self) -> None:
+        with pytest.raises(ConfigError, match="no candidate"):
+            choose_out_of_fold([0, 1], [], lambda items, c: 0.0)
+
+
+class TestNabOutOfFold:
+    @pytest.mark.parametrize("seed", range(4))
+    def test_matches_a_brute_force_reference(self, tmp_path: Path, seed: int) -> None:
+        """Each fold's threshold maximises the other folds' score over every score value."""
+        files, scores = random_corpus(tmp_path, seed)
+        folds = assign_folds(len(files), 2)
+        whole = score_corpus(files, scores)
+        oof = score_corpus_out_of_fold(files, scores, folds)
+        grid = sorted({1.1, *np.concatenate(list(scores.values())).tolist()}, reverse=True)
+        for pname, profile in STANDARD_PROFILES.items():
+            key = PROFILE_KEYS[pname]
+            total = 0.0
+            for fold in (0, 1):
+                train = [f for f, k in zip(files, folds, strict=True) if k != fold]
+                held = [f for f, k in zip(files, folds, strict=True) if k == fold]
+                values = [score_at_threshold(train, scores, profile, t) for t in grid]
+                best = grid[int(np.argmax(values))]
+                assert oof[key].thresholds[fold] == best
+                total += score_at_threshold(held, scores, profile, best)
+            assert oof[key].score == pytest.approx(total, abs=1e-9)
+            ref = whole[key]
+            expected = 100 * (total - ref.null_score) / (ref.perfect_score - ref.null_score)
+            assert oof[key].normalized == pytest.approx(expected, abs=1e-9)
+
+    def test_a_folds_threshold_ignores_its_own_scores(self, tmp_path: Path) -> None:
+        files, scores = random_corpus(tmp_path, 3)
+        folds = assign_folds(len(files), 2)
+        before = score_corpus_out_of_fold(files, scores, folds)
+        changed = copy.deepcopy(scores)
+        for f, k in zip(files, folds, strict=True):
+            if k == 0:
+                changed[f.name] = np.ones(len(f))  # fold 0 now alarms everywhere
+        after = score_corpus_out_of_fold(files, changed, folds)
+        for key in before:
+            assert after[key].thresholds[0] == before[key].thresholds[0]
+
+
+@pytest.mark.slow
+def test_skab_alert_replay_matches_the_engine(tmp_path: Path) -> None:
+    """alert_decisions on a file's scores is what the engine decided at that fixed level."""
+    make_skab(tmp_path / "skab", files=1)
+    settings = copy.deepcopy(SKAB_DEFAULTS)
+    settings["train"].update(epochs=5, patience=5)
+    cfg = parse_config(settings)
+    (scored,) = _skab_score_files(cfg, _skab_files(tmp_path / "skab"), "cpu")
+    level = float(settings["threshold"]["value"])
+    replayed = alert_decisions(scored.scores, level, cfg)
+    assert scored.decision.any() and not scored.decision.all()
+    np.testing.assert_array_equal(replayed, scored.decision)
+    # Another level decides otherwise: the replay follows the level it is given.
+    assert not np.array_equal(alert_decisions(scored.scores, level * 4, cfg), scored.decision)
