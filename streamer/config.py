@@ -257,9 +257,12 @@ class TrainConfig(_Section):
     train_stride: PositiveInt = 1
     seed: int = 0
     calibration_samples: PositiveInt = 5000
-    # How per-channel errors become the window score: their mean, or their maximum
-    # (one misbehaving channel is enough).
-    score: Literal["mean", "max"] = "mean"
+    # How a window's reconstruction becomes its score: the mean or the maximum of the
+    # per-channel errors (with max, one misbehaving channel is enough), or the squared
+    # Mahalanobis distance of the per-channel mean residuals from their distribution on
+    # normal windows, in units of its 99th percentile there (small shifts in channels
+    # that normally move together count; a noisy channel weighs as its noise).
+    score: Literal["mean", "max", "mahalanobis"] = "mean"
     # When set, each channel's error is divided by this quantile of its errors on the
     # training windows, so every channel speaks in units of its own normal error and a
     # channel that was nearly constant in training cannot drown out the others.

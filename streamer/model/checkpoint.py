@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import save as st_save
 
 from streamer import __version__
 from streamer.errors import CheckpointError
-from streamer.model.networks import PRESETS, Architecture, ScoringModel
+from streamer.model.networks import PRESETS, SCORES, Architecture, ScoringModel
 from streamer.model.scaler import Scaler
 
 __all__ = ["FORMAT_VERSION", "LoadedModel", "load_checkpoint", "save_checkpoint"]
@@ -89,6 +90,17 @@ def save_checkpoint(
             "score": arch.score,
         },
         "channel_error_scale": module.channel_scale.detach().cpu().double().tolist(),
+        **(
+            {
+                "residual_model": {
+                    "mean": module.residual_mean.detach().cpu().double().tolist(),
+                    "precision": module.residual_precision.detach().cpu().double().tolist(),
+                    "score_scale": float(module.score_scale),
+                }
+            }
+            if arch.score == "mahalanobis"
+            else {}
+        ),
         "channels": list(channels),
         "window": arch.window,
         "stride": stride,
@@ -184,6 +196,29 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
     return _build(path, sidecar, state, device)
 
 
+def _load_residual_model(module: ScoringModel, sidecar: dict[str, Any], where: Path) -> None:
+    """The ``mahalanobis`` score's fitted residual distribution, checked."""
+    c = module.arch.channels
+    found = _require(sidecar, "residual_model", dict, where)
+    try:
+        mean = np.asarray(found["mean"], dtype=np.float64)
+        precision = np.asarray(found["precision"], dtype=np.float64)
+        scale = float(found["score_scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: residual_model is malformed: {exc!r}") from exc
+    if mean.shape != (c,) or precision.shape != (c, c):
+        raise CheckpointError(
+            f"{where}: residual_model must hold a mean of {c} values and a {c}x{c} precision, "
+            f"got {mean.shape} and {precision.shape}"
+        )
+    finite = np.isfinite(mean).all() and np.isfinite(precision).all() and math.isfinite(scale)
+    if not finite or scale <= 0:
+        raise CheckpointError(f"{where}: residual_model holds a non-finite or non-positive value")
+    module.residual_mean.copy_(torch.from_numpy(mean).float())
+    module.residual_precision.copy_(torch.from_numpy(precision).float())
+    module.score_scale.copy_(torch.tensor(scale).float())
+
+
 def _build(
     path: Path, sidecar: dict[str, Any], state: dict[str, torch.Tensor], device: str
 ) -> LoadedModel:
@@ -208,8 +243,10 @@ def _build(
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: architecture is malformed: {exc!r}") from exc
-    if arch.score not in ("mean", "max"):
-        raise CheckpointError(f"{where}: score reduction must be mean or max, got {arch.score!r}")
+    if arch.score not in SCORES:
+        raise CheckpointError(
+            f"{where}: architecture.score must be one of {', '.join(SCORES)}, got {arch.score!r}"
+        )
     scaler = Scaler.from_json(_require(sidecar, "scaler", dict, where), len(channels))
     module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
     channel_scale = np.asarray(
@@ -220,6 +257,8 @@ def _build(
             f"{where}: channel_error_scale must hold {len(channels)} positive values"
         )
     module.channel_scale.copy_(torch.from_numpy(channel_scale).float())
+    if arch.score == "mahalanobis":
+        _load_residual_model(module, sidecar, where)
     try:
         module.network.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from streamer.config import TrainConfig
 from streamer.errors import ConfigError, DataError
-from streamer.model.networks import Architecture, ScoringModel
+from streamer.model.networks import Architecture, ScoringModel, fit_residual_model
 from streamer.model.scaler import Scaler
 
 __all__ = ["TrainResult", "make_windows", "resolve_device", "score_windows", "train_model"]
@@ -46,6 +46,19 @@ class TrainResult:
     scaler: Scaler
     calibration: NDArray[np.float64]
     info: dict[str, Any]
+
+
+def mean_residuals(
+    module: ScoringModel, windows: NDArray[np.float32], batch: int = 1024
+) -> NDArray[np.float64]:
+    """Each window's mean residual per channel (reconstruction minus input), no gradients."""
+    device = next(module.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, windows.shape[0], batch):
+            xb = torch.from_numpy(windows[lo : lo + batch]).to(device)
+            out.append(module.residuals(xb).mean(dim=1).double().cpu().numpy())
+    return np.concatenate(out) if out else np.empty((0, module.arch.channels))
 
 
 def score_windows(
@@ -178,6 +191,8 @@ def train_model(
         # A channel reconstructed perfectly in training must not divide by zero.
         scale = np.maximum(scale, 1e-12 + 1e-6 * float(scale.max()))
         module.channel_scale.copy_(torch.from_numpy(scale).to(module.channel_scale))
+    if cfg.score == "mahalanobis":
+        fit_residual_model(module, mean_residuals(module, all_windows))
     calib, _ = score_windows(module, all_windows)
     if calib.shape[0] > cfg.calibration_samples:
         pick = np.random.default_rng(cfg.seed).choice(

@@ -114,6 +114,7 @@ def test_skab_alert_replay_matches_the_engine(tmp_path: Path) -> None:
     make_skab(tmp_path / "skab", files=1)
     settings = copy.deepcopy(SKAB_DEFAULTS)
     settings["train"].update(epochs=5, patience=5)
+    settings["threshold"] = {"method": "fixed", "value": 5.0}
     cfg = parse_config(settings)
     (scored,) = _skab_score_files(cfg, _skab_files(tmp_path / "skab"), "cpu")
     level = float(settings["threshold"]["value"])
