@@ -91,7 +91,15 @@ from streamer.kafka.access import check_access
 from streamer.kafka.admin import ensure_topics, message_limits
 from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
-from streamer.kafka.source import CommitResult, LatestRecords, Source, read_latest
+from streamer.kafka.source import (
+    CLUSTER_REFUSED,
+    GROUP_REFUSED,
+    TOPIC_REFUSED,
+    CommitResult,
+    LatestRecords,
+    Source,
+    read_latest,
+)
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model.checkpoint import load_checkpoint
 from streamer.model.train import resolve_device
@@ -716,6 +724,16 @@ class Daemon:
         m.sensors.set(len(self.sensor_part))
         self._check_access()
 
+    def _refused_what(self, key: int) -> str:
+        """What a key of Source.refusals() names: the group, the topic, or a partition."""
+        if key == GROUP_REFUSED:
+            return f"group {self.cfg.kafka.group_id}"
+        if key == TOPIC_REFUSED:
+            return f"topic {self.topics.input}"
+        if key == CLUSTER_REFUSED:
+            return "cluster"
+        return f"{self.topics.input}[{key}]"
+
     def _check_access(self) -> None:
         """Not ready while the broker refuses our input or group; say so, at a bounded rate.
 
@@ -729,11 +747,7 @@ class Daemon:
         reason = (
             None
             if not refused
-            else "; ".join(
-                f"{'group ' + self.cfg.kafka.group_id if p < 0 else f'{self.topics.input}[{p}]'}"
-                f": {why}"
-                for p, why in sorted(refused.items())
-            )
+            else "; ".join(f"{self._refused_what(p)}: {why}" for p, why in sorted(refused.items()))
         )
         now = time.monotonic()
         if reason is not None and (

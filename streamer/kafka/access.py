@@ -20,17 +20,19 @@ on any topic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException, TopicCollection
-from confluent_kafka.admin import AclOperation  # type: ignore[attr-defined]
+from confluent_kafka.admin import AclOperation, AdminClient  # type: ignore[attr-defined]
 
 from streamer.config import KafkaConfig, TopicsConfig
 from streamer.kafka.admin import connected_admin
 
-__all__ = ["Grant", "check_access", "required_grants"]
+__all__ = ["Grant", "Held", "check_access", "held_operations", "required_grants"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,66 @@ def _operations(ops: Iterable[Any] | None) -> set[str] | None:
     return names
 
 
+# Answers of a coordinator that is not ready yet (a fresh cluster creates the offsets
+# topic on the first group request): asked again until the timeout, not a refusal.
+_NOT_READY = frozenset(
+    {
+        RdKafkaError.NOT_COORDINATOR,
+        RdKafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        RdKafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
+_RETRY_S = 0.25
+
+Held = dict[tuple[str, str], tuple[set[str] | None, str]]
+"""(resource type, name) -> (operations the broker allows, or None: not reported; reason)."""
+
+
+def _reason(exc: KafkaException) -> str:
+    return str(exc.args[0]) if exc.args else str(exc)
+
+
+def held_operations(
+    admin: AdminClient, topics: Sequence[str], group: str | None, timeout_s: float
+) -> Held:
+    """The operations the broker allows the caller on each topic and on the group.
+
+    A topic the caller may not describe is reported as unknown or unauthorised: its
+    operations are then the empty set, with the broker's answer as the reason.
+    """
+    deadline = time.monotonic() + timeout_s
+    held: Held = {}
+    names = list(dict.fromkeys(topics))
+    if names:
+        futures = admin.describe_topics(
+            TopicCollection(names), include_authorized_operations=True, request_timeout=timeout_s
+        )
+        for name, fut in futures.items():
+            try:
+                desc = fut.result(timeout=timeout_s)
+                held[("topic", name)] = (_operations(desc.authorized_operations), "")
+            except KafkaException as exc:
+                held[("topic", name)] = (set(), _reason(exc))
+    while group is not None:
+        left = max(deadline - time.monotonic(), 0.1)
+        gfut = admin.describe_consumer_groups(
+            [group], include_authorized_operations=True, request_timeout=left
+        )[group]
+        try:
+            gdesc = gfut.result(timeout=left)
+            held[("group", group)] = (_operations(gdesc.authorized_operations), "")
+            break
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            code = err.code() if isinstance(err, RdKafkaError) else None
+            if code in _NOT_READY and time.monotonic() + _RETRY_S < deadline:
+                time.sleep(_RETRY_S)
+                continue
+            held[("group", group)] = (set(), _reason(exc))
+            break
+    return held
+
+
 def check_access(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 15.0) -> list[Grant]:
     """Each required grant, with whether the configured user holds it.
 
@@ -99,31 +161,15 @@ def check_access(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 15.0
     """
     admin = connected_admin(cfg, timeout_s)
     grants = required_grants(topics, cfg.group_id)
-    names = list(dict.fromkeys(g.name for g in grants if g.resource_type == "topic"))
-    held: dict[tuple[str, str], tuple[set[str] | None, str]] = {}
-    futures = admin.describe_topics(
-        TopicCollection(names), include_authorized_operations=True, request_timeout=timeout_s
-    )
-    for name, fut in futures.items():
-        try:
-            desc = fut.result(timeout=timeout_s)
-            held[("topic", name)] = (_operations(desc.authorized_operations), "")
-        except KafkaException as exc:
-            # A topic this user may not describe is reported as unknown or unauthorised.
-            held[("topic", name)] = (set(), str(exc.args[0]) if exc.args else str(exc))
-    group = cfg.group_id
-    gfut = admin.describe_consumer_groups(
-        [group], include_authorized_operations=True, request_timeout=timeout_s
-    )[group]
-    try:
-        gdesc = gfut.result(timeout=timeout_s)
-        held[("group", group)] = (_operations(gdesc.authorized_operations), "")
-    except KafkaException as exc:
-        held[("group", group)] = (set(), str(exc.args[0]) if exc.args else str(exc))
+    topic_names = [g.name for g in grants if g.resource_type == "topic"]
+    held = held_operations(admin, topic_names, cfg.group_id, timeout_s)
     out = []
     for g in grants:
         ops, detail = held[(g.resource_type, g.name)]
         ok = None if ops is None else g.operation in ops
+        if ok is False and not detail:
+            allowed = ", ".join(sorted(ops or ())) or "nothing"
+            detail = f"the broker allows this user {allowed} on it"
         out.append(
             Grant(g.resource_type, g.name, g.operation, g.role, ok, detail if not ok else "")
         )

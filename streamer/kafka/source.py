@@ -23,9 +23,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka.admin import AdminClient
 
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
+from streamer.kafka.access import held_operations
+from streamer.kafka.admin import admin_client
 from streamer.kafka.clientlog import client_logger
 from streamer.kafka.reachability import Reachability
 
@@ -45,9 +48,13 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 PartitionsCallback = Callable[[list[int]], None]
-# Refusals that the broker repeats at every fetch or join while they last; one seen
-# within this long counts as still in force (there is no event for "granted again").
-_REFUSAL_HOLD_S = 15.0
+# A refusal is reported once by the client, not at every refused fetch or join, and there
+# is no event for "granted again": while one is held, the broker is asked this often
+# whether it now allows the operation (for at most _RECHECK_TIMEOUT_S).
+_RECHECK_S = 15.0
+_RECHECK_TIMEOUT_S = 2.0
+# Keys of refusals() besides partition numbers.
+GROUP_REFUSED, TOPIC_REFUSED, CLUSTER_REFUSED = -1, -2, -3
 # Watermarks unknown from fetches are asked of the broker at most this often.
 _WATERMARK_ASK_S = 10.0
 _REFUSALS = frozenset(
@@ -147,8 +154,11 @@ class Source:
         self._on_lost = on_lost
         self._failure: BaseException | None = None
         self._fatal: str | None = None
-        # What the broker refuses us (partition, or -1 for the group): reason, when seen.
-        self._refused: dict[int, tuple[str, float]] = {}
+        # What the broker refuses us (a partition, or one of the *_REFUSED keys): reason.
+        self._refused: dict[int, str] = {}
+        self._rechecked = 0.0
+        self._cfg = cfg
+        self._admin: AdminClient | None = None
         # Watermarks asked of the broker (no fetch told them): partition -> (when, them).
         self._asked: dict[int, tuple[float, tuple[int, int]]] = {}
         try:
@@ -182,25 +192,54 @@ class Source:
         if err.fatal():
             self._fatal = f"consumer fatal error: {err}"
         else:
-            self._note_refusal(-1, err)
+            self._note_refusal(None, err)
             self._reachability.on_error(_CLIENT, err)
 
-    def _note_refusal(self, partition: int, err: Any) -> None:
-        if isinstance(err, RdKafkaError) and err.code() in _REFUSALS:
-            self._refused[partition] = (f"{err.name()}: {err.str()}", time.monotonic())
+    def _note_refusal(self, partition: int | None, err: Any) -> None:
+        if not isinstance(err, RdKafkaError) or err.code() not in _REFUSALS:
+            return
+        code = err.code()
+        if code == RdKafkaError.GROUP_AUTHORIZATION_FAILED:
+            key = GROUP_REFUSED  # whichever partition's message carried it
+        elif code == RdKafkaError.CLUSTER_AUTHORIZATION_FAILED:
+            key = CLUSTER_REFUSED
+        else:
+            key = TOPIC_REFUSED if partition is None or partition < 0 else partition
+        self._refused[key] = f"{err.name()}: {err.str()}"
 
     def refusals(self) -> dict[int, str]:
-        """What the broker refuses this consumer now: partition (-1: the group) -> reason.
+        """What the broker refuses this consumer now: partition, or a ``*_REFUSED`` key -> reason.
 
-        A refusal counts while the broker has repeated it within the last 15 s, or until a
-        message of that partition arrives.
+        A refusal holds until a message of that partition arrives (any message ends a
+        refusal of the group or the whole topic), or until the broker, asked every 15 s
+        while one holds, reports that it now allows READ on the topic or the group.
         """
         if not self._refused:
             return {}
         now = time.monotonic()
-        for p in [p for p, (_, seen) in self._refused.items() if now - seen > _REFUSAL_HOLD_S]:
-            del self._refused[p]
-        return {p: reason for p, (reason, _) in self._refused.items()}
+        if now - self._rechecked >= _RECHECK_S:
+            self._rechecked = now
+            self._recheck()
+        return dict(self._refused)
+
+    def _recheck(self) -> None:
+        """Drop the refusals the broker no longer makes (READ now allowed)."""
+        refused = self._refused
+        group = self._cfg.group_id if GROUP_REFUSED in refused else None
+        on_topic = [k for k in refused if k not in (GROUP_REFUSED, CLUSTER_REFUSED)]
+        try:
+            if self._admin is None:
+                self._admin = admin_client(self._cfg)
+            held = held_operations(
+                self._admin, [self.topic] if on_topic else [], group, _RECHECK_TIMEOUT_S
+            )
+        except KafkaException:
+            return  # no answer: the refusal stands
+        for (kind, _), (ops, _) in held.items():
+            if ops is not None and "READ" not in ops:
+                continue
+            for key in [GROUP_REFUSED] if kind == "group" else on_topic:
+                refused.pop(key, None)
 
     def _commit_cb(self, err: Any, parts: list[TopicPartition]) -> None:
         result, failure = self._answer(err, parts)
@@ -264,10 +303,13 @@ class Source:
             elif err.fatal():
                 raise KafkaError(f"consume failed: {err}")
             else:
-                part = m.partition()
-                self._note_refusal(-1 if part is None else part, err)
+                self._note_refusal(m.partition(), err)
                 self._reachability.on_error(_CLIENT, err)  # one line per kind, rate-limited
         if self._refused and out:
+            # Messages came: the group is joined and the topic readable, and these
+            # partitions are fetched.
+            for key in (GROUP_REFUSED, TOPIC_REFUSED, CLUSTER_REFUSED):
+                self._refused.pop(key, None)
             for m in out:
                 self._refused.pop(m.partition() or 0, None)
         return out

@@ -316,6 +316,7 @@ class TestCausesNamed:
         shown = check_access(plant)
         assert shown.returncode == 1, shown.stdout + shown.stderr
         assert self._missing(shown) == [("WRITE", f"topic {topic}")], shown.stdout
+        assert "the broker allows this user" in shown.stdout, shown.stdout
         assert f"--operation Write --topic {topic}" in shown.stdout, shown.stdout
         self._fails_naming(plant, f"WRITE on topic {topic}", f"--operation Write --topic {topic}")
 
@@ -378,9 +379,26 @@ class TestCausesNamed:
         base = metrics_url(daemon, timeout)
         refused = daemon.wait_event("kafka_access_refused", timeout)
         assert "GROUP_AUTHORIZATION_FAILED" in refused["reason"], refused
+        assert f"group {plant.group}:" in refused["reason"], refused
         status, body = http_get(base + "/readyz")
         assert status == 503 and b"GROUP_AUTHORIZATION_FAILED" in body, body
+        self._refusal_holds(daemon, base, timeout)
         assert daemon.stop() == 0, daemon.tail()
+
+    @staticmethod
+    def _refusal_holds(daemon: DaemonProcess, base: str, timeout: Timeout) -> None:
+        """The refusal is said again (every 30 s) and the daemon stays not ready meanwhile.
+
+        The client reports a refusal once, while the broker refuses every fetch or join:
+        a refusal that expired after 15 s used to turn /readyz to 200, consuming nothing.
+        """
+        while len(daemon.seen("kafka_access_refused")) < 2:
+            assert not timeout.expired, daemon.tail()
+            assert not daemon.seen("kafka_access_granted"), daemon.tail()
+            assert http_get(base + "/readyz")[0] == 503
+            time.sleep(0.5)
+        assert not daemon.seen("kafka_access_granted"), daemon.tail()
+        assert http_get(base + "/readyz")[0] == 503
 
     def test_missing_read_on_input_is_not_ready_and_listed(
         self,
@@ -415,6 +433,7 @@ class TestCausesNamed:
             lag = scrape(base + "/metrics").get('streamer_consumer_lag_messages{partition="0"}')
             time.sleep(0.5)
         assert lag == len(samples), lag
+        self._refusal_holds(daemon, base, timeout)
         # The grant arrives: the daemon consumes and turns ready, without a restart.
         grant(admin, [allow(ResourceType.TOPIC, plant.topics.input, AclOperation.READ)])
         wait_scored(broker, plant, samples, daemon)
