@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -552,26 +553,22 @@ def side_by_side(
     sensors, window, stride, channels = args.sensors, args.window, args.stride, args.channels
     rows = args.samples // sensors
     builds = {"this build": REPO, "baseline": args.baseline.resolve()}
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
-    for i in range(args.pairs):
-        order = list(builds) if i % 2 == 0 else list(reversed(builds))
-        for name in order:
-            topics = {**make_topics(bootstrap, args.partitions), "input": input_topic}
-            cfg = write_config(
-                tmp / f"ab-{i}-{name.replace(' ', '-')}.yaml",
-                bootstrap,
-                topics,
-                model,
-                window,
-                stride,
-                channels,
-                **overrides(args),
-            )
-            d = daemon_run(cfg, bootstrap, topics["scores"], expected, repo=builds[name])
-            d["steady"] = steady_samples(sensors, rows, window) / d["publish_s"]
-            d["from_start"] = sensors * rows / d["wall_s"]
-            runs[name].append(d)
-            print(f"pair {i + 1} {name}: {d}", file=sys.stderr)
+
+    def run_one(i: int, name: str) -> dict[str, float]:
+        topics = {**make_topics(bootstrap, args.partitions), "input": input_topic}
+        cfg = write_config(
+            tmp / f"ab-{i}-{name.replace(' ', '-')}.yaml",
+            bootstrap,
+            topics,
+            model,
+            window,
+            stride,
+            channels,
+            **overrides(args),
+        )
+        return daemon_run(cfg, bootstrap, topics["scores"], expected, repo=builds[name])
+
+    runs = alternate(list(builds), args.pairs, run_one, sensors, rows, window)
     report += [
         "## Side by side",
         "",
@@ -580,25 +577,56 @@ def side_by_side(
         "score and from process start; CPU: the daemon's user + system seconds up to its last "
         "score (start-up included).",
         "",
-        "| run | this build: steady / from start / CPU s | baseline: steady / from start / CPU s |",
+        *paired_table(runs, "this build", "baseline"),
+    ]
+
+
+def alternate(
+    names: list[str],
+    pairs: int,
+    run_one: Callable[[int, str], dict[str, float]],
+    sensors: int,
+    rows: int,
+    window: int,
+) -> dict[str, list[dict[str, float]]]:
+    """``run_one(i, name)`` for each name, ``pairs`` times, the order flipped every pair.
+
+    Alternating which goes first keeps a drift of the machine's load from favouring one.
+    Each run's figures get its steady and from-start rates added.
+    """
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for i in range(pairs):
+        for name in names if i % 2 == 0 else list(reversed(names)):
+            d = run_one(i, name)
+            d["steady"] = steady_samples(sensors, rows, window) / d["publish_s"]
+            d["from_start"] = sensors * rows / d["wall_s"]
+            runs[name].append(d)
+            print(f"pair {i + 1} {name}: {d}", file=sys.stderr)
+    return runs
+
+
+def paired_table(runs: dict[str, list[dict[str, float]]], first: str, second: str) -> list[str]:
+    """Markdown rows of each pair's figures and the medians, ``first`` / ``second``."""
+    lines = [
+        f"| run | {first}: steady / from start / CPU s | {second}: steady / from start / CPU s |",
         "|---|---|---|",
     ]
-    for i in range(args.pairs):
-        a, b = runs["this build"][i], runs["baseline"][i]
-        report.append(
+    for i, (a, b) in enumerate(zip(runs[first], runs[second], strict=True)):
+        lines.append(
             f"| {i + 1} | {a['steady']:,.0f} / {a['from_start']:,.0f} / {a['cpu_s']:.1f} "
             f"| {b['steady']:,.0f} / {b['from_start']:,.0f} / {b['cpu_s']:.1f} |"
         )
 
-    def median(name: str, key: str) -> float:
-        return float(np.median([r[key] for r in runs[name]]))
+    def ratio(key: str) -> float:
+        return float(
+            np.median([r[key] for r in runs[first]]) / np.median([r[key] for r in runs[second]])
+        )
 
-    report += [
+    return [
+        *lines,
         "",
-        "Medians, this build / baseline: steady "
-        f"{median('this build', 'steady') / median('baseline', 'steady'):.3f}, from start "
-        f"{median('this build', 'from_start') / median('baseline', 'from_start'):.3f}, CPU "
-        f"seconds {median('this build', 'cpu_s') / median('baseline', 'cpu_s'):.3f}.",
+        f"Medians, {first} / {second}: steady {ratio('steady'):.3f}, from start "
+        f"{ratio('from_start'):.3f}, CPU seconds {ratio('cpu_s'):.3f}.",
         "",
     ]
 
@@ -627,33 +655,25 @@ def tls(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) 
             inputs[name] = make_topics(address, args.partitions)["input"]
             produce_stream(address, inputs[name], sensors, rows, channels)
         expected = expected_windows(sensors, rows, window, stride)
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in brokers}
-        for i in range(args.pairs):
-            order = list(brokers) if i % 2 == 0 else list(reversed(brokers))
-            for name in order:
-                address = brokers[name]
-                topics = {**make_topics(address, args.partitions), "input": inputs[name]}
-                cfg = write_config(
-                    tmp / f"tls-{i}-{name}.yaml",
-                    address,
-                    topics,
-                    model,
-                    window,
-                    stride,
-                    channels,
-                    **overrides(args),
-                )
-                d = daemon_run(cfg, address, topics["scores"], expected)
-                d["steady"] = steady_samples(sensors, rows, window) / d["publish_s"]
-                d["from_start"] = sensors * rows / d["wall_s"]
-                runs[name].append(d)
-                print(f"tls pair {i + 1} {name}: {d}", file=sys.stderr)
+
+        def run_one(i: int, name: str) -> dict[str, float]:
+            address = brokers[name]
+            topics = {**make_topics(address, args.partitions), "input": inputs[name]}
+            cfg = write_config(
+                tmp / f"tls-{i}-{name}.yaml",
+                address,
+                topics,
+                model,
+                window,
+                stride,
+                channels,
+                **overrides(args),
+            )
+            return daemon_run(cfg, address, topics["scores"], expected)
+
+        runs = alternate(list(brokers), args.pairs, run_one, sensors, rows, window)
     finally:
         secured.stop()
-
-    def median(name: str, key: str) -> float:
-        return float(np.median([r[key] for r in runs[name]]))
-
     report += [
         "## SASL_SSL",
         "",
@@ -662,22 +682,7 @@ def tls(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[str]) 
         f"{args.pairs} runs each. Samples/s first to last score and from process start; CPU: "
         "the daemon's user + system seconds up to its last score.",
         "",
-        "| run | PLAINTEXT: steady / from start / CPU s | SASL_SSL: steady / from start / CPU s |",
-        "|---|---|---|",
-    ]
-    for i in range(args.pairs):
-        a, b = runs["PLAINTEXT"][i], runs["SASL_SSL"][i]
-        report.append(
-            f"| {i + 1} | {a['steady']:,.0f} / {a['from_start']:,.0f} / {a['cpu_s']:.1f} "
-            f"| {b['steady']:,.0f} / {b['from_start']:,.0f} / {b['cpu_s']:.1f} |"
-        )
-    report += [
-        "",
-        "Medians, SASL_SSL / PLAINTEXT: steady "
-        f"{median('SASL_SSL', 'steady') / median('PLAINTEXT', 'steady'):.3f}, from start "
-        f"{median('SASL_SSL', 'from_start') / median('PLAINTEXT', 'from_start'):.3f}, CPU "
-        f"seconds {median('SASL_SSL', 'cpu_s') / median('PLAINTEXT', 'cpu_s'):.3f}.",
-        "",
+        *paired_table(runs, "SASL_SSL", "PLAINTEXT"),
     ]
 
 
