@@ -137,6 +137,7 @@ def _cmd_check_access(args: argparse.Namespace) -> int:
         mark = {True: "ok", False: "MISSING", None: "unknown"}[g.held]
         line = f"{mark:8} {g.operation:9} {g.resource_type + ' ' + g.name:{width}}  ({g.role})"
         print(line + (f": {g.detail}" if g.detail else ""))
+    _report_state_topic(cfg)
     missing = [g for g in grants if g.held is False]
     if any(g.held is None for g in grants):
         print("unknown: the broker reported no authorized operations (no authorizer configured?)")
@@ -147,6 +148,21 @@ def _cmd_check_access(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     print(f"every permission the daemon needs is held ({principal})")
     return EXIT_OK
+
+
+def _report_state_topic(cfg: Config) -> None:
+    """check-access: the state topic settings that let restores grow (not a permission)."""
+    from streamer.kafka.admin import alter_topic_command, state_topic_findings
+
+    state = cfg.topics.state
+    findings = state_topic_findings(cfg.kafka, state, timeout_s=15.0)
+    if findings is None:
+        print(f"unknown  settings of state topic {state} (no DescribeConfigs on it)")
+        return
+    for f in findings:
+        print(f"WARNING  {f.name}={f.value} on state topic {state}, want {f.wanted}: {f.why}")
+    if findings:
+        print("  " + alter_topic_command(cfg.kafka.bootstrap_servers, state, findings))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -100,7 +100,9 @@ class KafkaConfig(_Section):
     # next one to at least 9x the loop time it took, so rounds never take more than a
     # tenth of the loop's time.
     commit_interval_s: PositiveFloat = 5.0
-    # Upper bound on reading a partition's state back on assignment.
+    # Reading the state back on assignment fails when it reads nothing for this long. A
+    # restore that keeps advancing is not cut short, however long the topic's uncompacted
+    # tail (it says how far it got every 5 s, and /readyz shows it).
     restore_timeout_s: PositiveFloat = 60.0
     # Backpressure: while the inference queue is full the daemon stops calling consume, and
     # librdkafka keeps what it prefetched (and stops fetching at queued.max.messages.kbytes).
@@ -374,8 +376,8 @@ class MetricsConfig(_Section):
     stats_interval_s: PositiveFloat = 30.0
     # The main loop counts as stalled after this long without completing an iteration:
     # /healthz answers 503 and the systemd watchdog pings stop. An iteration is one
-    # consume (kafka.poll_timeout_ms) plus, now and then, a commit round or a partition
-    # restore (bounded by kafka.restore_timeout_s), so keep this well above those.
+    # consume (kafka.poll_timeout_ms) plus, now and then, a commit round; a partition
+    # restore counts as progress while it reads. Keep this well above those.
     stall_after_s: PositiveFloat = 30.0
     # /readyz answers 503 once the Kafka clients have reached no broker for this long
     # (its body says "kafka": "unreachable for N s"); /healthz ignores Kafka.

@@ -56,7 +56,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -88,7 +88,12 @@ from streamer.errors import (
     StreamerError,
 )
 from streamer.kafka.access import check_access
-from streamer.kafka.admin import ensure_topics, message_limits
+from streamer.kafka.admin import (
+    alter_topic_command,
+    ensure_topics,
+    message_limits,
+    state_topic_findings,
+)
 from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import (
@@ -124,6 +129,8 @@ STATE_VERSION = 1
 COMMIT_META_VERSION = 1
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
 _FLUSH_TIMEOUT_S = 60.0
+# A long state restore says how far it got this often.
+_RESTORE_LOG_S = 5.0
 # A refusal by the broker (authorization) is logged again this often while it lasts.
 _ACCESS_REPEAT_S = 30.0
 _PRODUCER_MAX = 1_000_000  # librdkafka's message.max.bytes
@@ -470,6 +477,7 @@ class Daemon:
         try:
             self._start_ops()
             ensure_topics(cfg.kafka, self.topics)
+            self._check_state_topic()
             self._check_grants()
             self.sink = Sink(
                 cfg.kafka, max_batch_bytes=self._output_limits(), reachability=self.reachability
@@ -593,6 +601,21 @@ class Daemon:
         self._log_stats(last_stats)
         log.info("shutdown_complete")
         return 0
+
+    def _check_state_topic(self) -> None:
+        """Warn, naming the settings and the command, when the state tail can grow unbounded."""
+        topic = self.topics.state
+        findings = state_topic_findings(self.cfg.kafka, topic, timeout_s=10.0)
+        if findings is None:
+            log.info("state_topic_settings_unknown", topic=topic)
+        elif findings:
+            log.warning(
+                "state_topic_unbounded",
+                topic=topic,
+                settings={f.name: {"now": f.value, "wanted": f.wanted} for f in findings},
+                why=sorted({f.why for f in findings}),
+                command=alter_topic_command(self.cfg.kafka.bootstrap_servers, topic, findings),
+            )
 
     def _check_grants(self) -> None:
         """Fail at start-up, naming the grant, when an output or the state is not writable.
@@ -1664,6 +1687,36 @@ class Daemon:
 
     # -- rebalances ------------------------------------------------------------------------
 
+    def _restore_progress(
+        self, partitions: list[int], started: float
+    ) -> Callable[[int, list[int]], None]:
+        """What a state restore does while it reads: heartbeat, /readyz, a line every 5 s.
+
+        A restore runs inside the loop's consume call. While it advances the loop counts as
+        alive (a long uncompacted state tail must not trip the watchdog and kill a daemon
+        that would finish), and /readyz says what it is doing.
+        """
+        logged = [started]
+
+        def progress(records: int, unfinished: list[int]) -> None:
+            now = time.monotonic()
+            self.health.beat()
+            self.health.restoring = (
+                f"{self.topics.state} {partitions}: {records:,} records read in "
+                f"{now - started:.0f} s"
+            )
+            if unfinished and now - logged[0] >= _RESTORE_LOG_S:
+                logged[0] = now
+                log.info(
+                    "state_restore_progress",
+                    partitions=partitions,
+                    unfinished=unfinished,
+                    records=records,
+                    seconds=round(now - started, 1),
+                )
+
+        return progress
+
     def _on_assign(self, partitions: list[int]) -> None:
         if not partitions:
             return
@@ -1677,13 +1730,21 @@ class Daemon:
         assert self.source is not None
         committed = self.source.committed(partitions)
         started = time.monotonic()
-        state, unfinished = read_latest(
-            self.cfg.kafka, self.topics.state, partitions, self.cfg.kafka.restore_timeout_s
-        )
+        stall_s = self.cfg.kafka.restore_timeout_s
+        try:
+            state, unfinished = read_latest(
+                self.cfg.kafka,
+                self.topics.state,
+                partitions,
+                stall_s,
+                on_progress=self._restore_progress(partitions, started),
+            )
+        finally:
+            self.health.restoring = None
         if unfinished:
             raise KafkaError(
-                f"restoring {self.topics.state} partitions {unfinished} did not finish within "
-                f"{self.cfg.kafka.restore_timeout_s}s"
+                f"restoring {self.topics.state} partitions {unfinished} made no progress for "
+                f"{stall_s}s (kafka.restore_timeout_s)"
             )
         # A restore makes only long-lived objects (each sensor's state): the collections
         # their allocations would trigger free nothing, and at 100,000 sensors cost seconds.

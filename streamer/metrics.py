@@ -164,6 +164,7 @@ class Health:
         "broker_down_since",
         "model_version",
         "partitions",
+        "restoring",
         "stall_after_s",
         "unready_after_s",
     )
@@ -184,6 +185,9 @@ class Health:
         # Why the broker refuses this instance its input or group (authorization), if it
         # does: the instance is then not ready, whatever else holds.
         self.access_refused: str | None = None
+        # What a state restore in progress has read so far (shown by /readyz). Partitions
+        # being restored are not yet among ``partitions``; those already held still serve.
+        self.restoring: str | None = None
 
     def beat(self) -> None:
         """The main loop completed an iteration."""
@@ -469,6 +473,9 @@ class _Handler(RequestHandler):
             refused = h.access_refused
             if refused is not None:
                 body["access"] = refused
+            restoring = h.restoring
+            if restoring is not None:
+                body["restoring"] = restoring
             self._json(200 if ready else 503, body)
         else:
             self._json(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})

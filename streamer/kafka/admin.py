@@ -8,6 +8,7 @@ partition p, so whoever owns p restores it by reading one partition.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -22,11 +23,15 @@ from streamer.kafka.clientlog import client_logger
 
 __all__ = [
     "DEFAULT_MESSAGE_MAX_BYTES",
+    "TAIL_LIMIT_MS",
+    "TopicSetting",
     "admin_client",
+    "alter_topic_command",
     "connected_admin",
     "ensure_topics",
     "message_limits",
     "partition_count",
+    "state_topic_findings",
 ]
 
 log = structlog.get_logger(__name__)
@@ -34,7 +39,29 @@ log = structlog.get_logger(__name__)
 _TIMEOUT_S = 30.0
 DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
 """A topic's ``max.message.bytes`` when its configuration cannot be read (the broker default)."""
-STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+# A restore reads every version of a sensor's state the broker has not compacted yet. The
+# active segment is never compacted, and by default it rolls at 1 GiB or after 7 days, and
+# a rolled segment waits until half the log is dirty. Measured at 10,000 sensors (20,000
+# samples/s, 2 cores, restarts every 3 minutes): with those defaults the tail grew by
+# 80,000 records a minute and restores grew with uptime until one no longer finished;
+# compacting any record older than a minute (max.compaction.lag.ms also rolls the active
+# segment after that long), with segments rolled every minute and cleaned at 1 % dirty,
+# the records read on restart stayed between 40,000 and 93,000.
+STATE_TOPIC_CONFIG = {
+    "cleanup.policy": "compact",
+    "min.compaction.lag.ms": "0",
+    "max.compaction.lag.ms": "60000",
+    "segment.ms": "60000",
+    "min.cleanable.dirty.ratio": "0.01",
+}
+# An existing state topic whose uncompacted tail can span longer than this is named at
+# start-up (state_topic_unbounded), with the command that bounds it.
+TAIL_LIMIT_MS = 3_600_000
+_KAFKA_DEFAULTS = {
+    "cleanup.policy": "delete",
+    "segment.ms": "604800000",
+    "max.compaction.lag.ms": "9223372036854775807",
+}
 
 
 # Client errors that no retry mends: the credentials or the TLS set-up are wrong.
@@ -178,6 +205,74 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TI
             f"{n_input} of input topic {topics.input}; it needs at least as many"
         )
     return n_input
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSetting:
+    """A topic setting that should change: its value now, the value wanted, and why."""
+
+    name: str
+    value: str
+    wanted: str
+    why: str
+
+
+def state_topic_findings(
+    cfg: KafkaConfig, topic: str, timeout_s: float = _TIMEOUT_S
+) -> list[TopicSetting] | None:
+    """Settings of the state topic that let its uncompacted tail (and restores) grow.
+
+    None when the topic's configuration cannot be read (DescribeConfigs is not among
+    the grants the daemon needs).
+    """
+    admin = admin_client(cfg)
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        entries = admin.describe_configs([res], request_timeout=timeout_s)[res].result(
+            timeout=timeout_s
+        )
+    except KafkaException:
+        return None
+
+    def value(key: str) -> str:
+        entry = entries.get(key)
+        found = entry.value if entry is not None else None
+        return str(found) if found is not None else _KAFKA_DEFAULTS[key]
+
+    out = []
+    policy = value("cleanup.policy")
+    if "compact" not in policy.split(","):
+        out.append(
+            TopicSetting(
+                "cleanup.policy",
+                policy,
+                "compact",
+                "without compaction every version of each sensor's state is kept until "
+                "retention deletes it, the latest included",
+            )
+        )
+    # For a compacted topic the broker rolls the active segment after the lesser of the two.
+    try:
+        span = min(int(value("segment.ms")), int(value("max.compaction.lag.ms")))
+    except ValueError:
+        span = TAIL_LIMIT_MS + 1
+    if span > TAIL_LIMIT_MS:
+        why = (
+            f"the uncompacted tail can span {span / 3_600_000:,.1f} h of state records, all "
+            "read by every restart and takeover"
+        )
+        for key in ("max.compaction.lag.ms", "segment.ms"):
+            out.append(TopicSetting(key, value(key), STATE_TOPIC_CONFIG[key], why))
+    return out
+
+
+def alter_topic_command(bootstrap: str, topic: str, settings: list[TopicSetting]) -> str:
+    """The ``kafka-configs.sh`` command that sets ``settings`` on ``topic``."""
+    pairs = ",".join(f"{s.name}={s.wanted}" for s in settings)
+    return (
+        f"kafka-configs.sh --bootstrap-server {bootstrap} --command-config admin.properties "
+        f"--alter --entity-type topics --entity-name {topic} --add-config {pairs}"
+    )
 
 
 def message_limits(

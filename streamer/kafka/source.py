@@ -440,7 +440,12 @@ class LatestRecords:
 
 
 def read_latest(
-    cfg: KafkaConfig, topic: str, partitions: Sequence[int], timeout_s: float
+    cfg: KafkaConfig,
+    topic: str,
+    partitions: Sequence[int],
+    stall_s: float,
+    on_progress: Callable[[int, list[int]], None] | None = None,
+    progress_every_s: float = 1.0,
 ) -> tuple[dict[int, LatestRecords], list[int]]:
     """The latest record of each key of a compacted topic's partitions, with one reader.
 
@@ -449,8 +454,12 @@ def read_latest(
     topic's log holds every version written (a state topic: one per sensor per commit
     round), and holding them all would cost a multiple of the live state's memory.
     Records without a key are skipped. Returns the latest records per partition and the
-    partitions whose end was not reached within ``timeout_s``. The reader is assigned,
-    not subscribed: it joins no group and commits nothing.
+    partitions whose end was not reached because the read stalled: nothing arrived for
+    ``stall_s``. A long read that keeps advancing is never cut short (a state topic whose
+    tail the broker has not compacted yet can hold millions of records, and giving up on
+    it would fail every restart alike). ``on_progress(records, unfinished)`` is called
+    about every ``progress_every_s`` while records arrive, and once at the end. The
+    reader is assigned, not subscribed: it joins no group and commits nothing.
 
     It carries the daemon's own ``group.id`` (the client requires one): on a cluster
     with ACLs the daemon holds READ on its group, while a group named per reader (one
@@ -468,14 +477,14 @@ def read_latest(
         },
     )
     consumer = Consumer(conf)
-    deadline = time.monotonic() + timeout_s
     out = {p: LatestRecords() for p in partitions}
+    read = 0
     try:
         ends: dict[int, int] = {}
         for p in partitions:
             try:
                 lo, hi = consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=max(0.1, deadline - time.monotonic())
+                    TopicPartition(topic, p), timeout=max(0.1, stall_s)
                 )
             except KafkaException as exc:
                 raise KafkaError(f"cannot read watermarks of {topic}[{p}]: {exc}") from exc
@@ -483,8 +492,14 @@ def read_latest(
                 ends[p] = hi
         if ends:
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        while ends and time.monotonic() < deadline:
-            batch = consumer.consume(10000, min(0.5, max(0.0, deadline - time.monotonic())))
+        advanced = told = time.monotonic()
+        while ends:
+            now = time.monotonic()
+            if now - advanced >= stall_s:
+                break
+            batch = consumer.consume(10000, min(0.5, stall_s - (now - advanced)))
+            if batch:
+                advanced = time.monotonic()
             for m in batch:
                 p, offset = m.partition() or 0, m.offset() or 0
                 err = m.error()
@@ -498,11 +513,17 @@ def read_latest(
                     continue  # past the end we took at the start
                 latest = out[p]
                 latest.records += 1
+                read += 1
                 key = m.key()
                 if key is not None:
                     latest.values[key] = m.value()
                 if offset >= ends[p] - 1:
                     del ends[p]
+            if on_progress is not None and advanced - told >= progress_every_s:
+                told = advanced
+                on_progress(read, sorted(ends))
+        if on_progress is not None:
+            on_progress(read, sorted(ends))
         return out, sorted(ends)
     finally:
         consumer.close()

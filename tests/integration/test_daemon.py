@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -18,16 +21,22 @@ import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+)
 
 from streamer.codec import DLQ_KINDS
 from streamer.config import KafkaConfig, TopicsConfig, load_config
 from streamer.daemon import Daemon, _Checkpoint, _CommitSent, _Partition, _Round
-from streamer.kafka.admin import ensure_topics
+from streamer.kafka.admin import STATE_TOPIC_CONFIG, ensure_topics, state_topic_findings
 from streamer.kafka.source import CommitResult
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all, threshold_as_version_1
 from tests.integration.helpers import (
+    REPO,
     DaemonProcess,
     Sample,
     Topics,
@@ -642,8 +651,96 @@ class TestTopics:
             res = ConfigResource(ConfigResource.Type.TOPIC, names[4])
             state_cfg = kafka_admin.describe_configs([res])[res].result(timeout=10)
             assert state_cfg["cleanup.policy"].value == "compact"
+            # Its uncompacted tail is bounded: compacted after a minute, segments rolled.
+            for key, value in STATE_TOPIC_CONFIG.items():
+                assert state_cfg[key].value == value, key
+            assert state_topic_findings(cfg, names[4]) == []
         finally:
             kafka_admin.delete_topics(names, operation_timeout=0)
+
+    def test_unbounded_state_topic_is_named_at_start(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemon_factory: list[DaemonProcess],
+    ) -> None:
+        """A state topic made with the broker's defaults: the settings and the command, said."""
+        names = [new_topic() for _ in range(4)] + [new_topic(config={"cleanup.policy": "compact"})]
+        topics = Topics(*names, partitions=1)
+        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics, group_id, model_dir)
+        daemon = DaemonProcess(cfg).start()
+        daemon_factory.append(daemon)
+        said = daemon.wait_event("state_topic_unbounded", Timeout(60))
+        assert said["topic"] == names[4]
+        assert said["settings"] == {
+            "max.compaction.lag.ms": {"now": "9223372036854775807", "wanted": "60000"},
+            "segment.ms": {"now": "604800000", "wanted": "60000"},
+        }
+        assert (
+            f"--alter --entity-type topics --entity-name {names[4]} "
+            "--add-config max.compaction.lag.ms=60000,segment.ms=60000" in said["command"]
+        )
+        daemon.wait_event("daemon_ready", Timeout(60))  # a warning, not a failure
+        assert daemon.stop() == 0, daemon.tail()
+
+
+class TestStateTopicFindings:
+    """What makes a state topic's tail unbounded, and that the advised settings bound it."""
+
+    def test_the_advised_command_clears_the_findings(
+        self, kafka_bootstrap: str, kafka_admin: AdminClient, new_topic: NewTopicFactory
+    ) -> None:
+        topic = new_topic(config={"cleanup.policy": "compact", "segment.ms": "86400000"})
+        cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+        found = state_topic_findings(cfg, topic)
+        assert found is not None
+        assert [f.name for f in found] == ["max.compaction.lag.ms", "segment.ms"]
+        assert "24.0 h" in found[0].why
+        res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        for f in found:
+            res.add_incremental_config(
+                ConfigEntry(f.name, f.wanted, incremental_operation=AlterConfigOpType.SET)
+            )
+        kafka_admin.incremental_alter_configs([res])[res].result(timeout=30)
+        timeout = Timeout(30)
+        while state_topic_findings(cfg, topic):
+            assert not timeout.expired
+            time.sleep(0.2)
+
+    def test_a_delete_policy_is_named(
+        self, kafka_bootstrap: str, new_topic: NewTopicFactory
+    ) -> None:
+        topic = new_topic(config={"max.compaction.lag.ms": "60000"})
+        found = state_topic_findings(KafkaConfig(bootstrap_servers=kafka_bootstrap), topic)
+        assert found is not None and [f.name for f in found] == ["cleanup.policy"]
+        assert (found[0].value, found[0].wanted) == ("delete", "compact")
+
+    def test_check_access_reports_them(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+    ) -> None:
+        names = [new_topic() for _ in range(4)] + [new_topic(config={"cleanup.policy": "compact"})]
+        topics = Topics(*names, partitions=1)
+        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics, group_id, model_dir)
+        shown = subprocess.run(
+            [sys.executable, "-m", "streamer", "check-access", "--config", str(cfg)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert shown.returncode == 0, shown.stdout + shown.stderr  # a warning, not a grant
+        assert f"WARNING  max.compaction.lag.ms=9223372036854775807 on state topic {names[4]}" in (
+            shown.stdout
+        )
+        assert "kafka-configs.sh" in shown.stdout and "segment.ms=60000" in shown.stdout
 
 
 class TestAbandonedRound:

@@ -29,7 +29,7 @@ class TestReadLatest:
         assert producer.flush(30) == 0
 
         latest, unfinished = read_latest(
-            KafkaConfig(bootstrap_servers=kafka_bootstrap), topic, [0, 1, 2], timeout_s=30
+            KafkaConfig(bootstrap_servers=kafka_bootstrap), topic, [0, 1, 2], stall_s=30
         )
 
         assert unfinished == []
@@ -39,6 +39,47 @@ class TestReadLatest:
             b"k%d" % k: (None if k == 3 else b"v%d-4" % k) for k in range(1, 40, 2)
         }
         assert latest[2].values == {}
+
+    def test_a_long_read_that_advances_is_not_cut_short(
+        self, kafka_bootstrap: str, new_topic: NewTopicFactory
+    ) -> None:
+        """Far more records than fit in ``stall_s``: read to the end, progress reported.
+
+        The bound used to be on the whole read: a state topic's uncompacted tail longer
+        than it failed every restart alike.
+        """
+        topic = new_topic(partitions=1, config={"cleanup.policy": "compact"})
+        producer = Producer(
+            {"bootstrap.servers": kafka_bootstrap, "linger.ms": 50, "batch.size": 1_000_000}
+        )
+        n = 1_000_000  # about 6 s to read on 2 cores
+        for i in range(n):
+            while True:
+                try:
+                    producer.produce(topic, b"v%d" % i, key=b"k%d" % (i % 1000), partition=0)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        assert producer.flush(60) == 0
+        progress: list[tuple[int, list[int]]] = []
+        stall_s = 2.0  # a fetch can take a second to come back
+        started = time.monotonic()
+        latest, unfinished = read_latest(
+            KafkaConfig(bootstrap_servers=kafka_bootstrap),
+            topic,
+            [0],
+            stall_s=stall_s,
+            on_progress=lambda records, left: progress.append((records, left)),
+            progress_every_s=0.2,
+        )
+        elapsed = time.monotonic() - started
+        assert elapsed > stall_s * 1.5, elapsed  # well past the stall bound
+        assert unfinished == []
+        assert latest[0].records == n
+        assert latest[0].values[b"k999"] == b"v%d" % (n - 1)
+        counts = [records for records, _ in progress]
+        assert len(progress) >= 3 and counts == sorted(counts), progress[:5]
+        assert progress[-1] == (n, [])
 
 
 @pytest.fixture

@@ -141,6 +141,26 @@ class TestMetricsServer:
         health.partitions = ()
         assert http_get(url + "/readyz")[0] == 503
 
+    def test_readyz_says_a_restore_in_progress(self, served: tuple[Health, Metrics, str]) -> None:
+        """While a state restore reads, /readyz says how far it got.
+
+        Not ready until the first partitions are restored; partitions already held go on
+        serving while others are restored.
+        """
+        health, _, url = served
+        health.model_version = "m"
+        health.restoring = "state [0, 1]: 1,234,567 records read in 41 s"
+        status, body = http_get(url + "/readyz")
+        assert status == 503
+        assert orjson.loads(body)["restoring"] == health.restoring
+        health.partitions = (0,)
+        health.restoring = "state [1]: 20 records read in 0 s"
+        status, body = http_get(url + "/readyz")
+        assert status == 200 and orjson.loads(body)["restoring"] == health.restoring
+        health.restoring = None
+        status, body = http_get(url + "/readyz")
+        assert status == 200 and "restoring" not in orjson.loads(body)
+
     def test_readyz_turns_503_while_kafka_is_unreachable(
         self, served: tuple[Health, Metrics, str]
     ) -> None:
