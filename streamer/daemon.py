@@ -1642,7 +1642,7 @@ class Daemon:
                     sensor=s,
                     partition=part.partition,
                     reason=reason,
-                    samples_dropped=engine.windows.count(int(slots[i])),
+                    samples_dropped=engine.windows.unscored(int(slots[i])),
                     silent_s=round(float(now_ts - last_ts[i]), 3),
                     idle_s=round(float(mono - seen[i]), 3),
                     messages_behind=int(h - anchor[i]),

@@ -269,6 +269,15 @@ class RingWindows:
         """Samples held for ``slot`` since its last reset."""
         return int(self._count[slot]) if slot < self.capacity else 0
 
+    def unscored(self, slot: int) -> int:
+        """Samples of ``slot`` that no window emitted so far holds (lost if it is reset now).
+
+        Before the first window fills, every sample held; after, those since the end of
+        the last window emitted (fewer than ``stride``).
+        """
+        count = self.count(slot)
+        return count if count < self.window else (count - self.window) % self.stride
+
     def counts_of(self, slots: NDArray[np.int64]) -> NDArray[np.int64]:
         """Samples held for each of ``slots`` since its last reset (0 beyond capacity)."""
         slots = np.asarray(slots, dtype=np.int64)

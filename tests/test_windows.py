@@ -149,6 +149,18 @@ class TestRingWindowsBasics:
         assert len(res.windows) == 4 * ((n - w) // s + 1)
         assert res.windows.data.shape[1:] == (w, 3)
 
+    @pytest.mark.parametrize("n", [0, 5, 8, 9, 10, 11, 12, 50])
+    def test_unscored_counts_samples_in_no_window_emitted(self, n: int) -> None:
+        """What a reset would lose: the samples after the last window emitted's end."""
+        w, s = 8, 3
+        ring = RingWindows(channels=1, window=w, stride=s)
+        res = ring.push(
+            np.zeros(n, np.int64), np.arange(n, dtype=float), np.zeros((n, 1)), np.arange(n)
+        )
+        last_end = int(res.windows.end_pos.max()) if len(res.windows) else -1
+        assert ring.unscored(0) == n - 1 - last_end
+        assert ring.unscored(0) <= max(s - 1, 0) or len(res.windows) == 0
+
     def test_gap_resets_buffer(self) -> None:
         """After a gap longer than max_gap_s the next window starts after the gap."""
         ring = RingWindows(channels=1, window=4, stride=4, max_gap_s=10)
