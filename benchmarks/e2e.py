@@ -35,6 +35,7 @@ Benchmarks print figures; they assert nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -46,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -894,6 +895,20 @@ def restart(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[st
     report += ["## Restart", "", *rows_out, ""]
 
 
+@contextlib.contextmanager
+def broker_and_tmp(bootstrap: str | None, prefix: str) -> Iterator[tuple[str, Path]]:
+    """A temporary folder, and the broker at ``bootstrap`` or a local one started for the run."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmpdir:
+        if bootstrap is not None:
+            yield bootstrap, Path(tmpdir)
+            return
+        broker = LocalBroker()
+        try:
+            yield broker.start(), Path(tmpdir)
+        finally:
+            broker.stop()
+
+
 def main() -> None:
     """Run the chosen suites and print (and optionally write) the Markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -965,32 +980,22 @@ def main() -> None:
         "Command: `" + " ".join(["python", "benchmarks/e2e.py", *sys.argv[1:]]) + "`",
         "",
     ]
-    broker = None
-    bootstrap = args.bootstrap
-    with tempfile.TemporaryDirectory(prefix="streamer-bench-") as tmpdir:
-        tmp = Path(tmpdir)
-        if bootstrap is None:
-            broker = LocalBroker()
-            bootstrap = broker.start()
-        try:
-            rate = None
-            if "throughput" in suites:
-                rate = throughput(bootstrap, tmp, args, report)
-            if "latency" in suites:
-                if args.latency_rate is not None:
-                    rate = 2 * args.latency_rate
-                elif rate is None:
-                    rate = throughput(bootstrap, tmp, args, [])
-                latency(bootstrap, tmp, args, rate, report)
-            if "scale" in suites:
-                scale(bootstrap, tmp, args, report)
-            if "restart" in suites:
-                restart(bootstrap, tmp, args, report)
-            if "tls" in suites:
-                tls(bootstrap, tmp, args, report)
-        finally:
-            if broker is not None:
-                broker.stop()
+    with broker_and_tmp(args.bootstrap, "streamer-bench-") as (bootstrap, tmp):
+        rate = None
+        if "throughput" in suites:
+            rate = throughput(bootstrap, tmp, args, report)
+        if "latency" in suites:
+            if args.latency_rate is not None:
+                rate = 2 * args.latency_rate
+            elif rate is None:
+                rate = throughput(bootstrap, tmp, args, [])
+            latency(bootstrap, tmp, args, rate, report)
+        if "scale" in suites:
+            scale(bootstrap, tmp, args, report)
+        if "restart" in suites:
+            restart(bootstrap, tmp, args, report)
+        if "tls" in suites:
+            tls(bootstrap, tmp, args, report)
     text = "\n".join(report)
     print(text)
     if args.out is not None:

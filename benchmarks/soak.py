@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # e2e.py is the sibling script, importable once its folder is on the path (above).
 from e2e import (
+    broker_and_tmp,
     client,
     log_events,
     make_topics,
@@ -42,8 +42,6 @@ from e2e import (
     train,
     write_config,
 )
-
-from streamer.kafka.localbroker import LocalBroker
 
 
 def wait_ready(log: Path, timeout_s: float = 600) -> float:
@@ -71,18 +69,8 @@ def main() -> None:
     ap.add_argument("--state-topic", choices=["daemon", "broker-defaults"], default="daemon")
     args = ap.parse_args()
 
-    broker = None
-    bootstrap = args.bootstrap
-    with tempfile.TemporaryDirectory(prefix="streamer-soak-") as tmpdir:
-        tmp = Path(tmpdir)
-        if bootstrap is None:
-            broker = LocalBroker()
-            bootstrap = broker.start()
-        try:
-            report = run(bootstrap, tmp, args)
-        finally:
-            if broker is not None:
-                broker.stop()
+    with broker_and_tmp(args.bootstrap, "streamer-soak-") as (bootstrap, tmp):
+        report = run(bootstrap, tmp, args)
     print("\n".join(report))
 
 
