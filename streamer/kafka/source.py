@@ -427,6 +427,7 @@ class Source:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer_close_failed", error=str(exc))
+        self._admin = None  # the refusal checks' client, if one was made
         self._reachability.forget(_CLIENT)
         self._raise()
 
