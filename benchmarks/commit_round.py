@@ -1,9 +1,9 @@
 """Loop time of a commit round's bookkeeping at many sensors, without Kafka.
 
 Every ``kafka.commit_interval_s`` a round takes, for every sensor of every partition,
-the position and count of the oldest sample its next window needs (``_snapshot``,
+the position and count of the oldest sample its next window needs (``PartitionTable.snapshot``,
 which also evicts silent sensors), and then writes the changed sensors' records
-(``_checkpoint``). With 100,000 sensors and none changed (an idle fleet, or the first
+(``Checkpointer.checkpoint``). With 100,000 sensors and none changed (an idle fleet, or the first
 ``window`` samples of every sensor) that bookkeeping is all a round costs the loop.
 This builds a daemon (no Kafka contact before ``run``) over a small trained model,
 registers ``--sensors`` sensors on 4 partitions with a few samples each, and times
@@ -30,7 +30,9 @@ from e2e import train, write_config  # benchmarks/ is the script's directory
 
 from streamer.codec import to_position
 from streamer.config import load_config
-from streamer.daemon import Daemon, _Partition
+from streamer.daemon import Daemon
+from streamer.runtime.checkpoint import Checkpointer
+from streamer.runtime.partitions import Partition
 
 _PARTITIONS = 4
 
@@ -65,8 +67,9 @@ def main() -> None:
         n = args.sensors
         names = np.array([f"sensor-{i:06d}" for i in range(n)], dtype=object)
         parts = np.arange(n, dtype=np.int64) % _PARTITIONS
-        daemon.parts = {p: _Partition(partition=p) for p in range(_PARTITIONS)}
-        daemon._track_sensors(names, parts)
+        table = daemon.table
+        table.parts.update({p: Partition(partition=p) for p in range(_PARTITIONS)})
+        table.track(names, parts)
         engine = daemon.engine
         per_part = -(-n // _PARTITIONS)
         for row in range(args.samples):
@@ -77,27 +80,27 @@ def main() -> None:
                 np.zeros((n, channels), dtype=np.float32),
                 to_position(parts, offsets),
             )
-        for part in daemon.parts.values():
+        for part in table.parts.values():
             part.consumed = args.samples * per_part
             part.dirty.clear()  # as after the first round: nothing changed since
         # The anchors the first round wrote: each sensor's first sample.
         first = np.arange(n, dtype=np.int64) // _PARTITIONS
-        daemon.anchor_offset.update(zip(names.tolist(), first.tolist(), strict=True))
-        daemon.sink = _NoSink()  # type: ignore[assignment]
+        table.anchor_offset.update(zip(names.tolist(), first.tolist(), strict=True))
+        writer = Checkpointer(table, engine, _NoSink(), "unused-state", daemon.stats)
         gc.collect()
         gc.freeze()  # as the daemon does after start-up
         snap, check = [], []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
-            checkpoints = [daemon._snapshot(p) for p in range(_PARTITIONS)]
+            checkpoints = [table.snapshot(p) for p in range(_PARTITIONS)]
             t1 = time.perf_counter()
             for c in checkpoints:
                 assert c is not None
-                daemon._checkpoint(c)
+                writer.checkpoint(c)
             t2 = time.perf_counter()
             snap.append(t1 - t0)
             check.append(t2 - t1)
-            for part in daemon.parts.values():
+            for part in table.parts.values():
                 part.consumed += 1  # something consumed, so the next round runs
         print(
             f"{n:,} sensors, {args.rounds} idle rounds: snapshot median "

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -24,6 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka.admin import AdminClient
+from numpy.typing import NDArray
 
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
@@ -32,7 +34,7 @@ from streamer.kafka.admin import admin_client
 from streamer.kafka.clientlog import client_logger
 from streamer.kafka.reachability import Reachability
 
-__all__ = ["CommitResult", "Committed", "LatestRecords", "Source", "read_latest"]
+__all__ = ["CommitResult", "Committed", "Consumed", "LatestRecords", "Source", "read_latest"]
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,48 @@ def _passing(err: Any) -> bool:
     if not isinstance(err, RdKafkaError):
         return False
     return bool(err.retriable()) or err.code() in _PASSING_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """A consumed batch, by column: what the daemon needs of each message, and no client type.
+
+    Row i is one message: its partition, offset, value and key (None when absent).
+    """
+
+    partitions: NDArray[np.int64]
+    offsets: NDArray[np.int64]
+    values: list[bytes | None]
+    keys: list[bytes | None]
+
+    @staticmethod
+    def of(msgs: Sequence[Message]) -> Consumed:
+        """The columns of confluent-kafka messages (none of them an error)."""
+        n = len(msgs)
+        parts = np.fromiter((m.partition() or 0 for m in msgs), dtype=np.int64, count=n)
+        offs = np.fromiter((m.offset() or 0 for m in msgs), dtype=np.int64, count=n)
+        values: list[Any] = [m.value() for m in msgs]
+        keys: list[Any] = [m.key() for m in msgs]
+        return Consumed(parts, offs, values, keys)
+
+    @staticmethod
+    def empty() -> Consumed:
+        """A batch of no message."""
+        none = np.zeros(0, dtype=np.int64)
+        return Consumed(none, none, [], [])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, rows: NDArray[np.int64]) -> Consumed:
+        """The batch of these rows only, in this order."""
+        at = rows.tolist()
+        return Consumed(
+            self.partitions[rows],
+            self.offsets[rows],
+            [self.values[i] for i in at],
+            [self.keys[i] for i in at],
+        )
 
 
 class Committed:
@@ -273,7 +317,7 @@ class Source:
         if self._fatal is not None:
             raise KafkaError(self._fatal)
 
-    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+    def consume(self, max_messages: int, timeout_s: float) -> Consumed:
         """Up to ``max_messages`` messages; waits up to ``timeout_s`` only for the first one.
 
         librdkafka's batch consume waits out its whole timeout unless the batch fills,
@@ -312,7 +356,7 @@ class Source:
                 self._refused.pop(key, None)
             for m in out:
                 self._refused.pop(m.partition() or 0, None)
-        return out
+        return Consumed.of(out) if out else Consumed.empty()
 
     def commit_async(self, offsets: dict[int, tuple[int, str]]) -> bool:
         """Send a commit of ``{partition: (offset, metadata)}`` without waiting for it.

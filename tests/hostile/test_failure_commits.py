@@ -15,12 +15,16 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from streamer.config import load_config
 from streamer.daemon import Daemon
 from streamer.errors import KafkaError
 from streamer.kafka.sink import Sink
+from streamer.kafka.source import Consumed
+from streamer.runtime.checkpoint import Checkpointer
+from streamer.runtime.ingest import Ingest
+from streamer.runtime.publisher import Publisher
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout
 from tests.integration.helpers import (
@@ -129,25 +133,26 @@ def test_failure_at_any_stage_commits_nothing_unprocessed(
     daemon = Daemon(load_config(cfg_path))
     fired: list[int] = []
     done: dict[int, int] = {}  # partition -> last offset of a fully processed batch
-    process = daemon._process
+    process = Ingest.process
 
-    def tracked(msgs: list[Message]) -> None:
-        process(msgs)
-        for m in msgs:
-            p = m.partition() or 0
-            done[p] = max(done.get(p, -1), m.offset() or 0)
+    def tracked(self: Ingest, batch: Consumed) -> None:
+        process(self, batch)
+        for p, off in zip(batch.partitions.tolist(), batch.offsets.tolist(), strict=True):
+            done[p] = max(done.get(p, -1), off)
 
-    daemon._process = tracked  # type: ignore[method-assign]
+    monkeypatch.setattr(Ingest, "process", tracked)
     if stage == "decode":
         daemon.decoder.decode = failing(daemon.decoder.decode, at_call, fired)  # type: ignore[method-assign]
     elif stage == "dead_letter":
-        daemon._dead_letter = failing(daemon._dead_letter, at_call, fired)  # type: ignore[method-assign]
+        monkeypatch.setattr(
+            Publisher, "dead_letter", failing(Publisher.dead_letter, at_call, fired)
+        )
     elif stage == "submit":
         daemon.engine.submit_pieces = failing(daemon.engine.submit_pieces, at_call, fired)  # type: ignore[method-assign]
     elif stage == "publish":
-        daemon._publish = failing(daemon._publish, at_call, fired)  # type: ignore[method-assign]
+        monkeypatch.setattr(Publisher, "publish", failing(Publisher.publish, at_call, fired))
     elif stage == "state":
-        daemon._produce_state = failing(daemon._produce_state, at_call, fired)  # type: ignore[method-assign]
+        monkeypatch.setattr(Checkpointer, "write", failing(Checkpointer.write, at_call, fired))
     else:
         # The producer refusing a record, as it does one larger than message.max.bytes.
         original = Sink.produce

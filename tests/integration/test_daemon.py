@@ -17,7 +17,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
@@ -29,10 +28,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from streamer.codec import DLQ_KINDS
-from streamer.config import KafkaConfig, TopicsConfig, load_config
-from streamer.daemon import Daemon, _Checkpoint, _CommitSent, _Partition, _Round
+from streamer.config import KafkaConfig, TopicsConfig
 from streamer.kafka.admin import STATE_TOPIC_CONFIG, ensure_topics, state_topic_findings
-from streamer.kafka.source import CommitResult
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all, threshold_as_version_1
 from tests.integration.helpers import (
@@ -743,46 +740,6 @@ class TestStateTopicFindings:
         assert "kafka-configs.sh" in shown.stdout and "segment.ms=60000" in shown.stdout
 
 
-class TestAbandonedRound:
-    """A round dropped in flight (rebalance, shutdown) leaves nothing unwritten behind."""
-
-    def test_unsent_sensors_are_handed_back_to_the_next_round(
-        self, tmp_path: Path, model_dir: Path
-    ) -> None:
-        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
-        cfg = load_config(write_config(tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir))
-        daemon = Daemon(cfg)  # no Kafka contact before run()
-        try:
-            part = _Partition(partition=0, consumed=100)
-            part.sensors |= {"live-a", "live-b"}
-            daemon.parts[0] = part
-            nothing = np.zeros(2, dtype=np.int64)
-            snapshot = _Checkpoint(0, 100, ["live-a", "live-b"], nothing, nothing, {"evicted-x"})
-            pending = _Round(0.0, 0, [snapshot], "interval")
-            daemon.round = pending
-            daemon._abandon_round()  # before its state was copied: evictions come back
-            assert daemon.round is None
-            assert part.evicted == {"evicted-x"} and part.dirty == set()
-
-            part.evicted.clear()
-            empty = np.zeros(0, dtype=np.int64)
-            copied = _Round(0.0, 0, [_Checkpoint(0, 100, [], empty, empty, set())], "interval")
-            copied.commits = {0: (0, '{"v": 1, "h": 100}')}
-            copied.unsent.extend(
-                [
-                    ("live-b", 0, 100, None, None, {}),
-                    ("evicted-y", 0, 100, None, None, {}),
-                    ("elsewhere", 7, 100, None, None, {}),  # partition no longer owned
-                ]
-            )
-            daemon.round = copied
-            daemon._abandon_round()  # state copied, not all produced: those sensors come back
-            assert part.dirty == {"live-b"}
-            assert part.evicted == {"evicted-y"}
-        finally:
-            daemon.engine.close()
-
-
 class TestIntervalCommits:
     """Interval rounds send their commit and go on; the coordinator's answer books it."""
 
@@ -812,27 +769,3 @@ class TestIntervalCommits:
         # Later rounds may have committed further since; never less than the answer.
         assert all(got[int(p)] >= off for p, off in done["offsets"].items()), (got, done)
         assert daemon.stop() == 0, daemon.tail()
-
-    def test_answers_book_only_what_was_committed(self, tmp_path: Path, model_dir: Path) -> None:
-        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
-        cfg = load_config(write_config(tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir))
-        daemon = Daemon(cfg)  # no Kafka contact before run()
-        try:
-            daemon.parts = {0: _Partition(partition=0), 1: _Partition(partition=1)}
-            daemon._commit_answered(CommitResult({0: 5}, {}))  # nothing sent: ignored
-            assert daemon.stats.commits == 0 and daemon.parts[0].committed_h == -1
-
-            for h in (40, 80):
-                sent = _CommitSent({0: h, 1: h}, "interval", 0, 0.0, 0.0, 0.0, {})
-                daemon.commits_sent.append(sent)
-            # Partition 1 deferred (a rebalance): it keeps its H for the next round.
-            daemon._commit_answered(CommitResult({0: 11}, {1: "REBALANCE_IN_PROGRESS"}))
-            assert daemon.parts[0].committed_h == 40 and daemon.parts[1].committed_h == -1
-            assert daemon.stats.commits == 1 and len(daemon.commits_sent) == 1
-            # An answer never moves H back (a revocation commit may have moved it on).
-            daemon.parts[0].committed_h = 100
-            daemon._commit_answered(CommitResult({0: 12, 1: 12}, {}))
-            assert daemon.parts[0].committed_h == 100 and daemon.parts[1].committed_h == 80
-            assert daemon.stats.commits == 2 and not daemon.commits_sent
-        finally:
-            daemon.engine.close()

@@ -1,0 +1,148 @@
+"""Writing the per-sensor state a commit round covers to the compacted state topic.
+
+``Checkpointer`` is the round's ``StateWriter``: the partition table says whose state
+changed (and who was evicted) since the last round, the engine's stores hold that
+state, and each record (``runtime.state``) goes to the state topic's partition of
+the sensor's input partition, keyed by the sensor.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from streamer.runtime.counters import Counters
+from streamer.runtime.partitions import PartitionTable, SensorStores
+from streamer.runtime.rounds import FLUSH_TIMEOUT_S, Checkpoint, StateAtH
+from streamer.runtime.state import commit_metadata, encode_state
+from streamer.scoring.thresholds import Threshold
+
+__all__ = ["Checkpointer", "StateProducer"]
+
+# State records produced between waits for delivery within one large round.
+_STATE_FLUSH_EVERY = 5000
+
+
+class StateProducer(Protocol):
+    """The producer, as the state writer sees it (``kafka.sink.Sink``)."""
+
+    def produce(
+        self, topic: str, value: bytes | None, key: str | None = ..., *, partition: int | None = ...
+    ) -> None:
+        """Queue one record."""
+
+    def flush(self, timeout_s: float = ...) -> None:
+        """Wait until everything produced is acknowledged."""
+
+
+class Checkpointer:
+    """Produces the state records of commit rounds (a ``rounds.StateWriter``)."""
+
+    def __init__(
+        self,
+        table: PartitionTable,
+        stores: SensorStores,
+        producer: StateProducer,
+        topic: str,
+        counters: Counters,
+    ) -> None:
+        self.table = table
+        self.stores = stores
+        self.producer = producer
+        self.topic = topic
+        self.counters = counters
+
+    @property
+    def written(self) -> int:
+        """State records produced since start (tombstones included)."""
+        return self.counters.state_written
+
+    def round_size(self, checkpoints: list[Checkpoint]) -> int:
+        """An upper bound on the records the round writes: its sensors and evictions."""
+        return sum(len(c.evicted) + len(c.sensors) for c in checkpoints)
+
+    def snapshot(self, partition: int) -> Checkpoint | None:
+        """Step 1 of a round for a partition (``PartitionTable.snapshot``)."""
+        return self.table.snapshot(partition)
+
+    def checkpoint(self, c: Checkpoint, defer: deque[StateAtH] | None = None) -> tuple[int, str]:
+        """Produce the state records of a snapshot; its commit (offset, metadata).
+
+        Written: the sensors evicted at H, and those present at H whose thresholds or
+        alerts changed. A sensor that appeared after H stays dirty for the next round.
+        With ``defer``, the sensors' state at H is appended there, to be serialised and
+        produced later: a threshold snapshot takes a quarter of the time of its record.
+        """
+        p, h = c.partition, c.h
+        part = self.table.parts[p]
+        anchor_offset = self.table.anchor_offset
+        # Keep what was learned by evicted sensors; only the ring anchor is gone.
+        records: list[tuple[str, dict[str, int] | None]] = [(s, None) for s in sorted(c.evicted)]
+        c.evicted = set()
+        at_h = c.index() if part.dirty else {}
+        dirty = sorted(s for s in part.dirty if s in at_h and s in part.sensors)
+        part.dirty.difference_update(dirty)
+        for s in dirty:
+            ring = None
+            anchor = c.anchor(s)
+            if anchor is not None:
+                ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
+                anchor_offset[s] = anchor[0]
+            records.append((s, ring))
+        thresholds, alerts = self.stores.thresholds, self.stores.alerts
+        for n, (s, ring) in enumerate(records, 1):
+            threshold = thresholds.get(s)
+            alert_state = alerts.export(s)
+            if defer is not None:
+                # The threshold as of H: a copy, serialised later.
+                snapshot = None if threshold is None else threshold.clone()
+                defer.append((s, p, h, ring, snapshot, alert_state))
+                continue
+            self.write(s, p, self.value(s, p, h, ring, threshold, alert_state))
+            if n % _STATE_FLUSH_EVERY == 0:
+                # Bound what the producer holds: at 100,000 changed sensors one round is
+                # hundreds of MB of records. Everything must be delivered before the
+                # commit anyway, so waiting for this slice now costs only a round trip.
+                self.producer.flush(FLUSH_TIMEOUT_S)
+        return self.table.commit_offset(part, h), commit_metadata(h)
+
+    def produce(self, state: StateAtH) -> None:
+        """Serialise and produce one state record copied at H."""
+        self.write(state[0], state[1], self.value(*state))
+
+    def value(
+        self,
+        sensor: str,
+        p: int,
+        h: int,
+        ring: dict[str, int] | None,
+        threshold: Threshold | None,
+        alerts: dict[str, Any],
+    ) -> bytes | None:
+        """A sensor's state record for H = h, from its threshold (snapshot) and alerts.
+
+        None (a tombstone) for an evicted sensor that was never scored: nothing to keep.
+        """
+        if threshold is None and ring is None:
+            return None
+        th = None if threshold is None else self.stores.thresholds.export(sensor, of=threshold)
+        return encode_state(sensor, p, h, ring, th, alerts)
+
+    def tombstones(self, sensors: Iterable[tuple[str, int]]) -> None:
+        """Clear the records of sensors whose kept state expired (sensor, partition)."""
+        for sensor, p in sensors:
+            self.producer.produce(self.topic, None, key=sensor, partition=p)
+
+    def write(self, sensor: str, p: int, value: bytes | None) -> None:
+        """Produce one state record (None: a tombstone) and count it."""
+        self.producer.produce(self.topic, value, key=sensor, partition=p)
+        self.counters.state_written += 1
+
+    def give_back(self, checkpoints: list[Checkpoint], unsent: Iterable[StateAtH]) -> None:
+        """An abandoned round's evictions and unsent sensors are for the next round."""
+        self.table.give_back(checkpoints, unsent)
+
+    def committed(self, heads: dict[int, int]) -> None:
+        """The coordinator accepted a commit of these partitions' H."""
+        self.table.committed(heads)
