@@ -43,70 +43,58 @@ never make a spare instance (more instances than partitions) ready; ``/readyz``
 is the per-instance "partitions assigned" signal. SIGHUP, or a change of the
 checkpoint files, loads the new model in a background thread; the swap happens
 between inference batches and keeps every sensor's threshold and alert state.
+
+Where each piece lives (``streamer.runtime``): ``ingest`` (consumed batch -> rings and
+dead letters), ``publisher`` (scored batches -> records, in order), ``rounds`` (the
+commit round), ``checkpoint`` and ``state`` (the state records), ``partitions`` and
+``eviction`` (who is held where, and who goes), ``recovery`` (restore on
+assignment), ``backpressure``, ``startup`` (cluster checks), ``ops`` (metrics server,
+watchdog, access refusals, reloads, gauges). This module builds them and runs the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import signal
-import sys
 import time
 from types import FrameType
-from typing import Any
 
 import numpy as np
 import structlog
-from confluent_kafka import KafkaException
 from numpy.typing import NDArray
 
 from streamer.codec import OFFSET_BITS, Decoder
 from streamer.config import Config
-from streamer.deadletter import DEAD_LETTER_OVERHEAD
 from streamer.engine import Engine
-from streamer.errors import ConfigError, InferenceError, KafkaError, StreamerError
-from streamer.kafka.access import check_access
-from streamer.kafka.admin import (
-    alter_topic_command,
-    ensure_topics,
-    message_limits,
-    state_topic_findings,
-)
+from streamer.errors import ConfigError, StreamerError
+from streamer.kafka.admin import ensure_topics
 from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
-from streamer.kafka.source import CLUSTER_REFUSED, GROUP_REFUSED, TOPIC_REFUSED, Source
-from streamer.metrics import Health, Metrics, MetricsServer
+from streamer.kafka.source import Source
+from streamer.metrics import Health, Metrics
 from streamer.model.checkpoint import load_checkpoint
-from streamer.model.train import resolve_device
-from streamer.notify import Notifier, Watchdog, watchdog_interval_s
-from streamer.reload import CheckpointWatcher, ModelReloader, ReloadOutcome
+from streamer.model.device import resolve_device
+from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
 from streamer.runtime.checkpoint import Checkpointer
 from streamer.runtime.counters import Counters
+from streamer.runtime.heap import SensorGrowth, settle_heap
 from streamer.runtime.ingest import Ingest
+from streamer.runtime.logs import configure_logging
+from streamer.runtime.ops import AccessWatch, Gauges, Reloads, Services
 from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.publisher import Publisher
 from streamer.runtime.recovery import Recovery
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, CommitRounds
-from streamer.runtime.state import STATE_VERSION
+from streamer.runtime.startup import check_state_topic, output_limits, require_grants
 
-__all__ = [
-    "STATE_VERSION",
-    "Daemon",
-    "SensorGrowth",
-    "configure_logging",
-    "run_daemon",
-    "settle_heap",
-]
+__all__ = ["Daemon", "run_daemon"]
 
 log = structlog.get_logger("streamer.daemon")
 
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
-# A refusal by the broker (authorization) is logged again this often while it lasts.
-_ACCESS_REPEAT_S = 30.0
-_PRODUCER_MAX = 1_000_000  # librdkafka's message.max.bytes
 # Gauges (lag, queue depth, ...) are refreshed this often; Prometheus scrapes every 15 s
 # or so, and the refresh reads the consumer, so it is kept off the per-batch path.
 _GAUGE_REFRESH_S = 1.0
@@ -121,89 +109,6 @@ _COMMIT_SPACING = 9.0
 _DEFER_STATES_MAX = 20_000
 
 
-_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-
-
-def configure_logging(json_logs: bool | None = None) -> None:
-    """structlog to stdout: JSON lines when stdout is not a TTY (journald), console otherwise.
-
-    The level is ``STREAMER_LOG_LEVEL`` (debug, info, warning; default info). Debug adds
-    one line per commit round (offsets, heads, timings) and per heap settle.
-    """
-    if json_logs is None:
-        json_logs = not sys.stdout.isatty()
-    name = os.environ.get("STREAMER_LOG_LEVEL", "info").strip().lower()
-    if name not in _LOG_LEVELS:
-        raise ConfigError(f"STREAMER_LOG_LEVEL={name!r} is not one of {', '.join(_LOG_LEVELS)}")
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_logs
-        else structlog.dev.ConsoleRenderer(colors=True)
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LOG_LEVELS[name]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
-    )
-
-
-def settle_heap(reason: str, *, rethaw: bool = True, **fields: Any) -> None:
-    """Collect every cycle, then move what is alive out of the cyclic collector's reach.
-
-    The imports (torch above all) leave some 200,000 tracked objects that live as long
-    as the process. A full collection walks them all: 90-150 ms on a 2-core machine,
-    every few seconds under load, with the loop and so every score in flight stalled.
-    Frozen (``gc.freeze``), they are skipped, and a full collection costs what the loop
-    itself allocates. Run after start-up, an assignment's restore and a model swap:
-    rare events that create long-lived objects. Unfreezing first (``rethaw``)
-    re-examines what an earlier call froze, so a frozen cycle dropped since (a replaced
-    model, a revoked partition's state) is still collected here. Without it, the call
-    walks only what was made since the last one (``SensorGrowth``'s settles).
-    """
-    started = time.perf_counter()
-    if rethaw:
-        gc.unfreeze()
-    collected = gc.collect()
-    gc.freeze()
-    log.debug(
-        "heap_settled",
-        reason=reason,
-        frozen=gc.get_freeze_count(),
-        collected=collected,
-        seconds=round(time.perf_counter() - started, 4),
-        **fields,
-    )
-
-
-class SensorGrowth:
-    """When the sensors' long-lived objects call for another heap settle.
-
-    Each sensor's threshold and alert state are a few tracked objects made at its first
-    score, long after start-up's settle. At 100,000 sensors they are some 200,000 objects
-    that every full collection walked (50-80 ms, about every second while scoring, each
-    freeing nothing). Settling each time the count has doubled (from ``minimum``) keeps
-    them frozen, and walks each object about twice in all.
-    """
-
-    __slots__ = ("minimum", "settled")
-
-    def __init__(self, minimum: int = 1000) -> None:
-        self.minimum = minimum
-        self.settled = 0
-
-    def due(self, sensors: int) -> bool:
-        """Whether ``sensors`` is at least double (and ``minimum`` above) the last settle's."""
-        return sensors - self.settled >= max(self.minimum, self.settled)
-
-
 def _label(positions: NDArray[np.int64]) -> list[str]:
     """Alert-id positions as "partition:offset" (stable across runs and instances)."""
     return [f"{p >> OFFSET_BITS}:{p & _OFFSET_MASK}" for p in positions.tolist()]
@@ -212,10 +117,10 @@ def _label(positions: NDArray[np.int64]) -> list[str]:
 class Daemon:
     """One streamer instance: the wiring of consume, score, publish, checkpoint, commit.
 
-    The pieces are ``streamer.runtime``'s: the partition table, ingest, the publisher,
-    the commit rounds and their state writer, recovery and backpressure. The daemon
-    builds them, runs the loop that drives them, and answers signals, rebalances and
-    reloads.
+    The pieces are ``streamer.runtime``'s, each handed its collaborators: the partition
+    table, ingest, the publisher, the commit rounds and their state writer, recovery,
+    backpressure and the operator-facing services. The daemon builds them, runs the
+    loop that drives them, and answers signals and rebalances.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -254,13 +159,6 @@ class Daemon:
         )
         self.metrics.model_in_use(model.version, load_s)
         self.health.model_version = model.version
-        self.reloader = ModelReloader(
-            cfg.model.path, device, model.window, model.channels, cfg.threshold
-        )
-        self.watcher = CheckpointWatcher(cfg.model.path) if cfg.model.watch_interval_s > 0 else None
-        self._reload_requested = False
-        self._server: MetricsServer | None = None
-        self._watchdog: Watchdog | None = None
         self.stats = Counters()
         self.table = PartitionTable(
             self.engine,
@@ -276,8 +174,20 @@ class Daemon:
             lambda: list(self.table.parts),
             self._paused,
         )
+        self.services = Services(self.metrics, self.health, self.notifier)
+        self.access = AccessWatch(self.health, cfg.kafka.group_id, self.topics.input)
+        self.reloads = Reloads(cfg, self.engine, device, self.notifier, self.metrics, self.health)
+        self.gauges = Gauges(
+            self.metrics,
+            self.notifier,
+            self.engine,
+            self.table,
+            self.backpressure,
+            self.stats,
+            lambda: self.rounds.commits if self.rounds is not None else 0,
+        )
         self.growth = SensorGrowth()
-        self._access_logged = 0.0
+        self._reload_requested = False
         self._stop_requested = False
         # Set once the loop raised: from then on nothing is committed (see run).
         self._failed = False
@@ -288,8 +198,8 @@ class Daemon:
         self.source: Source | None = None
         self.publisher: Publisher | None = None
         self.rounds: CommitRounds | None = None
-        self.checkpointer: Checkpointer | None = None
         self.ingest: Ingest | None = None
+        self.writer: Checkpointer | None = None
         log.info(
             "daemon_configured",
             model=model.version,
@@ -325,7 +235,10 @@ class Daemon:
         """Ask the main loop to drain, commit and return (as SIGTERM does)."""
         self._stop_requested = True
 
-    # -- main loop -------------------------------------------------------------------------
+    def _paused(self) -> None:
+        self.stats.pauses += 1
+
+    # -- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped; 0 after a clean shutdown. Raises StreamerError on failure."""
@@ -334,28 +247,11 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            self._start_ops()
+            self.services.start(cfg.metrics)
             ensure_topics(cfg.kafka, self.topics)
-            self._check_state_topic()
-            self._check_grants()
-            max_batch, dlq_value_bytes = self._output_limits()
-            self.sink = Sink(cfg.kafka, max_batch_bytes=max_batch, reachability=self.reachability)
-            self._wire(self.sink, dlq_value_bytes)
-            self.source = Source(
-                cfg.kafka,
-                self.topics.input,
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-                reachability=self.reachability,
-            )
-            self.rounds = CommitRounds(
-                self.sink,
-                self.source,
-                self._writer(),
-                defer_max=_DEFER_STATES_MAX,
-                on_done=self.metrics.commit_done,
-            )
+            check_state_topic(cfg.kafka, self.topics.state)
+            require_grants(cfg.kafka, self.topics)
+            self._connect()
             log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
             settle_heap("started")
             try:
@@ -370,7 +266,7 @@ class Daemon:
         finally:
             # Frozen objects are not freed at exit, and some extensions report them as leaks.
             gc.unfreeze()
-            self._stop_ops()
+            self.services.stop()
             self.engine.close()
             if self.sink is not None:
                 self.sink.close()
@@ -378,8 +274,13 @@ class Daemon:
                 with contextlib.suppress(StreamerError):
                     self.source.close()
 
-    def _wire(self, sink: Sink, dlq_value_bytes: int) -> None:
-        """Build the pieces that produce: the publisher, the state writer, ingest."""
+    def _connect(self) -> None:
+        """The producer and the consumer, and the pieces that use them."""
+        cfg = self.cfg
+        max_batch, dlq_value_bytes = output_limits(cfg.kafka, self.topics)
+        sink = self.sink = Sink(
+            cfg.kafka, max_batch_bytes=max_batch, reachability=self.reachability
+        )
         self.publisher = Publisher(
             sink,
             self.topics,
@@ -391,50 +292,50 @@ class Daemon:
             on_scored=self.table.changed,
             dead_letter_value_bytes=dlq_value_bytes,
         )
-        self.checkpointer = Checkpointer(
+        self.ingest = Ingest(
+            cfg, self.decoder, self.table, self.engine, self.publisher, self.metrics, self.stats
+        )
+        self.source = Source(
+            cfg.kafka,
+            self.topics.input,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+            reachability=self.reachability,
+        )
+        writer = self.writer = Checkpointer(
             self.table, self.engine, sink, self.topics.state, self.stats
         )
-        self.ingest = Ingest(
-            self.cfg,
-            self.decoder,
-            self.table,
-            self.engine,
-            self.publisher,
-            self.metrics,
-            self.stats,
+        self.rounds = CommitRounds(
+            sink, self.source, writer, defer_max=_DEFER_STATES_MAX, on_done=self.metrics.commit_done
         )
-
-    def _writer(self) -> Checkpointer:
-        assert self.checkpointer is not None
-        return self.checkpointer
 
     def _batch_published(self) -> None:
         if self.rounds is not None:
             self.rounds.batch_published()
 
-    def _paused(self) -> None:
-        self.stats.pauses += 1
+    # -- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> int:
-        assert self.sink is not None and self.source is not None
-        assert self.publisher is not None and self.rounds is not None and self.ingest is not None
+        sink, source = self.sink, self.source
+        publisher, rounds, ingest, writer = self.publisher, self.rounds, self.ingest, self.writer
+        assert sink is not None and source is not None and ingest is not None
+        assert publisher is not None and rounds is not None and writer is not None
         cfg = self.cfg
         batch_n = cfg.kafka.consume_batch
         poll_s = cfg.kafka.poll_timeout_ms / 1000.0
         commit_every = cfg.kafka.commit_interval_s
         stats_every = cfg.metrics.stats_interval_s
-        watch_every = cfg.model.watch_interval_s
         next_commit = time.monotonic() + commit_every
         next_stats = time.monotonic() + stats_every
-        next_gauges = next_watch = time.monotonic()
-        last_stats = (time.monotonic(), self.stats.messages, self.stats.windows)
+        next_gauges = time.monotonic()
         worker = self.engine.worker
-        publisher, rounds, backpressure = self.publisher, self.rounds, self.backpressure
+        backpressure = self.backpressure
         ready = False
         while not self._stop_requested:
             self.health.beat()
             worker.raise_if_failed()
-            backpressure.update(self.source)
+            backpressure.update(source)
             # Held (paused, not in the client): no consume; the worker is waited on below
             # and the messages wait in librdkafka.
             batch = None
@@ -442,32 +343,28 @@ class Daemon:
                 # Consume even while paused in the client: it serves rebalances. With scores
                 # in flight, do not wait in consume: wait on the worker below.
                 busy = backpressure.paused or bool(publisher.pending)
-                batch = self.source.consume(batch_n, 0.0 if busy else poll_s)
-                for answer in self.source.commit_results():
+                batch = source.consume(batch_n, 0.0 if busy else poll_s)
+                for answer in source.commit_results():
                     rounds.answered(answer)
             if not ready:
                 ready = True
                 self.notifier.ready(f"consuming {self.topics.input}")
                 log.info("daemon_ready", input=self.topics.input)
             if batch:
-                self.ingest.process(batch)
+                ingest.process(batch)
             if backpressure.paused:
                 publisher.publish_done(block_s=0.05)
             else:
                 publisher.publish_done(block_s=0.0 if batch else _RESULT_WAIT_S)
-            self.sink.poll(0)
+            sink.poll(0)
             if self._reload_requested:
                 self._reload_requested = False
-                self._request_reload("signal")
-            outcome = self.reloader.take()
-            if outcome is not None:
-                self._apply_reload(outcome)
+                self.reloads.request("signal")
             now = time.monotonic()
+            self.reloads.poll(now)
             if rounds.round is None and now >= next_commit:
-                assert self.checkpointer is not None
-                self.checkpointer.tombstones(self.table.expire_evicted())
-                waiting = len(publisher.pending)
-                rounds.start(list(self.table.parts), reason="interval", waiting=waiting)
+                writer.tombstones(self.table.expire_evicted())
+                rounds.start(list(self.table.parts), "interval", waiting=len(publisher.pending))
             if rounds.round is not None:
                 stalled = rounds.advance()
                 if stalled is not None:
@@ -475,18 +372,15 @@ class Daemon:
                     # loop's time. Space rounds so that they take at most a tenth of it.
                     next_commit = time.monotonic() + max(commit_every, _COMMIT_SPACING * stalled)
             if now >= next_gauges:
-                self._refresh_gauges()
+                self.gauges.refresh(source)
+                self.access.check(source.refusals())
                 next_gauges = now + _GAUGE_REFRESH_S
                 sensors = len(self.engine.thresholds)
                 if self.growth.due(sensors):
                     settle_heap("sensors", rethaw=False, sensors=sensors)
                     self.growth.settled = sensors
-            if self.watcher is not None and now >= next_watch:
-                next_watch = now + watch_every
-                if self.watcher.changed():
-                    self._request_reload("file_changed")
             if now >= next_stats:
-                last_stats = self._log_stats(last_stats)
+                self.gauges.log_stats(source)
                 next_stats = now + stats_every
         log.info(
             "shutdown_started", signal=self._stop_signal, pending_batches=len(publisher.pending)
@@ -495,228 +389,12 @@ class Daemon:
         rounds.abandon()
         rounds.run(list(self.table.parts), reason="shutdown", drain=publisher.drain)
         # Leaving the group revokes everything: the callback finds nothing left to commit.
-        self.source.close()
+        source.close()
         self.source = None
-        self.sink.flush(FLUSH_TIMEOUT_S)
-        self._log_stats(last_stats)
+        sink.flush(FLUSH_TIMEOUT_S)
+        self.gauges.log_stats(None)
         log.info("shutdown_complete")
         return 0
-
-    def _check_state_topic(self) -> None:
-        """Warn, naming the settings and the command, when the state tail can grow unbounded."""
-        topic = self.topics.state
-        findings = state_topic_findings(self.cfg.kafka, topic, timeout_s=10.0)
-        if findings is None:
-            log.info("state_topic_settings_unknown", topic=topic)
-        elif findings:
-            log.warning(
-                "state_topic_unbounded",
-                topic=topic,
-                settings={f.name: {"now": f.value, "wanted": f.wanted} for f in findings},
-                why=sorted({f.why for f in findings}),
-                command=alter_topic_command(self.cfg.kafka.bootstrap_servers, topic, findings),
-            )
-
-    def _check_grants(self) -> None:
-        """Fail at start-up, naming the grant, when an output or the state is not writable.
-
-        Without WRITE on an output topic (or READ and WRITE on the state topic) the first
-        record there fails, perhaps hours later at the first alert; the broker says now.
-        A refused input or group is only logged: the daemon stays up, not ready, and
-        consumes once the grant arrives (see _check_access).
-        """
-        try:
-            grants = check_access(self.cfg.kafka, self.topics, timeout_s=10.0)
-        except (KafkaException, KafkaError) as exc:
-            log.info("kafka_access_unchecked", error=str(exc))
-            return
-        missing = [g for g in grants if g.held is False]
-        if not missing:
-            return
-        user = self.cfg.kafka.librdkafka().get("sasl.username")
-        principal = f"User:{user}" if user else "User:<this client's principal>"
-        said = [f"{g.operation} on {g.resource_type} {g.name} ({g.role})" for g in missing]
-        commands = [g.acl_command(principal, self.cfg.kafka.bootstrap_servers) for g in missing]
-        log.error("kafka_access_missing", missing=said, principal=principal, grant=commands)
-        # Only READ on the input and on the group may wait for their grant (not ready).
-        waits = [g.operation == "READ" and g.role in ("input", "group") for g in missing]
-        fatal = [s for s, w in zip(said, waits, strict=True) if not w]
-        if fatal:
-            raise KafkaError(
-                f"{principal} lacks {'; '.join(fatal)} on {self.cfg.kafka.bootstrap_servers}; "
-                f"grant it: {' && '.join(commands)}"
-            )
-
-    def _output_limits(self) -> tuple[int, int]:
-        """The smallest limit of the output topics, and the bytes a dead letter keeps.
-
-        A dead letter keeps the original bytes, cut to what both the DLQ topic's
-        ``max.message.bytes`` and the producer's ``message.max.bytes`` accept.
-        """
-        t = self.topics
-        limits = message_limits(self.cfg.kafka, [t.scores, t.alerts, t.dlq, t.state])
-        producer_max = int(self.cfg.kafka.librdkafka().get("message.max.bytes", _PRODUCER_MAX))
-        dlq = min(limits[t.dlq], producer_max)
-        dlq_value_bytes = max(0, dlq - DEAD_LETTER_OVERHEAD - dlq // 200)
-        log.info("output_limits", topics=limits, dead_letter_value_bytes=dlq_value_bytes)
-        return min(*limits.values(), producer_max), dlq_value_bytes
-
-    # -- operations: metrics, health, watchdog, reload ---------------------------------------
-
-    def _start_ops(self) -> None:
-        mc = self.cfg.metrics
-        if mc.enabled:
-            self._server = MetricsServer(self.metrics.registry, self.health, mc.host, mc.port)
-            host, port = self._server.start()
-            log.info("metrics_listening", host=host, port=port)
-        interval_s = watchdog_interval_s()
-        if interval_s is not None and self.notifier.enabled:
-            self._watchdog = Watchdog(self.notifier, interval_s, lambda: self.health.healthy)
-            self._watchdog.start()
-            log.info(
-                "watchdog_enabled",
-                timeout_s=interval_s,
-                ping_every_s=self._watchdog.period_s,
-                stall_after_s=self.health.stall_after_s,
-            )
-
-    def _stop_ops(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        if self._server is not None:
-            self._server.close()
-        self.notifier.close()
-
-    def _request_reload(self, trigger: str) -> None:
-        if self.watcher is not None:
-            self.watcher.rebase()  # the files as they are now are what this load reads
-        log.info("model_reload_started", trigger=trigger, path=str(self.cfg.model.path))
-        self.notifier.reloading(f"loading model from {self.cfg.model.path}")
-        self.reloader.request(trigger)
-
-    def _apply_reload(self, out: ReloadOutcome) -> None:
-        """Swap in a validated model between batches, or keep the running one and say why."""
-        running = self.engine.worker.model_version
-        ctx = {"trigger": out.trigger, "path": str(self.cfg.model.path)}
-        error = out.error
-        if out.model is not None and out.model.version == running:
-            self.metrics.reload_result("unchanged")
-            log.info("model_reload_skipped", reason="same version", model=running, **ctx)
-        elif out.model is not None:
-            try:
-                self.engine.swap_model(out.model, out.prototype)
-            except InferenceError as exc:
-                error = str(exc)
-            else:
-                self.metrics.reload_result("ok")
-                self.metrics.model_in_use(out.model.version, out.seconds)
-                self.health.model_version = out.model.version
-                log.info(
-                    "model_reloaded",
-                    model=out.model.version,
-                    previous=running,
-                    load_s=round(out.seconds, 3),
-                    **ctx,
-                )
-                settle_heap("model_reloaded")
-        if error is not None:
-            self.metrics.reload_result("failed")
-            log.warning("model_reload_failed", reason=error, model=running, **ctx)
-        self.notifier.ready(f"consuming {self.topics.input} with model {self.engine.model.version}")
-
-    def _lag(self) -> dict[int, int]:
-        """Messages behind the partition's high watermark, per owned partition (cached)."""
-        out: dict[int, int] = {}
-        if self.source is None:
-            return out
-        for p, part in self.table.parts.items():
-            _, hi = self.source.watermarks(p)
-            if hi >= 0:
-                # Before the first message, the position is after the last commit's H.
-                out[p] = max(0, hi - (max(part.consumed, part.committed_h) + 1))
-        return out
-
-    def _refresh_gauges(self) -> None:
-        m = self.metrics
-        parts = self.table.parts
-        m.set_lag(self._lag())
-        m.queue_depth.set(self.engine.worker.queue_depth)
-        m.queued_windows.set(self.engine.worker.queued_windows)
-        m.partitions_assigned.set(len(parts))
-        m.partitions_paused.set(len(parts) if self.backpressure.paused else 0)
-        m.alerts_open.set(self.engine.alerts.open_count())
-        m.sensors.set(len(self.table.sensor_part))
-        self._check_access()
-
-    def _refused_what(self, key: int) -> str:
-        """What a key of Source.refusals() names: the group, the topic, or a partition."""
-        if key == GROUP_REFUSED:
-            return f"group {self.cfg.kafka.group_id}"
-        if key == TOPIC_REFUSED:
-            return f"topic {self.topics.input}"
-        if key == CLUSTER_REFUSED:
-            return "cluster"
-        return f"{self.topics.input}[{key}]"
-
-    def _check_access(self) -> None:
-        """Not ready while the broker refuses our input or group; say so, at a bounded rate.
-
-        A fetch refused for lack of READ leaves a partition assigned and the loop healthy,
-        consuming nothing: without this, the instance would report ready while its
-        backlog grows.
-        """
-        if self.source is None:
-            return
-        refused = self.source.refusals()
-        reason = (
-            None
-            if not refused
-            else "; ".join(f"{self._refused_what(p)}: {why}" for p, why in sorted(refused.items()))
-        )
-        now = time.monotonic()
-        if reason is not None and (
-            reason != self.health.access_refused or now - self._access_logged >= _ACCESS_REPEAT_S
-        ):
-            self._access_logged = now
-            log.error(
-                "kafka_access_refused",
-                reason=reason,
-                hint="check the grants with `streamer check-access --config ...`",
-            )
-        elif reason is None and self.health.access_refused is not None:
-            log.info("kafka_access_granted", was=self.health.access_refused)
-        self.health.access_refused = reason
-
-    def _log_stats(self, last: tuple[float, int, int]) -> tuple[float, int, int]:
-        now = time.monotonic()
-        st = self.stats
-        dt_s = max(now - last[0], 1e-9)
-        lag = sum(self._lag().values())
-        messages_per_s = round((st.messages - last[1]) / dt_s, 1)
-        windows_per_s = round((st.windows - last[2]) / dt_s, 1)
-        parts = sorted(self.table.parts)
-        log.info(
-            "stats",
-            messages_per_s=messages_per_s,
-            windows_per_s=windows_per_s,
-            messages=st.messages,
-            windows=st.windows,
-            alerts=st.alerts,
-            dead_letters=st.dead_letters,
-            dead_by_kind=dict(st.dead_by_kind),
-            lag=lag,
-            **self.backpressure.fields(),
-            paused=self.backpressure.paused,
-            partitions=parts,
-            sensors=len(self.table.sensor_part),
-            commits=self.rounds.commits if self.rounds is not None else 0,
-            model=self.engine.model.version,
-        )
-        self.notifier.status(
-            f"{messages_per_s} msg/s, {windows_per_s} windows/s, lag {lag}, "
-            f"partitions {parts}, model {self.engine.model.version}"
-        )
-        return now, st.messages, st.windows
 
     # -- rebalances ------------------------------------------------------------------------
 

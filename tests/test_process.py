@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from streamer.daemon import SensorGrowth, configure_logging, settle_heap
 from streamer.errors import ConfigError
+from streamer.runtime.heap import SensorGrowth, settle_heap
+from streamer.runtime.logs import configure_logging
 
 
 class _Node:

@@ -30,6 +30,7 @@ from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient  # type: ignore[attr-defined]
 
 from streamer.config import KafkaConfig, TopicsConfig
+from streamer.errors import KafkaError
 from streamer.kafka.admin import connected_admin
 
 __all__ = ["Grant", "Held", "check_access", "held_operations", "required_grants"]
@@ -155,14 +156,16 @@ def check_access(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 15.0
     ``detail``.
 
     Raises:
-        KafkaError: the login or the certificate is refused (named at once), or the
-            cluster cannot be reached.
-        KafkaException: a request timed out after the cluster was reached.
+        KafkaError: the login or the certificate is refused (named at once), the
+            cluster cannot be reached, or a request timed out after it was reached.
     """
     admin = connected_admin(cfg, timeout_s)
     grants = required_grants(topics, cfg.group_id)
     topic_names = [g.name for g in grants if g.resource_type == "topic"]
-    held = held_operations(admin, topic_names, cfg.group_id, timeout_s)
+    try:
+        held = held_operations(admin, topic_names, cfg.group_id, timeout_s)
+    except KafkaException as exc:
+        raise KafkaError(f"cannot check the grants on {cfg.bootstrap_servers}: {exc}") from exc
     out = []
     for g in grants:
         ops, detail = held[(g.resource_type, g.name)]

@@ -14,20 +14,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from streamer.config import TrainConfig
-from streamer.errors import ConfigError, DataError
+from streamer.errors import DataError
+from streamer.model.device import resolve_device
 from streamer.model.networks import Architecture, ScoringModel, fit_residual_model
 from streamer.model.scaler import Scaler
 
 __all__ = ["TrainResult", "make_windows", "resolve_device", "score_windows", "train_model"]
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device: 'cuda' requested but no CUDA device is available")
-    return device
 
 
 def make_windows(values: NDArray[np.floating], window: int, stride: int) -> NDArray[np.float32]:
