@@ -59,7 +59,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from streamer.config import TrainConfig
-from streamer.kafka.localbroker import BrokerSecurity, LocalBroker
+from streamer.dev.broker import BrokerSecurity, LocalBroker
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
 from streamer.model.train import train_model
 

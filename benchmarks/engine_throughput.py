@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig, TrainConfig
+from streamer.dev.simulate import CHANNELS, simulate
 from streamer.engine import Engine
 from streamer.model.checkpoint import LoadedModel
 from streamer.model.train import train_model
-from streamer.simulate import CHANNELS, simulate
 
 
 def engine_run(model: LoadedModel, values: np.ndarray, batch_rows: int) -> tuple[int, float]:

@@ -231,13 +231,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.demo import run_demo
+    from streamer.dev.demo import run_demo
 
     return run_demo(args.out, sensors=args.sensors, rows=args.rows, rate_hz=args.rate)
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from streamer.kafka.localbroker import main as broker_main
+    from streamer.dev.broker import main as broker_main
 
     argv = [args.action] + (["--port", str(args.port)] if args.port else [])
     return broker_main(argv)

@@ -33,6 +33,7 @@ __all__ = [
     "alert_decisions",
     "eval_nab",
     "eval_skab",
+    "print_table",
     "run_rows",
     "score_file",
 ]
@@ -261,10 +262,23 @@ def _skab_files(data_dir: Path) -> list[Path]:
     return sorted(files, key=order)
 
 
-def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table as RichTable
-
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A results table: rich's when installed (the demo extra), else plain columns."""
+    try:
+        from rich.console import Console
+        from rich.table import Table as RichTable
+    except ImportError:
+        # rich is an extra (demo, dev); a production install prints plain columns.
+        widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+        print(title)
+        for line in (header, *rows):
+            print(
+                "  ".join(
+                    c.rjust(w) if i else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(line, widths, strict=True))
+                )
+            )
+        return
     table = RichTable(title=title)
     for h in header:
         table.add_column(h, justify="right" if h != header[0] else "left")
@@ -389,7 +403,7 @@ def eval_skab(
             _write_skab_scores(scores_out, f, d)
     figures = skab_metrics(Confusion.pooled(parts))
     elapsed = time.monotonic() - started
-    _print_table(
+    print_table(
         f"SKAB ({len(paths)} files, {elapsed:.0f} s; {title})",
         ["detector", "F1", "FAR %", "MAR %"],
         [
@@ -500,7 +514,7 @@ def eval_nab(
     rows += [
         [f"{name} (published, full corpus)", f"{score:.1f}", "-", "-"] for name, score in published
     ]
-    _print_table(
+    print_table(
         f"NAB ({len(files)} files, {elapsed:.0f} s; normalised, {title})",
         ["detector", "standard", "reward_low_FP", "reward_low_FN"],
         rows,

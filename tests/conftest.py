@@ -17,7 +17,7 @@ import pytest
 # NewTopic's documented home; the package's stubs do not re-export it explicitly.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from streamer.kafka.localbroker import LocalBroker
+from streamer.dev.broker import LocalBroker
 from tests.helpers import Timeout
 
 # Generous: a cold JVM on a busy 2-core CI machine is far slower than on a laptop.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.simulate import CHANNELS, simulate
+from streamer.dev.simulate import CHANNELS, simulate
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig, TrainConfig
+from streamer.dev.simulate import CHANNELS, simulate
 from streamer.engine import Engine
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
 from streamer.model.train import train_model
 from streamer.offline import run_rows
-from streamer.simulate import CHANNELS, simulate
 
 WINDOW = 32
 

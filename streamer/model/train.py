@@ -126,20 +126,7 @@ def train_model(
     started = time.monotonic()
     bar = None
     if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(
-            TextColumn("[bold]training[/] {task.fields[preset]}"),
-            BarColumn(),
-            TextColumn("epoch {task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.5f} val {task.fields[val]:.5f}"),
-            TimeElapsedColumn(),
-            transient=False,
-        )
-        bar.start()
-        task = bar.add_task(
-            "train", total=cfg.epochs, preset=cfg.preset, loss=float("nan"), val=float("nan")
-        )
+        bar, task = _progress_bar(cfg)
     epochs_run = 0
     try:
         for _epoch in range(cfg.epochs):
@@ -202,3 +189,28 @@ def train_model(
         "config": cfg.model_dump(mode="json"),
     }
     return TrainResult(module, scaler, calib, info)
+
+
+def _progress_bar(cfg: TrainConfig) -> tuple[Any, Any]:
+    """A started rich progress bar and its task; (None, None) without rich (an extra).
+
+    rich is in the ``demo`` and ``dev`` extras, not in a production install: training
+    there runs without a bar.
+    """
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return None, None
+    bar = Progress(
+        TextColumn("[bold]training[/] {task.fields[preset]}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.5f} val {task.fields[val]:.5f}"),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    bar.start()
+    task = bar.add_task(
+        "train", total=cfg.epochs, preset=cfg.preset, loss=float("nan"), val=float("nan")
+    )
+    return bar, task

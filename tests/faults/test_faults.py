@@ -19,7 +19,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from streamer.kafka.localbroker import LocalBroker
+from streamer.dev.broker import LocalBroker
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout
 from tests.integration.helpers import (

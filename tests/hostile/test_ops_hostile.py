@@ -19,7 +19,7 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from streamer.kafka.localbroker import LocalBroker
+from streamer.dev.broker import LocalBroker
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout
 from tests.integration.helpers import (

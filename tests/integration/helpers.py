@@ -30,9 +30,9 @@ from confluent_kafka import (
 import streamer
 from streamer.codec import window_id
 from streamer.config import TrainConfig
+from streamer.dev.simulate import CHANNELS, simulate
 from streamer.model.checkpoint import save_checkpoint
 from streamer.model.train import train_model
-from streamer.simulate import CHANNELS, simulate
 from tests.helpers import Timeout
 
 REPO = Path(__file__).resolve().parents[2]

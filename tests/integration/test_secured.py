@@ -32,7 +32,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from streamer.kafka.localbroker import BrokerSecurity, LocalBroker
+from streamer.dev.broker import BrokerSecurity, LocalBroker
 from tests.helpers import Timeout
 from tests.integration.helpers import (
     REPO,

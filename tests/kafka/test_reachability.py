@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from streamer.config import KafkaConfig
-from streamer.kafka.localbroker import LocalBroker
+from streamer.dev.broker import LocalBroker
 from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import Source

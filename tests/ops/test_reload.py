@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from streamer.config import ThresholdConfig
+from streamer.dev.simulate import CHANNELS
 from streamer.reload import CheckpointWatcher, ModelReloader
-from streamer.simulate import CHANNELS
 from tests.ops.helpers import swap_symlink
 
 SPOT = ThresholdConfig(method="spot", risk=1e-3, level=0.95)

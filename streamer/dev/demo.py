@@ -22,8 +22,10 @@ import orjson
 import yaml
 
 from streamer.config import TrainConfig
+from streamer.dev.broker import LocalBroker
+from streamer.dev.simulate import ANOMALY_KINDS, CHANNELS, Plant, simulate
 from streamer.errors import StreamerError
-from streamer.simulate import ANOMALY_KINDS, CHANNELS, Plant, simulate
+from streamer.kafka.plain import plain_consumer, plain_producer, topic_names
 
 __all__ = ["run_demo"]
 
@@ -73,9 +75,7 @@ def _config(bootstrap: str, model: Path, window: int, stride: int, run_id: str) 
 
 
 def _produce(bootstrap: str, topic: str, live: Plant, rate_hz: float) -> None:
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3})
+    producer = plain_producer(bootstrap, **{"linger.ms": 20})
     sensors, rows, _ = live.values.shape
     names = [f"pump-{s:02d}" for s in range(sensors)]
     started = time.monotonic()
@@ -185,12 +185,9 @@ def _evaluate(live: Plant, alerts: list[dict[str, Any]], window: int) -> dict[st
 
 def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float = 60.0) -> int:
     """Run the demo; returns the exit code."""
-    from confluent_kafka import Consumer
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
-
-    from streamer.kafka.localbroker import LocalBroker
 
     console = Console()
     window, stride = 32, 4
@@ -232,21 +229,11 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"demo-viewer-{run_id}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
+        consumer = plain_consumer(bootstrap, f"demo-viewer-{run_id}")
         topics = config["topics"]
         # The daemon creates the topics; wait until it has before subscribing.
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": bootstrap})
         deadline = time.monotonic() + 120
-        while set(topics.values()) - set(admin.list_topics(timeout=5).topics):
+        while set(topics.values()) - topic_names(bootstrap):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise StreamerError(f"the daemon did not start; see {log_path}")
             time.sleep(0.5)

@@ -18,9 +18,10 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 # NewTopic's documented home; the package's stubs do not re-export it explicitly.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from streamer.dev import broker as localbroker
+from streamer.dev.broker import LocalBroker, ensure_jars
+from streamer.dev.broker import cli as broker_cli
 from streamer.errors import KafkaError
-from streamer.kafka import localbroker
-from streamer.kafka.localbroker import LocalBroker, ensure_jars
 from tests.conftest import NewTopicFactory
 from tests.helpers import consume_all, produce_json
 
@@ -149,7 +150,7 @@ def cli_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
     # Whatever the test did, leave no detached broker behind.
     subprocess.run(
-        [sys.executable, "-m", "streamer.kafka.localbroker", "stop"],
+        [sys.executable, "-m", "streamer.dev.broker", "stop"],
         env=env,
         capture_output=True,
         timeout=60,
@@ -159,7 +160,7 @@ def cli_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streamer.kafka.localbroker", *args],
+        [sys.executable, "-m", "streamer.dev.broker", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -194,7 +195,7 @@ class TestCommandLine:
         assert stopped.returncode == 0, stopped.stderr
         assert stopped.stdout == ""
         assert not state_path.exists()
-        assert localbroker._gone(pid)
+        assert broker_cli.process_gone(pid)
 
         after = _cli(cli_env, "status")
         assert (after.returncode, after.stdout) == (1, "")

@@ -32,9 +32,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
+from streamer.dev.broker import BrokerSecurity, LocalBroker, pki
 from streamer.errors import KafkaError as StreamerKafkaError
-from streamer.kafka import localbroker
-from streamer.kafka.localbroker import BrokerSecurity, LocalBroker
 from tests.helpers import Timeout
 from tests.secure import allow, create_topics, grant
 
@@ -100,8 +99,8 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("other-ca")
     keystore = directory / "ca.p12"
     store = ["-keystore", str(keystore), "-storetype", "PKCS12", "-storepass", "other-secret"]
-    keytool = localbroker._keytool()
-    same_name = localbroker._CA_DNAME
+    keytool = pki.keytool()
+    same_name = pki.CA_DNAME
     for args in (
         ["-genkeypair", "-alias", "ca", "-keyalg", "EC", "-ext", "bc:c", "-dname", same_name],
         ["-exportcert", "-alias", "ca", "-rfc", "-file", str(directory / "ca.pem")],
@@ -400,16 +399,16 @@ class TestBrokerSecurityValidation:
         fake = tmp_path / "keytool"
         fake.write_text("#!/bin/sh\necho 'keytool error: java.lang.Exception: boom' >&2\nexit 1\n")
         fake.chmod(0o755)
-        pki = localbroker._Pki(str(fake))
+        authority = pki.Pki(str(fake))
 
         with pytest.raises(StreamerKafkaError, match="boom") as raised:
-            pki.ensure_server()
-        assert pki.store_password not in str(raised.value)
+            authority.ensure_server()
+        assert authority.store_password not in str(raised.value)
 
     def test_key_extraction_rejects_garbage(self) -> None:
         """A keystore that is not the PKCS#12 keytool writes is an error, not an IndexError."""
         with pytest.raises(StreamerKafkaError, match="PKCS#12"):
-            localbroker._pkcs12_encrypted_key(b"\x30\x03\x02\x01\x03")
+            pki.pkcs12_encrypted_key(b"\x30\x03\x02\x01\x03")
 
 
 # -- helpers --------------------------------------------------------------------
