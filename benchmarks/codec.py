@@ -32,6 +32,8 @@ import orjson
 
 from streamer.codec import Decoder, encode_score, encode_scores, split_position, window_id
 from streamer.config import StreamConfig
+from streamer.records import ScoredBatch
+from streamer.windows import WindowBatch
 
 
 class PerMessageDecoder(Decoder):
@@ -126,7 +128,6 @@ def encode_rates(channels: int, windows: int, piece: int, repeat: int) -> tuple[
     names = [f"c{i}" for i in range(channels)]
     scores = rng.random(windows)
     cols: dict[str, Any] = {
-        "topic": "sensors",
         "sensors": [f"sensor-{i % 1000:05d}" for i in range(windows)],
         "positions": (np.int64(2) << 40) + np.arange(windows, dtype=np.int64),
         "window_start": 1.7e9 + np.arange(windows, dtype=np.float64),
@@ -136,22 +137,40 @@ def encode_rates(channels: int, windows: int, piece: int, repeat: int) -> tuple[
         "anomalous": scores > 0.9,
         "likelihood": rng.random(windows),
         "channel_errors": rng.random((windows, channels)),
-        "channels": names,
         "model": "conv1d-0123456789ab",
     }
 
+    def scored(lo: int, hi: int) -> ScoredBatch:
+        none = np.zeros(hi - lo, dtype=np.int64)
+        ts = cols["window_start"][lo:hi]
+        w = WindowBatch(
+            none,
+            np.zeros((hi - lo, 1, 1), np.float32),
+            ts,
+            cols["window_end"][lo:hi],
+            none,
+            cols["positions"][lo:hi],
+        )
+        anomalous = cols["anomalous"][lo:hi]
+        return ScoredBatch(
+            w,
+            cols["sensors"][lo:hi],
+            cols["scores"][lo:hi],
+            cols["channel_errors"][lo:hi],
+            cols["thresholds"][lo:hi],
+            anomalous,
+            cols["likelihood"][lo:hi],
+            anomalous,
+            [],
+            cols["model"],
+        )
+
     # The daemon publishes a piece (inference.chunk windows, 64 by default) at a time.
-    pieces = [
-        {
-            k: v[lo : lo + piece] if k not in ("topic", "channels", "model") else v
-            for k, v in cols.items()
-        }
-        for lo in range(0, windows, piece)
-    ]
+    pieces = [scored(lo, min(lo + piece, windows)) for lo in range(0, windows, piece)]
 
     def batch() -> None:
         for one in pieces:
-            encode_scores(**one)
+            encode_scores("sensors", one, names)
 
     def one_by_one() -> None:
         for i in range(windows):

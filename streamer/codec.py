@@ -43,11 +43,13 @@ import orjson
 from numpy.typing import NDArray
 
 from streamer.config import StreamConfig
+from streamer.records import ScoredBatch
 from streamer.scoring.alerts import AlertEvent
 
 __all__ = [
     "DLQ_KINDS",
     "OFFSET_BITS",
+    "OFFSET_MASK",
     "DeadLetter",
     "DecodedSamples",
     "Decoder",
@@ -55,6 +57,9 @@ __all__ = [
     "encode_alert",
     "encode_score",
     "encode_scores",
+    "offset_of",
+    "partition_of",
+    "position_labels",
     "split_position",
     "to_position",
     "window_id",
@@ -62,7 +67,8 @@ __all__ = [
 
 OFFSET_BITS: Final = 40
 """A sample's position is ``partition << 40 | offset``: one int64 the ring buffers carry."""
-_OFFSET_MASK: Final = (1 << OFFSET_BITS) - 1
+OFFSET_MASK: Final = (1 << OFFSET_BITS) - 1
+"""``position & OFFSET_MASK`` is the offset, ``position >> OFFSET_BITS`` the partition."""
 
 DLQ_KINDS: Final = (
     "oversized",
@@ -103,7 +109,22 @@ def to_position(partition: NDArray[np.integer] | int, offset: NDArray[np.integer
 
 def split_position(position: int) -> tuple[int, int]:
     """(partition, offset) of a packed position."""
-    return int(position) >> OFFSET_BITS, int(position) & _OFFSET_MASK
+    return int(position) >> OFFSET_BITS, int(position) & OFFSET_MASK
+
+
+def offset_of(positions: Any) -> Any:
+    """The offsets of packed positions (an int, or an int64 array element-wise)."""
+    return positions & OFFSET_MASK
+
+
+def partition_of(positions: Any) -> Any:
+    """The partitions of packed positions (an int, or an int64 array element-wise)."""
+    return positions >> OFFSET_BITS
+
+
+def position_labels(positions: NDArray[np.int64]) -> list[str]:
+    """Positions as "partition:offset": stable across runs and instances (alert ids)."""
+    return [f"{p >> OFFSET_BITS}:{p & OFFSET_MASK}" for p in positions.tolist()]
 
 
 def window_id(topic: str, partition: int, offset: int) -> str:
@@ -491,32 +512,23 @@ def encode_score(
     )
 
 
-def encode_scores(
-    *,
-    topic: str,
-    sensors: Sequence[str],
-    positions: NDArray[np.int64],
-    window_start: NDArray[np.float64],
-    window_end: NDArray[np.float64],
-    scores: NDArray[np.float64],
-    thresholds: NDArray[np.float64],
-    anomalous: NDArray[np.bool_],
-    likelihood: NDArray[np.float64],
-    channel_errors: NDArray[np.float64],
-    channels: Sequence[str],
-    model: str,
-) -> list[bytes]:
+def encode_scores(topic: str, batch: ScoredBatch, channels: Sequence[str]) -> list[bytes]:
     """The score records of a batch of windows: the bytes ``encode_score`` gives each one.
 
-    ``positions`` are the windows' last samples (``to_position``), read from ``topic``.
+    The windows' last samples (``batch.windows.end_pos``) were read from ``topic``.
     Built with one dict per window in sorted key order, so orjson needs no key sort and
     there is no keyword call per window; a batch holding a non-finite number goes
     through ``encode_score`` window by window, which writes those as null.
     """
+    sensors = [str(s) for s in batch.sensors]
+    positions, model = batch.windows.end_pos, batch.model_version
+    window_start, window_end = batch.windows.start_ts, batch.windows.end_ts
+    scores, thresholds, likelihood = batch.scores, batch.thresholds, batch.likelihood
+    anomalous, channel_errors = batch.anomalous, batch.channel_errors
     n = len(sensors)
     numbers = (scores, thresholds, likelihood, channel_errors)
     parts = (positions >> OFFSET_BITS).tolist()
-    offsets = (positions & _OFFSET_MASK).tolist()
+    offsets = (positions & OFFSET_MASK).tolist()
     ids = [window_id(topic, p, off) for p, off in zip(parts, offsets, strict=True)]
     starts, ends = window_start.tolist(), window_end.tolist()
     score_l, thr_l, anom_l, lik_l = (

@@ -61,11 +61,9 @@ import signal
 import time
 from types import FrameType
 
-import numpy as np
 import structlog
-from numpy.typing import NDArray
 
-from streamer.codec import OFFSET_BITS, Decoder
+from streamer.codec import Decoder, position_labels
 from streamer.config import Config
 from streamer.engine import Engine
 from streamer.errors import ConfigError, StreamerError
@@ -74,7 +72,7 @@ from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import Source
 from streamer.metrics import Health, Metrics
-from streamer.model.checkpoint import load_checkpoint
+from streamer.model.checkpoint import LoadedModel, load_checkpoint, stream_mismatch
 from streamer.model.device import resolve_device
 from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
@@ -94,7 +92,6 @@ __all__ = ["Daemon", "run_daemon"]
 
 log = structlog.get_logger("streamer.daemon")
 
-_OFFSET_MASK = (1 << OFFSET_BITS) - 1
 # Gauges (lag, queue depth, ...) are refreshed this often; Prometheus scrapes every 15 s
 # or so, and the refresh reads the consumer, so it is kept off the per-batch path.
 _GAUGE_REFRESH_S = 1.0
@@ -109,9 +106,19 @@ _COMMIT_SPACING = 9.0
 _DEFER_STATES_MAX = 20_000
 
 
-def _label(positions: NDArray[np.int64]) -> list[str]:
-    """Alert-id positions as "partition:offset" (stable across runs and instances)."""
-    return [f"{p >> OFFSET_BITS}:{p & _OFFSET_MASK}" for p in positions.tolist()]
+def _load_model(cfg: Config, device: str) -> tuple[LoadedModel, float]:
+    """The checkpoint, and the seconds its load took; ConfigError if it does not fit the stream."""
+    started = time.perf_counter()
+    model = load_checkpoint(cfg.model.path, device)
+    load_s = time.perf_counter() - started
+    stream = cfg.stream
+    mismatch = stream_mismatch(model, stream.window, stream.stride, stream.channels)
+    if mismatch:
+        raise ConfigError(
+            f"model {cfg.model.path} does not fit the stream: {'; '.join(mismatch)} "
+            "(they must match)"
+        )
+    return model, load_s
 
 
 class Daemon:
@@ -127,15 +134,7 @@ class Daemon:
         self.cfg = cfg
         self.topics = cfg.topics
         device = resolve_device(cfg.model.device)
-        load_started = time.perf_counter()
-        model = load_checkpoint(cfg.model.path, device)
-        load_s = time.perf_counter() - load_started
-        if model.window != cfg.stream.window or tuple(model.channels) != tuple(cfg.stream.channels):
-            raise ConfigError(
-                f"model {cfg.model.path} has window {model.window} and channels "
-                f"{list(model.channels)}; stream.window is {cfg.stream.window} and "
-                f"stream.channels {list(cfg.stream.channels)}: they must match"
-            )
+        model, load_s = _load_model(cfg, device)
         self.channels = list(model.channels)
         self.decoder = Decoder(cfg.stream)
         self.metrics = Metrics()
@@ -154,7 +153,7 @@ class Daemon:
             inference=cfg.inference,
             device=device,
             stride=cfg.stream.stride,
-            position_label=_label,
+            position_label=position_labels,
             on_batch=self.metrics.inference_batch_done,
         )
         self.metrics.model_in_use(model.version, load_s)

@@ -20,7 +20,8 @@ from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig
 from streamer.errors import ConfigError
 from streamer.inference import InferenceResult, InferenceWorker
 from streamer.model.checkpoint import LoadedModel
-from streamer.scoring.alerts import AlertBank, AlertEvent
+from streamer.records import ScoredBatch
+from streamer.scoring.alerts import AlertBank
 from streamer.scoring.thresholds import Threshold, ThresholdBank, make_threshold
 from streamer.windows import PushResult, RingWindows, SensorIndex, WindowBatch
 
@@ -35,25 +36,6 @@ class PendingBatch:
     sensors: list[Hashable]
     future: Future[InferenceResult]
     push: PushResult
-
-
-@dataclass(frozen=True, slots=True)
-class ScoredBatch:
-    """Everything the engine decided about one batch of windows."""
-
-    windows: WindowBatch
-    sensors: list[Hashable]
-    scores: NDArray[np.float64]
-    channel_errors: NDArray[np.float64]
-    thresholds: NDArray[np.float64]
-    anomalous: NDArray[np.bool_]
-    likelihood: NDArray[np.float64]
-    alert_open: NDArray[np.bool_]
-    events: list[AlertEvent]
-    model_version: str
-
-    def __len__(self) -> int:
-        return len(self.windows)
 
 
 def _plain_label(positions: NDArray[np.int64]) -> list[str]:

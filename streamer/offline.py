@@ -244,7 +244,8 @@ def _train_detector(cfg: Config, train_values: NDArray[np.float64], device: str)
     return _as_loaded(result.module, channels, 1, result.calibration)
 
 
-def _skab_files(data_dir: Path) -> list[Path]:
+def skab_files(data_dir: Path) -> list[Path]:
+    """The labelled SKAB CSVs under ``data_dir``, in the benchmark's file order."""
     files = []
     for path in sorted(data_dir.rglob("*.csv")):
         with path.open(encoding="utf-8") as fh:
@@ -294,7 +295,9 @@ SKAB_LEVELS = tuple(float(x) for x in np.geomspace(100.0, 1.0, 61))
 
 
 @dataclass(frozen=True, slots=True)
-class _SkabFile:
+class SkabFile:
+    """One SKAB file scored: its labels, window scores and the configured decisions."""
+
     path: Path
     raw_timestamps: list[str]
     labels: NDArray[np.bool_]  # scored rows only
@@ -302,7 +305,8 @@ class _SkabFile:
     decision: NDArray[np.bool_]  # alert open per row, with the configured threshold
 
 
-def _skab_score_files(cfg: Config, files: list[Path], device: str) -> list[_SkabFile]:
+def skab_score_files(cfg: Config, files: list[Path], device: str) -> list[SkabFile]:
+    """Train on each file's first rows and score the rest, as the SKAB protocol does."""
     out = []
     for path in files:
         table = read_csv(
@@ -316,7 +320,7 @@ def _skab_score_files(cfg: Config, files: list[Path], device: str) -> list[_Skab
         with _engine(cfg, model, device, 1) as engine:
             res = run_rows(engine, path.stem, table.timestamps, table.values, SKAB_TRAIN_ROWS)
         labels = np.asarray(table.extra["anomaly"][SKAB_TRAIN_ROWS:]) > 0.5
-        out.append(_SkabFile(path, table.raw_timestamps, labels, res.score, res.alert_open))
+        out.append(SkabFile(path, table.raw_timestamps, labels, res.score, res.alert_open))
     return out
 
 
@@ -366,10 +370,10 @@ def eval_skab(
             f"threshold.method is {cfg.threshold.method!r}, which labels do not set"
         )
     device = resolve_device(cfg.model.device)
-    paths = _skab_files(Path(data_dir))[:limit]
+    paths = skab_files(Path(data_dir))[:limit]
     fold_of = assign_folds(len(paths), folds) if folds is not None else None
     started = time.monotonic()
-    scored = _skab_score_files(cfg, paths, device)
+    scored = skab_score_files(cfg, paths, device)
     scored_rows = slice(SKAB_TRAIN_ROWS, None)
     decisions = [f.decision for f in scored]
     title = "pooled, point-wise, no point-adjust"
@@ -427,7 +431,7 @@ def eval_skab(
     return out
 
 
-def _write_skab_scores(scores_out: Path, f: _SkabFile, decision: NDArray[np.bool_]) -> None:
+def _write_skab_scores(scores_out: Path, f: SkabFile, decision: NDArray[np.bool_]) -> None:
     target = scores_out / f.path.parent.name / f"{f.path.stem}.csv"
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("w", newline="") as fh:

@@ -25,7 +25,13 @@ from pathlib import Path
 
 from streamer.config import ThresholdConfig
 from streamer.engine import calibrated_threshold
-from streamer.model.checkpoint import SIDECAR_FILE, WEIGHTS_FILE, LoadedModel, load_checkpoint
+from streamer.model.checkpoint import (
+    SIDECAR_FILE,
+    WEIGHTS_FILE,
+    LoadedModel,
+    load_checkpoint,
+    stream_mismatch,
+)
 from streamer.scoring.thresholds import Threshold
 
 __all__ = ["CheckpointWatcher", "ModelReloader", "ReloadOutcome"]
@@ -92,11 +98,14 @@ class ModelReloader:
         window: int,
         channels: tuple[str, ...],
         threshold: ThresholdConfig,
+        stride: int | None = None,
     ) -> None:
         self.path = path
         self._device = device
         self._window = window
         self._channels = channels
+        # The running stream's stride: a model trained for another is refused too.
+        self._stride = stride
         self._threshold = threshold
         self._results: queue.SimpleQueue[ReloadOutcome] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -154,11 +163,10 @@ class ModelReloader:
             model = load_checkpoint(self.path, self._device)
         except Exception as exc:  # any failure keeps the old model; the reason is logged
             return failed(f"{type(exc).__name__}: {exc}")
-        if model.window != self._window or model.channels != self._channels:
-            return failed(
-                f"incompatible model: window {model.window} and channels {list(model.channels)}; "
-                f"the running model has window {self._window} and channels {list(self._channels)}"
-            )
+        stride = model.stride if self._stride is None else self._stride
+        mismatch = stream_mismatch(model, self._window, stride, self._channels)
+        if mismatch:
+            return failed(f"incompatible model: {'; '.join(mismatch)}")
         try:
             prototype = calibrated_threshold(self._threshold, model.calibration)
         except Exception as exc:

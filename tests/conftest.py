@@ -11,6 +11,8 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +21,9 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from streamer.dev.broker import LocalBroker
 from tests.helpers import Timeout
+
+if TYPE_CHECKING:
+    from tests.integration.helpers import DaemonProcess
 
 # Generous: a cold JVM on a busy 2-core CI machine is far slower than on a laptop.
 _BROKER_START_TIMEOUT_S = 180.0
@@ -97,3 +102,23 @@ def _wait_for_leaders(admin: AdminClient, topic: str, partitions: int, timeout: 
 def group_id() -> str:
     """A fresh consumer group id, so no test sees another's committed offsets."""
     return f"test-group-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny conv1d model (window 16, stride 4) trained on simulated normal data.
+
+    One for the whole session: the tests read it and never change it.
+    """
+    from tests.integration.helpers import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemon processes a test starts; any still running at its end are killed."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.__exit__()

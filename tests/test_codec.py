@@ -22,7 +22,9 @@ from streamer.codec import (
     window_id,
 )
 from streamer.config import StreamConfig
+from streamer.records import ScoredBatch
 from streamer.scoring.alerts import AlertEvent
+from streamer.windows import WindowBatch
 
 CFG = StreamConfig(channels=["a", "b", "c"], max_message_bytes=512)
 
@@ -328,20 +330,23 @@ class TestEncode:
         sensors = [f"s{i % 7}" for i in range(n)]
         start = rng.random(n) * 1e9
         anomalous = scores > thresholds
-        got = encode_scores(
-            topic="in",
-            sensors=sensors,
-            positions=positions,
-            window_start=start,
-            window_end=start + 6.3,
-            scores=scores,
-            thresholds=thresholds,
-            anomalous=anomalous,
-            likelihood=likelihood,
-            channel_errors=errors,
-            channels=channels,
-            model="m1",
+        none = np.zeros(n, dtype=np.int64)
+        windows = WindowBatch(
+            none, np.zeros((n, 1, 1), np.float32), start, start + 6.3, none, positions
         )
+        batch = ScoredBatch(
+            windows,
+            list(sensors),
+            scores,
+            errors,
+            thresholds,
+            anomalous,
+            likelihood,
+            anomalous,
+            [],
+            "m1",
+        )
+        got = encode_scores("in", batch, channels)
         want = []
         for i in range(n):
             p, off = split_position(int(positions[i]))

@@ -190,7 +190,7 @@ class Source:
         self._reachability = reachability if reachability is not None else Reachability()
         conf.update(self._reachability.watch(_CLIENT, conf))
         # Called (inside consume/poll, on the main thread) for asynchronous commits only.
-        conf["on_commit"] = self._commit_cb
+        conf["on_commit"] = self.on_commit
         self.topic = topic
         self._commit_results: list[CommitResult] = []
         self._on_assign = on_assign
@@ -285,7 +285,12 @@ class Source:
             for key in [GROUP_REFUSED] if kind == "group" else on_topic:
                 refused.pop(key, None)
 
-    def _commit_cb(self, err: Any, parts: list[TopicPartition]) -> None:
+    def on_commit(self, err: Any, parts: list[TopicPartition]) -> None:
+        """librdkafka's commit callback: the answer queued for ``commit_results``.
+
+        Runs on the thread serving ``consume``; an error that does not pass by itself is
+        raised by the next ``consume`` (raised here, it would be lost in the client).
+        """
         result, failure = self._answer(err, parts)
         if failure is not None and self._failure is None:
             self._failure = failure  # raised by the next consume (a callback's would be lost)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,26 @@ def _require(sidecar: dict[str, Any], key: str, kind: type | tuple[type, ...], w
             f"{where}: sidecar {key!r} has the wrong type ({type(value).__name__})"
         )
     return value
+
+
+def stream_mismatch(
+    model: LoadedModel, window: int, stride: int, channels: Sequence[str]
+) -> list[str]:
+    """How a model differs from the stream it is to score (empty when it fits).
+
+    The model's window, stride and channels are what it was trained and calibrated
+    for: a stream cut differently would feed it windows it never saw, and the
+    threshold's calibration and the alert debounce (counted in windows) would mean
+    other things. Each difference is one message naming the stream setting.
+    """
+    out = []
+    if model.window != window:
+        out.append(f"model window {model.window}, stream.window {window}")
+    if model.stride != stride:
+        out.append(f"model stride {model.stride}, stream.stride {stride}")
+    if tuple(model.channels) != tuple(channels):
+        out.append(f"model channels {list(model.channels)}, stream.channels {list(channels)}")
+    return out
 
 
 def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from streamer.codec import OFFSET_BITS
+from streamer.codec import offset_of
 from streamer.config import StreamConfig
 
 __all__ = ["Eviction", "choose_evictions"]
-
-_OFFSET_MASK = (1 << OFFSET_BITS) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +61,7 @@ def choose_evictions(
     the anchor offset last written (-1: none), its latest timestamp (-inf: no sample),
     whether its ring has filled a window, and the seconds since its last message.
     """
-    held = np.where(oldest_pos >= 0, oldest_pos & _OFFSET_MASK, h)
+    held = np.where(oldest_pos >= 0, offset_of(oldest_pos), h)
     anchor = np.where(written >= 0, written, held)
     has_samples = np.isfinite(last_ts)
     # The partition's clock: the (upper) median of the latest timestamps of its sensors

@@ -23,7 +23,7 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from streamer.codec import OFFSET_BITS, to_position
+from streamer.codec import offset_of, partition_of, to_position
 from streamer.config import StreamConfig
 from streamer.errors import StaleStateError, StateError
 from streamer.metrics import Metrics
@@ -39,7 +39,6 @@ __all__ = ["Partition", "PartitionTable", "SensorStores"]
 
 log = structlog.get_logger("streamer.daemon")
 
-_OFFSET_MASK = (1 << OFFSET_BITS) - 1
 # Per-sensor eviction warnings per partition and round; the rest are summed in one line.
 _EVICTIONS_LOGGED = 20
 
@@ -283,7 +282,7 @@ class PartitionTable:
         """Anchors the replay went past without meeting (record older than the log) are void."""
         windows, index = self.stores.windows, self.stores.index
         for slot, (pos, _count) in windows.anchors.items():
-            if pos >> OFFSET_BITS != part.partition or (pos & _OFFSET_MASK) > part.consumed:
+            if partition_of(pos) != part.partition or offset_of(pos) > part.consumed:
                 continue
             windows.clear_anchors([slot])
             key = index.key(slot)
@@ -293,7 +292,7 @@ class PartitionTable:
                 "state_anchor_missed",
                 sensor=key,
                 partition=part.partition,
-                anchor_offset=pos & _OFFSET_MASK,
+                anchor_offset=offset_of(pos),
             )
 
     # -- commit rounds ---------------------------------------------------------------------
@@ -470,7 +469,7 @@ class PartitionTable:
         The filter returns, per window, whether it is new: its last offset is above both
         the partition's restored H and its sensor's ``upto``.
         """
-        offs = positions & _OFFSET_MASK
+        offs = offset_of(positions)
         if not any(
             (offs[parts == p] <= self.parts[p].replay_until).any()
             for p in np.unique(parts).tolist()
@@ -483,7 +482,7 @@ class PartitionTable:
             out = np.ones(len(w), dtype=bool)
             sensors = index.keys_of(w.slots)
             for i, pos in enumerate(w.end_pos.tolist()):
-                p, off = pos >> OFFSET_BITS, pos & _OFFSET_MASK
+                p, off = partition_of(pos), offset_of(pos)
                 part = self.parts[p]
                 if off <= part.replay_until:
                     mark = part.skip.get(str(sensors[i]), part.restored_h)

@@ -116,20 +116,7 @@ class Publisher:
         topic_out = self.topics.scores
         produce = self.producer.produce
         sensors = [str(s) for s in b.sensors]
-        records = encode_scores(
-            topic=self.topics.input,
-            sensors=sensors,
-            positions=b.windows.end_pos,
-            window_start=b.windows.start_ts,
-            window_end=b.windows.end_ts,
-            scores=b.scores,
-            thresholds=b.thresholds,
-            anomalous=b.anomalous,
-            likelihood=b.likelihood,
-            channel_errors=b.channel_errors,
-            channels=self.channels,
-            model=b.model_version,
-        )
+        records = encode_scores(self.topics.input, b, self.channels)
         end_ts = b.windows.end_ts
         e2e = self.metrics.end_to_end
 

@@ -32,7 +32,7 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from streamer.codec import OFFSET_BITS
+from streamer.codec import offset_of
 from streamer.scoring.thresholds import Threshold
 
 __all__ = [
@@ -54,7 +54,6 @@ log = structlog.get_logger("streamer.daemon")
 FLUSH_TIMEOUT_S = 60.0
 # State records serialised and produced per loop iteration by an interval round.
 STATE_SLICE = 100
-_OFFSET_MASK = (1 << OFFSET_BITS) - 1
 
 
 @dataclass(slots=True)
@@ -83,7 +82,7 @@ class Checkpoint:
         """The ring anchor (offset, count) of a sensor of the checkpoint, if it held samples."""
         i = self.index()[sensor]
         count = int(self.oldest_count[i])
-        return (int(self.oldest_pos[i]) & _OFFSET_MASK, count) if count > 0 else None
+        return (offset_of(int(self.oldest_pos[i])), count) if count > 0 else None
 
 
 # sensor, partition, H, ring anchor, threshold snapshot, alerts state

@@ -18,7 +18,7 @@ from streamer.evaluation.nab import (
     score_corpus,
     score_corpus_out_of_fold,
 )
-from streamer.offline import SKAB_DEFAULTS, _skab_files, _skab_score_files, alert_decisions
+from streamer.offline import SKAB_DEFAULTS, alert_decisions, skab_files, skab_score_files
 from tests.evaluation.test_nab import random_corpus
 from tests.test_cli_offline import make_skab
 
@@ -116,7 +116,7 @@ def test_skab_alert_replay_matches_the_engine(tmp_path: Path) -> None:
     settings["train"].update(epochs=5, patience=5)
     settings["threshold"] = {"method": "fixed", "value": 5.0}
     cfg = parse_config(settings)
-    (scored,) = _skab_score_files(cfg, _skab_files(tmp_path / "skab"), "cpu")
+    (scored,) = skab_score_files(cfg, skab_files(tmp_path / "skab"), "cpu")
     level = float(settings["threshold"]["value"])
     replayed = alert_decisions(scored.scores, level, cfg)
     assert scored.decision.any() and not scored.decision.all()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from tests.integration.helpers import (
     make_topics,
     plant_samples,
     produce,
-    train_tiny,
     validator,
     write_config,
 )
@@ -43,21 +41,6 @@ W, S = 16, 4
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 # DSPOT moves its threshold with every normal window: a re-warmed sensor is visible.
 DSPOT = {"method": "dspot", "risk": 1e-3, "level": 0.95, "depth": 20}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny conv1d model (window 16, stride 4)."""
-    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    """Daemons started by a test; any still running at the end are killed."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.__exit__()
 
 
 def from_start(bootstrap: str, topic: str) -> Consumer:

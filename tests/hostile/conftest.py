@@ -3,7 +3,7 @@ that waits until every window of a stream is published."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,25 +14,8 @@ from tests.integration.helpers import (
     Sample,
     Topics,
     expected_windows,
-    train_tiny,
     wait_for_ids,
 )
-
-
-@pytest.fixture(scope="package")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny conv1d model (window 16, stride 4) trained on simulated normal data."""
-    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    """Daemon processes started by a test; any still running at the end are killed."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.__exit__()
-
 
 W, S = 16, 4  # the tiny model's window and stride
 

@@ -14,8 +14,9 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -50,12 +51,6 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.kafka
 
 W, S = 16, 4
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny conv1d model (window 16, stride 4) trained on simulated normal data."""
-    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture
@@ -93,13 +88,33 @@ def ids_of(msgs: list[Message]) -> list[str]:
     return [orjson.loads(m.value() or b"")["id"] for m in msgs]
 
 
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
-    """Daemons started by a test; any still running at the end are killed."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.__exit__()
+class TestModelFitsTheStream:
+    """The model's window, stride and channels are the stream's: a config that differs stops."""
+
+    @pytest.mark.parametrize(
+        ("stream", "named"),
+        [
+            ({"stride": 8}, "model stride 4, stream.stride 8"),
+            ({"window": 32, "stride": 4}, "model window 16, stream.window 32"),
+            ({"channels": ["a", "b"]}, "stream.channels ['a', 'b']"),
+        ],
+    )
+    def test_start_up_names_every_difference(
+        self, tmp_path: Path, model_dir: Path, stream: dict[str, Any], named: str
+    ) -> None:
+        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
+        cfg = write_config(
+            tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir, stream=stream
+        )
+        run = subprocess.run(
+            [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert named in run.stdout + run.stderr
 
 
 class TestScoring:
@@ -112,7 +127,7 @@ class TestScoring:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """Every window due is scored exactly once, ids unique, anomalies above threshold."""
         timeout = Timeout(120)
@@ -131,7 +146,7 @@ class TestScoring:
             stream={"max_gap_s": 60.0},
         )
         daemon = DaemonProcess(cfg).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
 
         msgs = read_scores(
             kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
@@ -219,7 +234,7 @@ class TestDeadLetters:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """15 kinds of bad message reach the DLQ with kind, reason, source; valid ones scored."""
         timeout = Timeout(120)
@@ -237,7 +252,7 @@ class TestDeadLetters:
         expected = expected_windows(topics2.input, stream, W, S)
         cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics2, group_id, model_dir)
         daemon = DaemonProcess(cfg).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
 
         scores = read_scores(
             kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
@@ -346,7 +361,7 @@ class TestRestart:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """SIGTERM mid-stream exits 0; with the restart every window appears exactly once."""
         msgs, expected, code = restart_scenario(
@@ -356,10 +371,10 @@ class TestRestart:
             group_id,
             model_dir,
             tmp_path,
-            daemon_factory,
+            daemons,
         )
-        assert code == 0, daemon_factory[0].tail()
-        assert daemon_factory[0].seen("shutdown_complete")
+        assert code == 0, daemons[0].tail()
+        assert daemons[0].seen("shutdown_complete")
         counts = Counter(ids_of(msgs))
         assert set(counts) == set(expected)
         repeated = {i: c for i, c in counts.items() if c > 1}
@@ -372,7 +387,7 @@ class TestRestart:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """After SIGKILL mid-stream and a restart all windows appear, repeats byte-identical."""
         msgs, expected, code = restart_scenario(
@@ -382,7 +397,7 @@ class TestRestart:
             group_id,
             model_dir,
             tmp_path,
-            daemon_factory,
+            daemons,
         )
         assert code == -signal.SIGKILL
         repeats = assert_identical_repeats(msgs, expected)
@@ -395,7 +410,7 @@ class TestRestart:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """State written by an older streamer (float arrays as JSON lists) restores exactly.
 
@@ -425,12 +440,12 @@ class TestRestart:
             group_id,
             model_dir,
             tmp_path,
-            daemon_factory,
+            daemons,
             between=as_version_1,
         )
         assert code == -signal.SIGKILL
         assert len(set(rewritten)) == 6, rewritten
-        second = daemon_factory[1]
+        second = daemons[1]
         assert not second.seen("state_corrupt"), second.tail(40)
         repeats = assert_identical_repeats(msgs, expected)
         assert repeats > 0, "the restart must repeat the windows after the commit"
@@ -446,7 +461,7 @@ class TestModelChangeAcrossRestart:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """A retrained model's calibration differs: thresholds re-warm, windows stay whole."""
         timeout = Timeout(150)
@@ -458,7 +473,7 @@ class TestModelChangeAcrossRestart:
         produce(kafka_bootstrap, topics2.input, head)
         cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics2, group_id, current)
         first = DaemonProcess(cfg).start()
-        daemon_factory.append(first)
+        daemons.append(first)
         wait_for_ids(
             kafka_bootstrap,
             topics2.scores,
@@ -472,7 +487,7 @@ class TestModelChangeAcrossRestart:
         shutil.copytree(retrained, current)
         produce(kafka_bootstrap, topics2.input, tail)
         second = DaemonProcess(cfg).start()
-        daemon_factory.append(second)
+        daemons.append(second)
         expected = expected_windows(topics2.input, samples, W, S)
         wait_for_ids(kafka_bootstrap, topics2.scores, set(expected), timeout, second)
         assert second.stop() == 0, second.tail()
@@ -497,7 +512,7 @@ class TestReplayBound:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """Every sensor falls behind the bound: the daemon logs which key to raise."""
         timeout = Timeout(120)
@@ -513,7 +528,7 @@ class TestReplayBound:
             kafka={"commit_interval_s": 0.2},
         )
         daemon = DaemonProcess(cfg).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
         event = daemon.wait_event("replay_bound_too_small", timeout)
         assert event["max_replay_messages"] == 5
         assert event["needed_at_least"] >= W * event["sensors"]
@@ -554,7 +569,7 @@ class TestBackpressure:
         group_id: str,
         slow_model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
         bound: dict[str, int],
         pause_after_s: float,
     ) -> None:
@@ -578,7 +593,7 @@ class TestBackpressure:
             kafka={"consume_batch": 500, "pause_after_s": pause_after_s},
         )
         daemon = DaemonProcess(cfg).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
         watcher = threading.Thread(
             target=wait_for_ids,
             args=(kafka_bootstrap, topics2.scores, set(expected), timeout, daemon),
@@ -619,14 +634,14 @@ class TestTopics:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """Without kafka.create_topics the daemon exits 1 naming every missing topic."""
         names = [f"missing-{uuid.uuid4().hex}" for _ in range(5)]
         topics = Topics(*names, partitions=1)
         cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics, group_id, model_dir)
         daemon = DaemonProcess(cfg).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
         assert daemon.proc.wait(60) == 1, daemon.tail()
         daemon.stop()
         failure = daemon.seen("daemon_failed")
@@ -662,14 +677,14 @@ class TestTopics:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         """A state topic made with the broker's defaults: the settings and the command, said."""
         names = [new_topic() for _ in range(4)] + [new_topic(config={"cleanup.policy": "compact"})]
         topics = Topics(*names, partitions=1)
         cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics, group_id, model_dir)
         daemon = DaemonProcess(cfg).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
         said = daemon.wait_event("state_topic_unbounded", Timeout(60))
         assert said["topic"] == names[4]
         assert said["settings"] == {
@@ -750,13 +765,13 @@ class TestIntervalCommits:
         group_id: str,
         model_dir: Path,
         tmp_path: Path,
-        daemon_factory: list[DaemonProcess],
+        daemons: list[DaemonProcess],
     ) -> None:
         timeout = Timeout(120)
         produce(kafka_bootstrap, topics2.input, plant_samples(3, 120, seed=5))
         cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics2, group_id, model_dir)
         daemon = DaemonProcess(cfg, env={"STREAMER_LOG_LEVEL": "debug"}).start()
-        daemon_factory.append(daemon)
+        daemons.append(daemon)
         done = daemon.wait_event("offsets_committed", timeout)
         assert done["reason"] == "interval", daemon.tail()
         assert 0 <= done["commit_s"] <= done["seconds"], done

@@ -41,7 +41,6 @@ from tests.integration.helpers import (
     Topics,
     expected_windows,
     plant_samples,
-    train_tiny,
     write_config,
 )
 from tests.ops.helpers import http_get, metrics_url, scrape
@@ -68,12 +67,6 @@ def broker() -> Iterator[LocalBroker]:
 def admin(broker: LocalBroker) -> AdminClient:
     """An AdminClient of the super user."""
     return AdminClient(dict(broker.client_config("admin")))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny conv1d model (window 16, stride 4)."""
-    return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @dataclass
@@ -197,15 +190,6 @@ def check_access(plant: Plant) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    """Daemon processes started by a test; any still running at the end are killed."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.__exit__()
 
 
 class TestLeastPrivilege:

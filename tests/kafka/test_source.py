@@ -154,12 +154,12 @@ class TestCommitAsync:
         """The client's callback, fed librdkafka's own error objects."""
         source, topic = assigned
         rebalance = RdKafkaError(RdKafkaError.REBALANCE_IN_PROGRESS)
-        source._commit_cb(rebalance, [TopicPartition(topic, 0, 7), TopicPartition("other", 0, 1)])
+        source.on_commit(rebalance, [TopicPartition(topic, 0, 7), TopicPartition("other", 0, 1)])
         (answer,) = source.commit_results()
         assert answer.committed == {} and list(answer.deferred) == [0]
         assert "REBALANCE_IN_PROGRESS" in answer.deferred[0]
 
         denied = RdKafkaError(RdKafkaError.GROUP_AUTHORIZATION_FAILED)
-        source._commit_cb(denied, [TopicPartition(topic, 1, 7)])
+        source.on_commit(denied, [TopicPartition(topic, 1, 7)])
         with pytest.raises(KafkaError, match=rf"commit of {topic}\[1\] failed:.*AUTHORIZATION"):
             source.consume(10, 0)

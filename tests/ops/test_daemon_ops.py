@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +42,6 @@ from tests.ops.helpers import http_get, metrics_url, notify_listener, scrape, sw
 pytestmark = pytest.mark.kafka
 
 W, S = 16, 4
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    """Daemons started by a test; any still running at the end are killed."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.__exit__()
 
 
 def version_of(model_dir: Path) -> str:
