@@ -98,14 +98,11 @@ class ModelReloader:
         window: int,
         channels: tuple[str, ...],
         threshold: ThresholdConfig,
-        stride: int | None = None,
     ) -> None:
         self.path = path
         self._device = device
         self._window = window
         self._channels = channels
-        # The running stream's stride: a model trained for another is refused too.
-        self._stride = stride
         self._threshold = threshold
         self._results: queue.SimpleQueue[ReloadOutcome] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -163,8 +160,7 @@ class ModelReloader:
             model = load_checkpoint(self.path, self._device)
         except Exception as exc:  # any failure keeps the old model; the reason is logged
             return failed(f"{type(exc).__name__}: {exc}")
-        stride = model.stride if self._stride is None else self._stride
-        mismatch = stream_mismatch(model, self._window, stride, self._channels)
+        mismatch = stream_mismatch(model, self._window, self._channels)
         if mismatch:
             return failed(f"incompatible model: {'; '.join(mismatch)}")
         try:

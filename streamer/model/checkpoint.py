@@ -154,24 +154,34 @@ def _require(sidecar: dict[str, Any], key: str, kind: type | tuple[type, ...], w
     return value
 
 
-def stream_mismatch(
-    model: LoadedModel, window: int, stride: int, channels: Sequence[str]
-) -> list[str]:
-    """How a model differs from the stream it is to score (empty when it fits).
+def stream_mismatch(model: LoadedModel, window: int, channels: Sequence[str]) -> list[str]:
+    """How a model differs from the stream it is to score, where it cannot (empty: it fits).
 
-    The model's window, stride and channels are what it was trained and calibrated
-    for: a stream cut differently would feed it windows it never saw, and the
-    threshold's calibration and the alert debounce (counted in windows) would mean
-    other things. Each difference is one message naming the stream setting.
+    A window of another length or other channels is input the network cannot take.
+    The stride may differ (``stride_note``): it only sets how often a window is cut.
     """
     out = []
     if model.window != window:
         out.append(f"model window {model.window}, stream.window {window}")
-    if model.stride != stride:
-        out.append(f"model stride {model.stride}, stream.stride {stride}")
     if tuple(model.channels) != tuple(channels):
         out.append(f"model channels {list(model.channels)}, stream.channels {list(channels)}")
     return out
+
+
+def stride_note(model: LoadedModel, stride: int) -> str | None:
+    """Why a stream stride other than the model's is worth a line in the log, or None.
+
+    The model was trained and calibrated on windows of any stride; what changes is
+    what a count of windows means: alerts open and close after so many windows, and
+    DSPOT's moving mean spans so many, which now cover another stretch of time.
+    """
+    if model.stride == stride:
+        return None
+    return (
+        f"stream.stride {stride} cuts a window every {stride} samples; the model was "
+        f"trained for {model.stride}: alerts.open_after, close_after and a DSPOT depth "
+        "count windows, so they now span another stretch of time"
+    )
 
 
 def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:

@@ -149,7 +149,7 @@ class Reloads:
         self.metrics = metrics
         self.health = health
         self.reloader = ModelReloader(
-            cfg.model.path, device, model.window, model.channels, cfg.threshold, model.stride
+            cfg.model.path, device, model.window, model.channels, cfg.threshold
         )
         self.watcher = CheckpointWatcher(cfg.model.path) if cfg.model.watch_interval_s > 0 else None
         self.watch_every_s = cfg.model.watch_interval_s

@@ -29,7 +29,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from streamer.codec import DLQ_KINDS
-from streamer.config import KafkaConfig, TopicsConfig
+from streamer.config import KafkaConfig, TopicsConfig, load_config
+from streamer.daemon import Daemon
 from streamer.kafka.admin import STATE_TOPIC_CONFIG, ensure_topics, state_topic_findings
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout, consume_all, threshold_as_version_1
@@ -89,12 +90,11 @@ def ids_of(msgs: list[Message]) -> list[str]:
 
 
 class TestModelFitsTheStream:
-    """The model's window, stride and channels are the stream's: a config that differs stops."""
+    """A config whose window or channels differ from the model's stops start-up."""
 
     @pytest.mark.parametrize(
         ("stream", "named"),
         [
-            ({"stride": 8}, "model stride 4, stream.stride 8"),
             ({"window": 32, "stride": 4}, "model window 16, stream.window 32"),
             ({"channels": ["a", "b"]}, "stream.channels ['a', 'b']"),
         ],
@@ -115,6 +115,19 @@ class TestModelFitsTheStream:
         )
         assert run.returncode == 2, run.stdout + run.stderr
         assert named in run.stdout + run.stderr
+
+    def test_another_stride_is_allowed_and_said(
+        self, tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
+        cfg = write_config(
+            tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir, stream={"stride": 1}
+        )
+        daemon = Daemon(load_config(cfg))  # no Kafka contact before run()
+        daemon.engine.close()
+        out = capsys.readouterr().out
+        assert "stride_differs_from_model" in out and "alerts.open_after" in out
+        assert daemon.engine.windows.stride == 1
 
 
 class TestScoring:
