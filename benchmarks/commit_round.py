@@ -86,7 +86,7 @@ def main() -> None:
         # The anchors the first round wrote: each sensor's first sample.
         first = np.arange(n, dtype=np.int64) // _PARTITIONS
         table.anchor_offset.update(zip(names.tolist(), first.tolist(), strict=True))
-        writer = Checkpointer(table, engine, _NoSink(), "unused-state", daemon.stats)
+        writer = Checkpointer(table, engine.sensors, _NoSink(), "unused-state", daemon.stats)
         gc.collect()
         gc.freeze()  # as the daemon does after start-up
         snap, check = [], []

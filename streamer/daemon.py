@@ -168,7 +168,7 @@ class Daemon:
         self.health.model_version = model.version
         self.stats = Counters()
         self.table = PartitionTable(
-            self.engine,
+            self.engine.sensors,
             cfg.stream,
             self.metrics,
             self.stats,
@@ -311,7 +311,7 @@ class Daemon:
             reachability=self.reachability,
         )
         writer = self.writer = Checkpointer(
-            self.table, self.engine, sink, self.topics.state, self.stats
+            self.table, self.engine.sensors, sink, self.topics.state, self.stats
         )
         self.rounds = CommitRounds(
             sink, self.source, writer, defer_max=_DEFER_STATES_MAX, on_done=self.metrics.commit_done

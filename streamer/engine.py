@@ -23,6 +23,7 @@ from streamer.model.checkpoint import LoadedModel
 from streamer.records import ScoredBatch
 from streamer.scoring.alerts import AlertBank
 from streamer.scoring.thresholds import Threshold, ThresholdBank, make_threshold
+from streamer.sensors import SensorStore
 from streamer.windows import PushResult, RingWindows, SensorIndex, WindowBatch
 
 __all__ = ["Engine", "PendingBatch", "ScoredBatch", "calibrated_threshold"]
@@ -90,6 +91,8 @@ class Engine:
             close_after=alerts.close_after,
             top_k=alerts.top_channels,
         )
+        # The three per-sensor stores as one: what the daemon keeps, restores and forgets.
+        self.sensors = SensorStore(self.index, self.windows, self.thresholds, self.alerts)
         self.worker = InferenceWorker(model, inference, device, on_batch=on_batch).start()
 
     def swap_model(self, model: LoadedModel, prototype: Threshold | None = None) -> None:

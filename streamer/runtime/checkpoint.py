@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from streamer.runtime.counters import Counters
-from streamer.runtime.partitions import PartitionTable, SensorStores
+from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, Checkpoint, StateAtH
 from streamer.runtime.state import commit_metadata, encode_state
 from streamer.scoring.thresholds import Threshold
+from streamer.sensors import SensorState, SensorStore
 
 __all__ = ["Checkpointer", "StateProducer"]
 
@@ -42,13 +43,13 @@ class Checkpointer:
     def __init__(
         self,
         table: PartitionTable,
-        stores: SensorStores,
+        sensors: SensorStore,
         producer: StateProducer,
         topic: str,
         counters: Counters,
     ) -> None:
         self.table = table
-        self.stores = stores
+        self.sensors = sensors
         self.producer = producer
         self.topic = topic
         self.counters = counters
@@ -90,16 +91,13 @@ class Checkpointer:
                 ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
                 anchor_offset[s] = anchor[0]
             records.append((s, ring))
-        thresholds, alerts = self.stores.thresholds, self.stores.alerts
         for n, (s, ring) in enumerate(records, 1):
-            threshold = thresholds.get(s)
-            alert_state = alerts.export(s)
+            # Deferred, the threshold as of H is a copy, serialised later.
+            state = self.sensors.snapshot(s, copy=defer is not None)
             if defer is not None:
-                # The threshold as of H: a copy, serialised later.
-                snapshot = None if threshold is None else threshold.clone()
-                defer.append((s, p, h, ring, snapshot, alert_state))
+                defer.append((s, p, h, ring, state.threshold, state.alerts))
                 continue
-            self.write(s, p, self.value(s, p, h, ring, threshold, alert_state))
+            self.write(s, p, self.value(s, p, h, ring, state.threshold, state.alerts))
             if n % _STATE_FLUSH_EVERY == 0:
                 # Bound what the producer holds: at 100,000 changed sensors one round is
                 # hundreds of MB of records. Everything must be delivered before the
@@ -126,7 +124,7 @@ class Checkpointer:
         """
         if threshold is None and ring is None:
             return None
-        th = None if threshold is None else self.stores.thresholds.export(sensor, of=threshold)
+        th = self.sensors.export(SensorState(sensor, threshold, alerts))
         return encode_state(sensor, p, h, ring, th, alerts)
 
     def tombstones(self, sensors: Iterable[tuple[str, int]]) -> None:

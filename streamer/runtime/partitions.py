@@ -7,8 +7,8 @@ when. The table decides who is registered (``track``, under ``stream.max_sensors
 who is evicted (``snapshot``: silent, idle, or pinning the replay too far back) and
 whose state a round must write (``Partition.dirty`` and ``Partition.evicted``).
 
-The sensor state itself (rings, thresholds, alerts) lives in the engine's stores;
-the table only says which sensors they hold for which partition.
+The sensor state itself (rings, thresholds, alerts) lives in the engine's
+``SensorStore``; the table only says which sensors it holds for which partition.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
@@ -25,42 +25,20 @@ from numpy.typing import NDArray
 
 from streamer.codec import offset_of, partition_of, to_position
 from streamer.config import StreamConfig
-from streamer.errors import StaleStateError, StateError
 from streamer.metrics import Metrics
 from streamer.runtime.counters import Counters
 from streamer.runtime.eviction import Eviction, choose_evictions
 from streamer.runtime.rounds import Checkpoint
 from streamer.runtime.state import SensorRecord
-from streamer.scoring.alerts import AlertBank
-from streamer.scoring.thresholds import ThresholdBank
-from streamer.windows import RingWindows, SensorIndex, WindowBatch
+from streamer.sensors import SensorStore
+from streamer.windows import WindowBatch
 
-__all__ = ["Partition", "PartitionTable", "SensorStores"]
+__all__ = ["Partition", "PartitionTable"]
 
 log = structlog.get_logger("streamer.daemon")
 
 # Per-sensor eviction warnings per partition and round; the rest are summed in one line.
 _EVICTIONS_LOGGED = 20
-
-
-class SensorStores(Protocol):
-    """Where per-sensor state lives (the engine): rings, their index, thresholds, alerts."""
-
-    @property
-    def index(self) -> SensorIndex:
-        """Sensor id -> ring slot."""
-
-    @property
-    def windows(self) -> RingWindows:
-        """The ring buffers."""
-
-    @property
-    def thresholds(self) -> ThresholdBank:
-        """Per-sensor thresholds."""
-
-    @property
-    def alerts(self) -> AlertBank:
-        """Per-sensor alert state."""
 
 
 @dataclass(slots=True)
@@ -89,14 +67,14 @@ class PartitionTable:
 
     def __init__(
         self,
-        stores: SensorStores,
+        sensors: SensorStore,
         stream: StreamConfig,
         metrics: Metrics,
         counters: Counters,
         *,
         limit_log_every_s: float = 60.0,
     ) -> None:
-        self.stores = stores
+        self.sensors = sensors
         self.stream = stream
         self.metrics = metrics
         self.counters = counters
@@ -170,12 +148,10 @@ class PartitionTable:
         The least recently seen go first. Runs only at the limit: a pass over the live
         sensors. Returns how many were evicted.
         """
-        stores = self.stores
         names = [s for s in self.sensor_part if s not in batch]
         if not names:
             return 0
-        slots = stores.index.slots(names)
-        unfilled = np.flatnonzero(stores.windows.counts_of(slots) < stores.windows.window)
+        unfilled = np.flatnonzero(~self.sensors.rings(names).filled)
         seen = np.fromiter(
             map(self.last_seen.get, names, itertools.repeat(0.0)),
             dtype=np.float64,
@@ -222,7 +198,7 @@ class PartitionTable:
         """
         written = sensor in self.anchor_offset
         self.forget_ring(sensor, part)
-        if sensor in self.stores.thresholds:
+        if self.sensors.learned(sensor):
             part.evicted.add(sensor)
             self.evicted_at.pop(sensor, None)
             self.evicted_at[sensor] = (time.monotonic(), part.partition)
@@ -251,8 +227,7 @@ class PartitionTable:
         if not expired:
             return []
         names = [s for s, _ in expired]
-        self.stores.thresholds.drop(names)
-        self.stores.alerts.drop(names)
+        self.sensors.drop_learned(names)
         owned = []
         for sensor, p in expired:
             del self.evicted_at[sensor]
@@ -267,11 +242,7 @@ class PartitionTable:
 
     def forget_ring(self, sensor: str, part: Partition) -> None:
         """Release a sensor's ring and its live-sensor bookkeeping (not what it learned)."""
-        stores = self.stores
-        if sensor in stores.index:
-            slot = stores.index.slot(sensor)
-            stores.windows.reset([slot])
-            stores.index.release([sensor])
+        self.sensors.release_rings([sensor])
         part.sensors.discard(sensor)
         part.dirty.discard(sensor)
         self.sensor_part.pop(sensor, None)
@@ -280,17 +251,16 @@ class PartitionTable:
 
     def _expire_anchors(self, part: Partition) -> None:
         """Anchors the replay went past without meeting (record older than the log) are void."""
-        windows, index = self.stores.windows, self.stores.index
-        for slot, (pos, _count) in windows.anchors.items():
-            if partition_of(pos) != part.partition or offset_of(pos) > part.consumed:
-                continue
-            windows.clear_anchors([slot])
-            key = index.key(slot)
-            if windows.count(slot) == 0:
-                self.forget_ring(str(key), part)
+
+        def passed(pos: int) -> bool:
+            return bool(partition_of(pos) == part.partition and offset_of(pos) <= part.consumed)
+
+        for sensor, pos, empty in self.sensors.missed_anchors(passed):
+            if empty:
+                self.forget_ring(sensor, part)
             log.warning(
                 "state_anchor_missed",
-                sensor=key,
+                sensor=sensor,
                 partition=part.partition,
                 anchor_offset=offset_of(pos),
             )
@@ -317,10 +287,9 @@ class PartitionTable:
         future window of theirs needs (``RingWindows.oldest``). Vectorised: at 100,000
         sensors it runs at every commit round.
         """
-        windows = self.stores.windows
         names = list(part.sensors)
-        slots = self.stores.index.slots(names)
-        oldest_pos, oldest_count = windows.oldest(slots)
+        rings = self.sensors.rings(names)
+        oldest_pos, oldest_count = rings.oldest_pos, rings.oldest_count
         written = np.fromiter(
             map(self.anchor_offset.get, names, itertools.repeat(-1)),
             dtype=np.int64,
@@ -336,12 +305,12 @@ class PartitionTable:
             h=h,
             oldest_pos=oldest_pos,
             written=written,
-            last_ts=windows.last_ts_of(slots),
-            filled=windows.counts_of(slots) >= windows.window,
+            last_ts=rings.last_ts,
+            filled=rings.filled,
             idle_s=mono - seen,
             stream=self.stream,
         )
-        self._log_evictions(part, names, slots, ev)
+        self._log_evictions(part, names, rings.slots, ev)
         for i in ev.order(names):
             self.evicted(names[i], part, ev.reason(i))
         if not ev.any:
@@ -360,7 +329,7 @@ class PartitionTable:
                 sensor=names[i],
                 partition=part.partition,
                 reason=ev.reason(i),
-                samples_dropped=self.stores.windows.unscored(int(slots[i])),
+                samples_dropped=self.sensors.unscored(int(slots[i])),
                 silent_s=round(float(ev.silent_s[i]), 3),
                 idle_s=round(float(ev.idle_s[i]), 3),
                 messages_behind=int(ev.behind_by[i]),
@@ -415,49 +384,35 @@ class PartitionTable:
 
     def apply(self, part: Partition, rec: SensorRecord, start: int) -> None:
         """Restore one sensor of ``part`` from its state record; ``start``: the commit."""
-        stores = self.stores
+        sensors = self.sensors
         sensor = rec.sensor
         part.known.add(sensor)
-        if rec.threshold is not None:
-            try:
-                stores.thresholds.restore(sensor, rec.threshold)
-            except StaleStateError:
-                # Written under another model: the threshold starts from the current
-                # model's calibration; alerts and the ring anchor still apply.
-                part.stale += 1
-        if rec.alerts is not None:
-            try:
-                stores.alerts.restore(sensor, rec.alerts)
-            except StateError:
-                # All or nothing: a sensor with half its state would be worse than re-warming.
-                stores.thresholds.drop([sensor])
-                raise
+        # Stale: written under another model, so the threshold starts from the current
+        # model's calibration; alerts and the ring anchor still apply.
+        part.stale += sensors.restore(sensor, rec.threshold, rec.alerts)
         if rec.upto > part.restored_h:
             part.skip[sensor] = rec.upto
             part.replay_until = max(part.replay_until, rec.upto)
         ring = rec.ring
         if ring is not None and ring["anchor_offset"] >= start:
-            slot = stores.index.slot(sensor)
             position = to_position(part.partition, int(ring["anchor_offset"]))
-            stores.windows.set_anchor(slot, position, ring["anchor_count"])
+            sensors.anchor(sensor, position, ring["anchor_count"])
             self.anchor_offset[sensor] = ring["anchor_offset"]
             self.sensor_part[sensor] = part.partition
             self.last_seen[sensor] = time.monotonic()
             part.sensors.add(sensor)
-        elif sensor in stores.thresholds:
+        elif sensors.learned(sensor):
             # Evicted before the record was written: its state is kept as any eviction's.
             self.evicted_at[sensor] = (time.monotonic(), part.partition)
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget revoked or lost partitions and every sensor's state they held."""
-        stores = self.stores
         for p in partitions:
             part = self.parts.pop(p)
             sensors = sorted(part.known)
             for s in sensors:
                 self.forget_ring(s, part)
-            stores.thresholds.drop(sensors)
-            stores.alerts.drop(sensors)
+            self.sensors.drop_learned(sensors)
             for s in sensors:
                 self.evicted_at.pop(s, None)
 
@@ -475,7 +430,7 @@ class PartitionTable:
             for p in np.unique(parts).tolist()
         ):
             return None
-        index = self.stores.index
+        index = self.sensors.index
         counters, metrics = self.counters, self.metrics
 
         def keep(w: WindowBatch) -> NDArray[np.bool_]:

@@ -7,7 +7,7 @@ and deliver, refuse or fail on command.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from streamer.runtime.partitions import Partition, PartitionTable
 from streamer.runtime.rounds import CommitRounds
 from streamer.scoring.alerts import AlertBank
 from streamer.scoring.thresholds import ThresholdBank, make_threshold
+from streamer.sensors import SensorStore
 from streamer.windows import RingWindows, SensorIndex
 
 CHANNELS = ["a", "b"]
@@ -30,18 +31,14 @@ WINDOW, STRIDE = 4, 2
 STATE_TOPIC = "state"
 
 
-@dataclass
-class Stores:
+def new_store() -> SensorStore:
     """The engine's per-sensor stores, without the engine (and its inference worker)."""
-
-    index: SensorIndex = field(default_factory=SensorIndex)
-    windows: RingWindows = field(
-        default_factory=lambda: RingWindows(len(CHANNELS), WINDOW, STRIDE, max_gap_s=300.0)
+    return SensorStore(
+        SensorIndex(),
+        RingWindows(len(CHANNELS), WINDOW, STRIDE, max_gap_s=300.0),
+        ThresholdBank(make_threshold("fixed", value=1.0)),
+        AlertBank(CHANNELS, 1, 1, 1, 1),
     )
-    thresholds: ThresholdBank = field(
-        default_factory=lambda: ThresholdBank(make_threshold("fixed", value=1.0))
-    )
-    alerts: AlertBank = field(default_factory=lambda: AlertBank(CHANNELS, 1, 1, 1, 1))
 
 
 class FakeProducer:
@@ -96,7 +93,7 @@ class FakeCommitter:
 class Rig:
     """A partition table, its state writer and the commit rounds, over fakes."""
 
-    stores: Stores
+    stores: SensorStore
     table: PartitionTable
     producer: FakeProducer
     committer: FakeCommitter
@@ -132,7 +129,7 @@ class Rig:
 
 @pytest.fixture
 def rig() -> Rig:
-    stores = Stores()
+    stores = new_store()
     counters = Counters()
     table = PartitionTable(stores, StreamConfig(channels=CHANNELS), Metrics(), counters)
     producer = FakeProducer()

@@ -20,21 +20,21 @@ from streamer.runtime.partitions import Partition, PartitionTable
 from streamer.runtime.state import commit_head, commit_metadata, encode_state, parse_state
 from streamer.scoring.alerts import AlertBank
 from streamer.scoring.thresholds import ThresholdBank, make_threshold
+from streamer.sensors import SensorStore
 from streamer.windows import RingWindows, SensorIndex
-from tests.runtime.conftest import Stores
 
 STORED = Path(__file__).parent / "data" / "state_record_v1.json"
 
 
-def stores_of_that_build() -> Stores:
+def stores_of_that_build() -> SensorStore:
     """The stores as that daemon had them: the same calibration, channels and window."""
     proto = make_threshold("spot", risk=1e-3, level=0.98, max_peaks=1000)
     proto.calibrate(np.random.default_rng(7).gamma(2.0, 1.0, 2000))
-    return Stores(
-        index=SensorIndex(),
-        windows=RingWindows(2, 16, 4, max_gap_s=300.0),
-        thresholds=ThresholdBank(proto),
-        alerts=AlertBank(["temp", "pressure"], 2, 3, 2, 1),
+    return SensorStore(
+        SensorIndex(),
+        RingWindows(2, 16, 4, max_gap_s=300.0),
+        ThresholdBank(proto),
+        AlertBank(["temp", "pressure"], 2, 3, 2, 1),
     )
 
 

@@ -200,6 +200,23 @@ def _core_params(cores: Sequence[_SpotCore]) -> tuple[NDArray[np.float64], ...]:
     )
 
 
+class CoreReference:
+    """``SharedReference`` for a threshold built on a ``_SpotCore`` (SPOT, DSPOT)."""
+
+    __slots__ = ()
+    _core: _SpotCore | None
+
+    @property
+    def reference(self) -> NDArray[np.float64] | None:
+        """The calibration sample below ``t`` that the likelihood reads (None before one)."""
+        return None if self._core is None else self._core.ref
+
+    def share_reference(self, sample: NDArray[np.float64]) -> None:
+        """Read ``sample``, equal to the own one, from now on."""
+        if self._core is not None:
+            self._core.ref = sample
+
+
 def _ensure(core: _SpotCore | None, kind: str) -> _SpotCore:
     if core is None:
         raise StateError(f"{kind} threshold is not calibrated: call calibrate() or load a state")

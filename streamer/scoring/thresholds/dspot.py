@@ -20,7 +20,7 @@ from streamer.scoring.thresholds.checks import (
     _live_scores,
     _spot_params,
 )
-from streamer.scoring.thresholds.core import _core_params, _ensure, _SpotCore
+from streamer.scoring.thresholds.core import CoreReference, _core_params, _ensure, _SpotCore
 from streamer.scoring.thresholds.gpd import _spot_likelihood
 from streamer.scoring.thresholds.reference import (
     _ecdf_each,
@@ -34,7 +34,7 @@ from streamer.scoring.thresholds.serial import (
 )
 
 
-class DspotThreshold:
+class DspotThreshold(CoreReference):
     """DSPOT: SPOT on ``x - M``, M the mean of the last ``depth`` non-alarmed scores.
 
     Calibration takes the local-mean residuals of the calibration scores (each score minus
@@ -197,16 +197,6 @@ class DspotThreshold:
         new._core = None if self._core is None else self._core.copy()
         new._window = self._window.copy()
         return new
-
-    @property
-    def reference(self) -> NDArray[np.float64] | None:
-        """The calibration sample below ``t`` that the likelihood reads (None before one)."""
-        return None if self._core is None else self._core.ref
-
-    def share_reference(self, sample: NDArray[np.float64]) -> None:
-        """Read ``sample``, equal to the own one, from now on."""
-        if self._core is not None:
-            self._core.ref = sample
 
     @classmethod
     def step_each(

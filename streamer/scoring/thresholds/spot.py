@@ -19,7 +19,7 @@ from streamer.scoring.thresholds.checks import (
     _live_scores,
     _spot_params,
 )
-from streamer.scoring.thresholds.core import _core_params, _ensure, _SpotCore
+from streamer.scoring.thresholds.core import CoreReference, _core_params, _ensure, _SpotCore
 from streamer.scoring.thresholds.gpd import _spot_likelihood
 from streamer.scoring.thresholds.reference import (
     _ecdf_each,
@@ -27,7 +27,7 @@ from streamer.scoring.thresholds.reference import (
 from streamer.scoring.thresholds.serial import _load
 
 
-class SpotThreshold:
+class SpotThreshold(CoreReference):
     """SPOT: a generalized Pareto tail fitted above an initial quantile, alarming above z_q.
 
     ``calibrate`` sets ``t`` to the empirical ``level`` quantile of the calibration scores,
@@ -120,16 +120,6 @@ class SpotThreshold:
         new = shallow(self)
         new._core = None if self._core is None else self._core.copy()
         return new
-
-    @property
-    def reference(self) -> NDArray[np.float64] | None:
-        """The calibration sample below ``t`` that the likelihood reads (None before one)."""
-        return None if self._core is None else self._core.ref
-
-    def share_reference(self, sample: NDArray[np.float64]) -> None:
-        """Read ``sample``, equal to the own one, from now on."""
-        if self._core is not None:
-            self._core.ref = sample
 
     @classmethod
     def step_each(

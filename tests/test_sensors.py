@@ -1,0 +1,90 @@
+"""SensorStore: every sensor's ring, threshold and alert tracker, kept and dropped together."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.codec import to_position
+from streamer.errors import StateError
+from streamer.scoring.alerts import AlertBank
+from streamer.scoring.thresholds import ThresholdBank, make_threshold
+from streamer.sensors import SensorStore
+from streamer.windows import RingWindows, SensorIndex
+
+CHANNELS = ["a", "b"]
+
+
+def store(calibration_seed: int = 1) -> SensorStore:
+    proto = make_threshold("spot", risk=1e-3, level=0.95)
+    proto.calibrate(np.random.default_rng(calibration_seed).exponential(size=500))
+    return SensorStore(
+        SensorIndex(),
+        RingWindows(len(CHANNELS), 4, 2, max_gap_s=300.0),
+        ThresholdBank(proto),
+        AlertBank(CHANNELS, 1, 1, 1, 1),
+    )
+
+
+def feed(s: SensorStore, sensor: str, n: int, first_offset: int = 0) -> None:
+    slots = s.index.slots([sensor] * n)
+    s.windows.push(
+        slots,
+        np.arange(n, dtype=np.float64),
+        np.zeros((n, len(CHANNELS)), np.float32),
+        to_position(np.zeros(n, dtype=np.int64), np.arange(first_offset, first_offset + n)),
+    )
+
+
+def test_forget_drops_ring_threshold_and_alerts_in_one_call() -> None:
+    s = store()
+    feed(s, "x", 3)
+    s.thresholds.step(["x"], np.array([0.1]))
+    s.alerts.restore("x", s.alerts.export("x"))
+    assert s.learned("x") and "x" in s.index
+    s.forget(["x", "never-seen"])
+    assert not s.learned("x") and "x" not in s.index
+    assert s.snapshot("x", copy=True).threshold is None
+
+
+def test_release_rings_keeps_what_the_sensor_learned() -> None:
+    s = store()
+    feed(s, "x", 3)
+    s.thresholds.step(["x"], np.array([0.1]))
+    s.release_rings(["x"])
+    assert "x" not in s.index and s.learned("x")
+
+
+def test_a_snapshot_copy_does_not_move_with_later_scores() -> None:
+    s = store()
+    s.thresholds.step(["x"], np.array([0.1]))
+    copied, live = s.snapshot("x", copy=True), s.snapshot("x", copy=False)
+    before = s.export(copied)
+    s.thresholds.step(["x"] * 200, np.random.default_rng(2).exponential(size=200) + 2.0)
+    assert s.export(copied) == before
+    assert s.export(live) != before
+
+
+def test_restore_is_all_or_nothing_and_reports_a_stale_threshold() -> None:
+    s = store()
+    s.thresholds.step(["x"], np.array([0.1]))
+    state = s.snapshot("x", copy=True)
+    threshold, alerts = s.export(state), state.alerts
+    other = store(calibration_seed=2)  # another model's calibration
+    assert other.restore("x", threshold, alerts) is True
+    assert store().restore("x", threshold, alerts) is False
+    broken = store()
+    with pytest.raises(StateError):
+        broken.restore("x", threshold, {"kind": "alert_tracker", "version": 99})
+    assert not broken.learned("x")  # no threshold left without its alerts
+
+
+def test_missed_anchors_are_voided_and_say_whether_the_ring_is_empty() -> None:
+    s = store()
+    s.anchor("gone", to_position(0, 5), 1)
+    feed(s, "held", 1, first_offset=3)
+    s.anchor("held", to_position(0, 9), 1)
+    s.anchor("later", to_position(0, 50), 1)
+    missed = s.missed_anchors(lambda pos: int(pos) & ((1 << 40) - 1) <= 10)
+    assert sorted(missed) == [("gone", to_position(0, 5), True), ("held", to_position(0, 9), False)]
+    assert list(s.windows.anchors.values()) == [(to_position(0, 50), 1)]
