@@ -225,6 +225,10 @@ class Health:
         )
 
 
+def _name(n: str) -> str:
+    return f"{PREFIX}_{n}"
+
+
 class Metrics:
     """Every series the daemon exports, in one registry of its own."""
 
@@ -236,127 +240,141 @@ class Metrics:
         platform_collector.PlatformCollector(registry=reg)
         gc_collector.GCCollector(registry=reg)
 
-        def name(n: str) -> str:
-            return f"{PREFIX}_{n}"
+        self._input_series(reg)
+        self._scoring_series(reg)
+        self._kafka_series(reg)
+        self._model_series(reg)
+        self._lag_partitions: set[int] = set()
 
+    def _input_series(self, reg: CollectorRegistry) -> None:
+        """Input: messages, samples, dead letters, sensors evicted, refused and expired."""
         self.messages_consumed = Counter(
-            name("messages_consumed"), "Input messages consumed.", registry=reg
+            _name("messages_consumed"), "Input messages consumed.", registry=reg
         )
         self.samples_decoded = Counter(
-            name("samples_decoded"), "Input messages decoded into valid samples.", registry=reg
+            _name("samples_decoded"), "Input messages decoded into valid samples.", registry=reg
         )
         self.dead_letters = Counter(
-            name("dead_letters"),
+            _name("dead_letters"),
             "Input messages sent to the dead-letter topic, by error kind.",
             ["kind"],
             registry=reg,
         )
         self._dead_by_kind = {k: self.dead_letters.labels(kind=k) for k in DLQ_KINDS}
         self.sensors_evicted = Counter(
-            name("sensors_evicted"),
+            _name("sensors_evicted"),
             "Sensors whose window was dropped: silent (timestamps), idle (wall clock), "
             "replay_bound, or sensor_limit (room for a new sensor under stream.max_sensors).",
             ["reason"],
             registry=reg,
         )
         self.sensors_refused = Counter(
-            name("sensors_refused"),
+            _name("sensors_refused"),
             "Samples of new sensors dead-lettered (sensor_limit): stream.max_sensors reached "
             "and every sensor seen in the same batch.",
             registry=reg,
         )
         self.sensors_expired = Counter(
-            name("sensors_expired"),
+            _name("sensors_expired"),
             "Evicted sensors whose learned state was forgotten (stream.evicted_state_ttl_s, "
             "or more evicted sensors than stream.max_sensors).",
             registry=reg,
         )
         self.dead_letters_truncated = Counter(
-            name("dead_letters_truncated"),
+            _name("dead_letters_truncated"),
             "Dead letters whose value (or key) was cut to fit the dead-letter topic's limit.",
             registry=reg,
         )
+
+    def _scoring_series(self, reg: CollectorRegistry) -> None:
+        """Scoring: windows, alerts, inference batches and latency, end-to-end latency."""
         self.windows_scored = Counter(
-            name("windows_scored"), "Windows scored and published.", registry=reg
+            _name("windows_scored"), "Windows scored and published.", registry=reg
         )
         self.windows_skipped = Counter(
-            name("windows_skipped"),
+            _name("windows_skipped"),
             "Windows rebuilt during a replay and not published again (already published).",
             registry=reg,
         )
-        self.alerts_opened = Counter(name("alerts_opened"), "Alerts opened.", registry=reg)
-        self.alerts_closed = Counter(name("alerts_closed"), "Alerts closed.", registry=reg)
+        self.alerts_opened = Counter(_name("alerts_opened"), "Alerts opened.", registry=reg)
+        self.alerts_closed = Counter(_name("alerts_closed"), "Alerts closed.", registry=reg)
         self.alerts_open = Gauge(
-            name("alerts_open"), "Alerts open now on this instance's sensors.", registry=reg
+            _name("alerts_open"), "Alerts open now on this instance's sensors.", registry=reg
         )
         self.inference_batch = Histogram(
-            name("inference_batch_windows"),
+            _name("inference_batch_windows"),
             "Windows per forward pass of the inference worker.",
             buckets=BATCH_BUCKETS,
             registry=reg,
         )
         self.inference_latency = Histogram(
-            name("inference_latency_seconds"),
+            _name("inference_latency_seconds"),
             "Duration of one forward pass (one micro-batch).",
             buckets=INFERENCE_BUCKETS_S,
             registry=reg,
         )
         self.end_to_end = ArrayHistogram(
-            name("end_to_end_latency_seconds"),
+            _name("end_to_end_latency_seconds"),
             "Sample timestamp of a window's last sample to its score acknowledged by Kafka.",
             LATENCY_BUCKETS_S,
             reg,
         )
+
+    def _kafka_series(self, reg: CollectorRegistry) -> None:
+        """The Kafka side: lag, the worker queue, partitions, sensors, commit rounds."""
         self.consumer_lag = Gauge(
-            name("consumer_lag_messages"),
+            _name("consumer_lag_messages"),
             "Messages in the input partition after the last one consumed.",
             ["partition"],
             registry=reg,
         )
         self.queue_depth = Gauge(
-            name("inference_queue_depth"), "Window batches waiting for the worker.", registry=reg
+            _name("inference_queue_depth"), "Window batches waiting for the worker.", registry=reg
         )
         self.queued_windows = Gauge(
-            name("inference_queued_windows"), "Windows waiting for the worker.", registry=reg
+            _name("inference_queued_windows"), "Windows waiting for the worker.", registry=reg
         )
         self.partitions_assigned = Gauge(
-            name("partitions_assigned"), "Input partitions assigned.", registry=reg
+            _name("partitions_assigned"), "Input partitions assigned.", registry=reg
         )
         self.partitions_paused = Gauge(
-            name("partitions_paused"),
+            _name("partitions_paused"),
             "Input partitions paused for backpressure (queue to the worker full).",
             registry=reg,
         )
-        self.sensors = Gauge(name("sensors"), "Sensors with a live window buffer.", registry=reg)
-        self.commits = Counter(name("commits"), "Offset commit rounds completed.", registry=reg)
+        self.sensors = Gauge(_name("sensors"), "Sensors with a live window buffer.", registry=reg)
+        self.commits = Counter(_name("commits"), "Offset commit rounds completed.", registry=reg)
         self.commit_round = Histogram(
-            name("commit_round_seconds"),
+            _name("commit_round_seconds"),
             "Duration of a commit round, from H taken to offsets committed (checkpoint "
             "the state at H, wait for every record to be acknowledged, commit).",
             buckets=INFERENCE_BUCKETS_S,
             registry=reg,
         )
         self.commit_stall = Histogram(
-            name("commit_stall_seconds"),
+            _name("commit_stall_seconds"),
             "Loop time a commit round took (snapshot, state records, sending the commit); "
             "interval rounds consume on while records are acknowledged and the commit "
             "is answered, shutdown and revocation rounds wait.",
             buckets=INFERENCE_BUCKETS_S,
             registry=reg,
         )
-        self.model = Info(name("model"), "The model scoring now.", registry=reg)
+
+    def _model_series(self, reg: CollectorRegistry) -> None:
+        """The model in use, reloads, and health."""
+        self.model = Info(_name("model"), "The model scoring now.", registry=reg)
         self.model_load_seconds = Gauge(
-            name("model_load_seconds"),
+            _name("model_load_seconds"),
             "Duration of loading and validating the current model.",
             registry=reg,
         )
         self.model_loaded = Gauge(
-            name("model_loaded_timestamp_seconds"),
+            _name("model_loaded_timestamp_seconds"),
             "Unix time the current model started scoring.",
             registry=reg,
         )
         self.model_reloads = Counter(
-            name("model_reloads"),
+            _name("model_reloads"),
             "Model reload attempts by result: ok, failed (the old model keeps scoring), "
             "unchanged (same version).",
             ["result"],
@@ -364,21 +382,20 @@ class Metrics:
         )
         self._reload_results = {r: self.model_reloads.labels(result=r) for r in RELOAD_RESULTS}
         self.seconds_since_progress = Gauge(
-            name("seconds_since_progress"),
+            _name("seconds_since_progress"),
             "Seconds since the main loop last completed an iteration (health).",
             registry=reg,
         )
         self.ready = Gauge(
-            name("ready"),
+            _name("ready"),
             "1 when partitions are assigned, the model loaded and Kafka reachable (/readyz).",
             registry=reg,
         )
         self.kafka_unreachable = Gauge(
-            name("kafka_unreachable_seconds"),
+            _name("kafka_unreachable_seconds"),
             "Seconds for which the Kafka clients have reached no broker (0 while they do).",
             registry=reg,
         )
-        self._lag_partitions: set[int] = set()
 
     # -- hooks for the daemon -----------------------------------------------------------
 

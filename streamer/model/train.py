@@ -85,20 +85,7 @@ def train_model(
     training rows only. The model with the best validation loss is kept.
     """
     n_ch = len(channels)
-    train_rows, val_rows = [], []
-    for i, seg in enumerate(segments):
-        seg = np.asarray(seg, dtype=np.float64)
-        if seg.ndim != 2 or seg.shape[1] != n_ch:
-            raise DataError(f"segment {i} has shape {seg.shape}; expected (rows, {n_ch})")
-        cut = round(seg.shape[0] * (1 - cfg.validation_fraction))
-        train_rows.append(seg[:cut])
-        val_rows.append(seg[cut:])
-    total_train = sum(r.shape[0] for r in train_rows)
-    if total_train < window + 1:
-        raise DataError(
-            f"only {total_train} training rows after the validation split; need more than "
-            f"the window ({window})"
-        )
+    train_rows, val_rows = _split(segments, n_ch, window, cfg)
     scaler = Scaler.fit(np.concatenate(train_rows), cfg.scaler)
 
     torch.manual_seed(cfg.seed)
@@ -118,12 +105,64 @@ def train_model(
     x_tr = module.prepare(torch.from_numpy(tr).to(device)).detach()
     x_va = module.prepare(torch.from_numpy(va).to(device)).detach()
 
+    started = time.monotonic()
+    best, epochs_run = _fit(module, x_tr, x_va, cfg, gen, progress)
+    module.eval()
+
+    all_windows = np.concatenate([tr, va]) if va is not tr else tr
+    calib = _calibrate(module, all_windows, cfg)
+    info = {
+        "rows": int(sum(np.asarray(s).shape[0] for s in segments)),
+        "train_windows": int(tr.shape[0]),
+        "validation_windows": int(va.shape[0]) if va is not tr else 0,
+        "epochs_run": epochs_run,
+        "best_validation_loss": best,
+        "seconds": round(time.monotonic() - started, 3),
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"),
+    }
+    return TrainResult(module, scaler, calib, info)
+
+
+def _split(
+    segments: Sequence[NDArray[np.floating]], n_ch: int, window: int, cfg: TrainConfig
+) -> tuple[list[NDArray[np.floating]], list[NDArray[np.floating]]]:
+    """Each segment's training rows and its last ``validation_fraction`` (chronological)."""
+    train_rows, val_rows = [], []
+    for i, seg in enumerate(segments):
+        seg = np.asarray(seg, dtype=np.float64)
+        if seg.ndim != 2 or seg.shape[1] != n_ch:
+            raise DataError(f"segment {i} has shape {seg.shape}; expected (rows, {n_ch})")
+        cut = round(seg.shape[0] * (1 - cfg.validation_fraction))
+        train_rows.append(seg[:cut])
+        val_rows.append(seg[cut:])
+    total_train = sum(r.shape[0] for r in train_rows)
+    if total_train < window + 1:
+        raise DataError(
+            f"only {total_train} training rows after the validation split; need more than "
+            f"the window ({window})"
+        )
+    return train_rows, val_rows
+
+
+def _fit(
+    module: ScoringModel,
+    x_tr: torch.Tensor,
+    x_va: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    progress: bool,
+) -> tuple[float, int]:
+    """Adam with early stopping; the module ends with the best validation loss's weights.
+
+    Returns that loss and the epochs run.
+    """
+    device = x_tr.device
     opt = torch.optim.Adam(module.network.parameters(), lr=cfg.learning_rate)
     best = float("inf")
     best_state = copy.deepcopy(module.network.state_dict())
     stale = 0
     history: list[float] = []
-    started = time.monotonic()
     bar = None
     if progress:
         bar, task = _progress_bar(cfg)
@@ -159,9 +198,13 @@ def train_model(
         if bar is not None:
             bar.stop()
     module.network.load_state_dict(best_state)
-    module.eval()
+    return best, epochs_run
 
-    all_windows = np.concatenate([tr, va]) if va is not tr else tr
+
+def _calibrate(
+    module: ScoringModel, all_windows: NDArray[np.float32], cfg: TrainConfig
+) -> NDArray[np.float64]:
+    """Fit the per-channel scale and residual model, then the calibration scores."""
     if cfg.channel_scale_quantile is not None:
         # Over training and held-out windows: errors on windows the model never fitted
         # are the honest measure of its error on normal data.
@@ -178,17 +221,7 @@ def train_model(
             calib.shape[0], cfg.calibration_samples, replace=False
         )
         calib = calib[np.sort(pick)]
-    info = {
-        "rows": int(sum(np.asarray(s).shape[0] for s in segments)),
-        "train_windows": int(tr.shape[0]),
-        "validation_windows": int(va.shape[0]) if va is not tr else 0,
-        "epochs_run": epochs_run,
-        "best_validation_loss": best,
-        "seconds": round(time.monotonic() - started, 3),
-        "seed": cfg.seed,
-        "config": cfg.model_dump(mode="json"),
-    }
-    return TrainResult(module, scaler, calib, info)
+    return calib
 
 
 def _progress_bar(cfg: TrainConfig) -> tuple[Any, Any]:
