@@ -201,6 +201,9 @@ class TestMetricsEndpoint:
                 and values.get("streamer_inference_queue_depth") == 0
                 and values.get("streamer_inference_queued_windows") == 0
                 and values.get("streamer_partitions_paused") == 0
+                # A round commits once its records are acknowledged and the coordinator
+                # answers: on a loaded machine that can come after the last score.
+                and values.get("streamer_commits_total", 0) >= 1
             ):
                 break
             time.sleep(0.2)
