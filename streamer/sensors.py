@@ -5,6 +5,12 @@ life (the daemon's partition table and state writer) goes through ``SensorStore`
 what a sensor's ring holds and needs, a copy of what it learned at one point of the
 stream and that copy as JSON, a restore that is all or nothing, and forgetting a
 sensor in one call. numpy only: no torch, no Kafka.
+
+The state record (``encode_record``, ``parse_record``) is what a sensor's state is on
+the state topic. One version covers all of it: record version 2 means threshold state
+version 2 and alert state version 1 inside, which then carry no version of their own.
+Version 1 records, written before, carried the three versions apart; they are still
+read.
 """
 
 from __future__ import annotations
@@ -14,14 +20,37 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from numpy.typing import NDArray
 
 from streamer.errors import StaleStateError, StateError
+from streamer.scoring import alerts as alert_states
+from streamer.scoring import thresholds as threshold_states
 from streamer.scoring.alerts import AlertBank
 from streamer.scoring.thresholds import Threshold, ThresholdBank
 from streamer.windows import RingWindows, SensorIndex
 
-__all__ = ["RingFacts", "SensorState", "SensorStore"]
+__all__ = [
+    "READABLE_RECORDS",
+    "RECORD_VERSION",
+    "RingFacts",
+    "SensorRecord",
+    "SensorState",
+    "SensorStore",
+    "encode_record",
+    "parse_record",
+]
+
+RECORD_VERSION = 2
+"""Version of the state record written; it fixes the versions of the parts inside."""
+# Record version -> (threshold state version, alert state version) inside it; None: the
+# parts carry their own (version 1).
+_PARTS: dict[int, tuple[int, int] | None] = {
+    1: None,
+    2: (threshold_states.STATE_VERSION, alert_states.STATE_VERSION),
+}
+READABLE_RECORDS = tuple(_PARTS)
+"""State record versions ``parse_record`` reads; any other is reported and ignored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,3 +182,94 @@ class SensorStore:
         """Forget these sensors entirely: rings, thresholds, alert trackers."""
         self.release_rings(sensors)
         self.drop_learned(sensors)
+
+
+@dataclass(frozen=True, slots=True)
+class SensorRecord:
+    """A validated state record (``parse_record``): parts as their loaders take them."""
+
+    sensor: str
+    partition: int
+    upto: int  # H of the commit round that wrote it
+    threshold: dict[str, Any] | None
+    alerts: dict[str, Any] | None
+    # anchor_offset, anchor_count: both present, offset >= 0, count >= 1.
+    ring: dict[str, int] | None
+
+
+def encode_record(
+    sensor: str,
+    partition: int,
+    upto: int,
+    ring: dict[str, int] | None,
+    threshold: dict[str, Any] | None,
+    alerts: dict[str, Any],
+) -> bytes:
+    """A sensor's state record (sorted keys, stable bytes), from its parts' fresh exports.
+
+    The parts' own ``version`` fields are taken out (the record's version fixes them);
+    the dicts are the exports made for this record, so they are changed in place.
+    """
+    if threshold is not None:
+        threshold.pop("version", None)
+    alerts.pop("version", None)
+    return orjson.dumps(
+        {
+            "version": RECORD_VERSION,
+            "sensor": sensor,
+            "partition": partition,
+            "upto": upto,
+            "threshold": threshold,
+            "alerts": alerts,
+            "ring": ring,
+        },
+        option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_record(key: bytes, value: bytes, partition: int) -> SensorRecord:
+    """Validate a state record read from ``partition`` under ``key``; StateError says why not."""
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise StateError(f"not JSON: {exc}") from exc
+    version = rec.get("version") if isinstance(rec, dict) else None
+    if not _is_int(version) or version not in _PARTS:
+        raise StateError(f"unknown state record version {version!r}")
+    sensor = rec.get("sensor")
+    if not isinstance(sensor, str) or sensor.encode() != key:
+        raise StateError(f"record sensor {sensor!r} does not match its key")
+    if rec.get("partition") != partition:
+        raise StateError(f"record is for partition {rec.get('partition')!r}, found in {partition}")
+    upto = rec.get("upto")
+    if not isinstance(upto, int) or isinstance(upto, bool):
+        raise StateError(f"upto must be an integer, got {upto!r}")
+    ring = rec.get("ring")
+    if ring is not None:
+        ok = isinstance(ring, dict) and all(
+            _is_int(ring.get(k)) for k in ("anchor_offset", "anchor_count")
+        )
+        if not ok or ring["anchor_count"] < 1 or ring["anchor_offset"] < 0:
+            raise StateError(f"bad ring anchor {ring!r}")
+    for k in ("threshold", "alerts"):
+        if rec.get(k) is not None and not isinstance(rec[k], dict):
+            raise StateError(f"{k} must be an object or null")
+    threshold, alerts = rec.get("threshold"), rec.get("alerts")
+    parts = _PARTS[version]
+    if parts is not None:
+        # The loaders check a part's version: give each the one this record version means
+        # (a version written inside anyway would be a corrupt record, and is refused).
+        for name, part, part_version in (
+            ("threshold", threshold, parts[0]),
+            ("alerts", alerts, parts[1]),
+        ):
+            if part is not None and part.setdefault("version", part_version) != part_version:
+                raise StateError(
+                    f"a version {version} record's {name} carries version {part['version']!r}"
+                    f" (it implies {part_version})"
+                )
+    return SensorRecord(sensor, partition, upto, threshold, alerts, ring)

@@ -35,6 +35,21 @@ def threshold_as_version_1(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def record_as_version_1(rec: dict[str, Any]) -> dict[str, Any]:
+    """A state record as the first record version wrote it.
+
+    Each part carries its own version (threshold 1: float arrays as lists; alerts 1),
+    where a version 2 record's version stands for both.
+    """
+    assert rec["version"] == 2, rec
+    out = {**rec, "version": 1}
+    if rec["threshold"] is not None:
+        out["threshold"] = threshold_as_version_1({**rec["threshold"], "version": 2})
+    if rec["alerts"] is not None:
+        out["alerts"] = {**rec["alerts"], "version": 1}
+    return out
+
+
 class Timeout:
     """A deadline for a polling loop, so no test can spin forever.
 

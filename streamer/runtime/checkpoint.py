@@ -15,9 +15,9 @@ from typing import Any, Protocol
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, Checkpoint, StateAtH
-from streamer.runtime.state import commit_metadata, encode_state
+from streamer.runtime.state import commit_metadata
 from streamer.scoring.thresholds import Threshold
-from streamer.sensors import SensorState, SensorStore
+from streamer.sensors import SensorState, SensorStore, encode_record
 
 __all__ = ["Checkpointer", "StateProducer"]
 
@@ -125,7 +125,7 @@ class Checkpointer:
         if threshold is None and ring is None:
             return None
         th = self.sensors.export(SensorState(sensor, threshold, alerts))
-        return encode_state(sensor, p, h, ring, th, alerts)
+        return encode_record(sensor, p, h, ring, th, alerts)
 
     def tombstones(self, sensors: Iterable[tuple[str, int]]) -> None:
         """Clear the records of sensors whose kept state expired (sensor, partition)."""

@@ -29,8 +29,7 @@ from streamer.metrics import Metrics
 from streamer.runtime.counters import Counters
 from streamer.runtime.eviction import Eviction, choose_evictions
 from streamer.runtime.rounds import Checkpoint
-from streamer.runtime.state import SensorRecord
-from streamer.sensors import SensorStore
+from streamer.sensors import SensorRecord, SensorStore
 from streamer.windows import WindowBatch
 
 __all__ = ["Partition", "PartitionTable"]

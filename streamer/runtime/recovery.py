@@ -21,7 +21,8 @@ from streamer.kafka.source import Committed, LatestRecords, read_latest
 from streamer.metrics import Health
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import Partition, PartitionTable
-from streamer.runtime.state import commit_head, parse_state
+from streamer.runtime.state import commit_head
+from streamer.sensors import parse_record
 
 __all__ = ["Recovery"]
 
@@ -123,7 +124,7 @@ class Recovery:
             if value is None:
                 continue
             try:
-                rec = parse_state(key, value, p)
+                rec = parse_record(key, value, p)
                 self.table.apply(part, rec, start)
             except StateError as exc:
                 corrupt += 1

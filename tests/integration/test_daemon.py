@@ -33,7 +33,7 @@ from streamer.config import KafkaConfig, TopicsConfig, load_config
 from streamer.daemon import Daemon
 from streamer.kafka.admin import STATE_TOPIC_CONFIG, ensure_topics, state_topic_findings
 from tests.conftest import NewTopicFactory
-from tests.helpers import Timeout, consume_all, threshold_as_version_1
+from tests.helpers import Timeout, consume_all, record_as_version_1
 from tests.integration.helpers import (
     REPO,
     DaemonProcess,
@@ -425,11 +425,12 @@ class TestRestart:
         tmp_path: Path,
         daemons: list[DaemonProcess],
     ) -> None:
-        """State written by an older streamer (float arrays as JSON lists) restores exactly.
+        """State written by an older streamer (record and threshold version 1) restores exactly.
 
-        After a SIGKILL every state record is written again as version 1 would have
-        written it; the restart must repeat the windows after the commit byte for byte,
-        so the thresholds it restored equal the ones the killed run had.
+        After a SIGKILL every state record is written again as the first record version
+        (parts versioned apart, float arrays as JSON lists) would have written it; the
+        restart must repeat the windows after the commit byte for byte, so the
+        thresholds it restored equal the ones the killed run had.
         """
         rewritten: list[str] = []  # sensors whose threshold was written as version 1
 
@@ -439,8 +440,8 @@ class TestRestart:
             for m in records:
                 rec = orjson.loads(m.value() or b"")
                 if rec["threshold"] is not None:
-                    rec["threshold"] = threshold_as_version_1(rec["threshold"])
                     rewritten.append(rec["sensor"])
+                rec = record_as_version_1(rec)
                 producer.produce(
                     topics.state, orjson.dumps(rec), key=m.key(), partition=m.partition()
                 )
