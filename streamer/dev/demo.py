@@ -9,6 +9,8 @@ ground truth and a PNG plot of scores, thresholds and alerts.
 
 from __future__ import annotations
 
+import gc
+import logging
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import structlog
 import yaml
 
 from streamer.config import TrainConfig
@@ -183,12 +186,87 @@ def _evaluate(live: Plant, alerts: list[dict[str, Any]], window: int) -> dict[st
     }
 
 
-def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float = 60.0) -> int:
-    """Run the demo; returns the exit code."""
-    from rich.console import Console
+def _watch(
+    console: Any,
+    consumer: Any,
+    topics: dict[str, str],
+    expected: int,
+    daemon: subprocess.Popen[bytes],
+    log_path: Path,
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], set[str]]:
+    """Read scores and alerts until every window is scored, with a live table of alerts."""
     from rich.live import Live
     from rich.table import Table
 
+    scores: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    alerts: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    last_new = time.monotonic()
+
+    def view() -> Table:
+        # One row per alert, its latest record (open, then closed), in order of start.
+        latest = {a["id"]: a for a in alerts}
+        rows = sorted(latest.values(), key=lambda a: (a["started"], a["sensor"]))
+        table = Table(
+            title=f"windows scored {len(seen)}/{expected}, alerts {len(latest)} "
+            "(the latest 12 by start)"
+        )
+        for col in ("alert", "sensor", "id", "from sample", "peak score", "top channels"):
+            table.add_column(col)
+        for a in rows[-12:]:
+            table.add_row(
+                a["state"],
+                a["sensor"],
+                a["id"][:10],
+                f"{(a['started'] - T0) / SAMPLE_S:.0f}",
+                f"{a['peak_score']:.3g}",
+                ", ".join(_channel_name(c) for c in a["top_channels"]),
+            )
+        return table
+
+    with Live(view(), console=console, refresh_per_second=4) as live_view:
+        while len(seen) < expected:
+            for msg in consumer.consume(1000, 0.2):
+                value = msg.value()
+                if msg.error() or value is None:
+                    continue
+                rec = orjson.loads(value)
+                if msg.topic() == topics["scores"]:
+                    if rec["id"] not in seen:
+                        seen.add(rec["id"])
+                        scores[rec["sensor"]].append(rec)
+                        last_new = time.monotonic()
+                else:
+                    alerts.append(rec)
+            live_view.update(view())
+            if daemon.poll() is not None:
+                raise StreamerError(f"the daemon exited with {daemon.returncode}; see {log_path}")
+            if time.monotonic() - last_new > 120:
+                raise StreamerError(f"no new scores for 2 minutes; see {log_path}")
+    return scores, alerts, seen
+
+
+def _wait_for_topics(
+    bootstrap: str, names: set[str], daemon: subprocess.Popen[bytes], log_path: Path
+) -> None:
+    """The daemon creates the topics; wait until it has (for two minutes at most)."""
+    deadline = time.monotonic() + 120
+    while names - topic_names(bootstrap):
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            raise StreamerError(f"the daemon did not start; see {log_path}")
+        time.sleep(0.5)
+
+
+def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float = 60.0) -> int:
+    """Run the demo; returns the exit code."""
+    from rich.console import Console
+
+    # The demo's own log lines (the broker's start and stop) at info and above, on
+    # stderr: stdout is the live table and the result.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
     console = Console()
     window, stride = 32, 4
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,12 +309,7 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
             )
         consumer = plain_consumer(bootstrap, f"demo-viewer-{run_id}")
         topics = config["topics"]
-        # The daemon creates the topics; wait until it has before subscribing.
-        deadline = time.monotonic() + 120
-        while set(topics.values()) - topic_names(bootstrap):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise StreamerError(f"the daemon did not start; see {log_path}")
-            time.sleep(0.5)
+        _wait_for_topics(bootstrap, set(topics.values()), daemon, log_path)
         consumer.subscribe([topics["scores"], topics["alerts"]])
         import threading
 
@@ -245,50 +318,7 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         )
         producer_thread.start()
         expected = sensors * ((rows - window) // stride + 1)
-        scores: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        alerts: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        last_new = time.monotonic()
-
-        def view() -> Table:
-            table = Table(
-                title=f"windows scored {len(seen)}/{expected}, alerts {len(alerts)} "
-                f"(latest 12 shown)"
-            )
-            for col in ("alert", "sensor", "id", "from sample", "peak score", "top channels"):
-                table.add_column(col)
-            for a in alerts[-12:]:
-                table.add_row(
-                    a["state"],
-                    a["sensor"],
-                    a["id"][:10],
-                    f"{(a['started'] - T0) / SAMPLE_S:.0f}",
-                    f"{a['peak_score']:.3g}",
-                    ", ".join(_channel_name(c) for c in a["top_channels"]),
-                )
-            return table
-
-        with Live(view(), console=console, refresh_per_second=4) as live_view:
-            while len(seen) < expected:
-                for msg in consumer.consume(1000, 0.2):
-                    value = msg.value()
-                    if msg.error() or value is None:
-                        continue
-                    rec = orjson.loads(value)
-                    if msg.topic() == topics["scores"]:
-                        if rec["id"] not in seen:
-                            seen.add(rec["id"])
-                            scores[rec["sensor"]].append(rec)
-                            last_new = time.monotonic()
-                    else:
-                        alerts.append(rec)
-                live_view.update(view())
-                if daemon.poll() is not None:
-                    raise StreamerError(
-                        f"the daemon exited with {daemon.returncode}; see {log_path}"
-                    )
-                if time.monotonic() - last_new > 120:
-                    raise StreamerError(f"no new scores for 2 minutes; see {log_path}")
+        scores, alerts, seen = _watch(console, consumer, topics, expected, daemon, log_path)
         producer_thread.join(60)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
@@ -301,6 +331,10 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         figures = _evaluate(live, alerts, window)
         plot = out_dir / "demo.png"
         _plot(plot, live, scores, alerts, [f"pump-{s:02d}" for s in range(min(4, sensors))])
+        # Collect the clients made while waiting for the topics, so none is left to
+        # complain about the broker going away; then the result on a line of its own.
+        gc.collect()
+        console.print()
         console.print(
             f"[bold]result[/]: {len(seen)} windows scored, {int(figures['alerts'])} alerts for "
             f"{int(figures['faults'])} injected faults: precision {figures['precision']:.2f}, "

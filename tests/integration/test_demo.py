@@ -38,6 +38,8 @@ class TestDemo:
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         found = re.search(r"precision\s+([0-9.]+),\s+recall\s+([0-9.]+)", proc.stdout)
+        # The result is a line of its own, not glued to the live table.
+        assert re.search(r"^result: \d+ windows scored", proc.stdout, re.M), proc.stdout[-2000:]
         assert found, proc.stdout[-2000:]
         precision, recall = float(found.group(1)), float(found.group(2))
         assert recall >= 0.5
