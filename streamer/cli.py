@@ -1,19 +1,23 @@
 """The ``streamer`` command: run, train, score, eval, demo, check-config, check-access, broker.
 
-Exit codes: 0 success, 2 bad configuration or arguments, 1 runtime failure.
+Exit codes: 0 success; 2 for anything named on the command line or in the config that
+is missing or malformed (the config itself, a data file, a model directory, an
+argument); 1 for a failure while running; 141 when the reader of the output closed
+it early (``streamer check-config | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from streamer import __version__
-from streamer.errors import ConfigError, StreamerError
+from streamer.errors import ConfigError, InputError, StreamerError
 
 if TYPE_CHECKING:
     from streamer.config import Config
@@ -21,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+# 128 + SIGPIPE, as a shell reports a reader that went away.
+EXIT_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,21 +37,84 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def _add_config(p: argparse.ArgumentParser, *, benchmark: bool = False) -> None:
+    """--config, and for every command but eval repeatable --set overrides."""
     p.add_argument(
         "--config",
         type=Path,
-        required=required,
         default=None,
-        help="path to config.yaml" + ("" if required else " (default: built-in defaults)"),
+        help="the config file (default: the benchmark's built-in settings)"
+        if benchmark
+        else "the config file (default: ./config.yaml when there is one, else the "
+        "built-in defaults); STREAMER__SECTION__KEY=value in the environment overrides a key",
     )
+    if not benchmark:
+        p.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning"],
+            default=None,
+            help="log level; overrides STREAMER_LOG_LEVEL and logging.level",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            dest="sets",
+            help="override one key, after the file and the environment (repeatable)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render --help in the docs)."""
-    parser = _Parser(prog="streamer", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="streamer",
+        description="Streaming anomaly detection for sensor feeds: Kafka in, scores and "
+        "alerts out, scored by a trained autoencoder.",
+        epilog="Exit codes: 0 success; 2 anything named (config, data file, model "
+        "directory, argument) missing or malformed; 1 a failure while running; 141 the "
+        "reader of the output went away. Environment: STREAMER_LOG_LEVEL "
+        "(debug|info|warning), STREAMER_CACHE (the Kafka jars' cache).",
+    )
     parser.add_argument("--version", action="version", version=f"streamer {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    class _Sub:
+        """``add_parser`` whose help line is also the subcommand's --help description."""
+
+        @staticmethod
+        def add_parser(name: str, *, help: str) -> argparse.ArgumentParser:
+            return subparsers.add_parser(
+                name, help=help, description=help[:1].upper() + help[1:] + "."
+            )
+
+    sub = _Sub()
 
     p = sub.add_parser(
         "check-config", help="validate a config file and print it with secrets masked"
@@ -77,8 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensor", default=None, help="sensor name (default: the file name)")
 
     p = sub.add_parser("eval", help="run a benchmark protocol (skab or nab) and print our figures")
-    p.add_argument("benchmark", choices=["skab", "nab"])
-    _add_config(p, required=False)
+    p.add_argument(
+        "benchmark",
+        choices=["skab", "nab"],
+        help="skab: Skoltech Anomaly Benchmark (F1, FAR, MAR); nab: Numenta Anomaly "
+        "Benchmark (standard, low-FP and low-FN scores)",
+    )
+    _add_config(p, benchmark=True)
     p.add_argument("--data", type=Path, required=True, help="benchmark folder (SKAB or NAB layout)")
     p.add_argument(
         "--json", type=Path, default=None, dest="json_out", help="write the figures as JSON"
@@ -96,34 +170,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for model, plot, log")
-    p.add_argument("--sensors", type=int, default=12, help="simulated sensors")
-    p.add_argument("--rows", type=int, default=1500, help="live samples per sensor")
-    p.add_argument("--rate", type=float, default=60.0, help="samples per sensor per second")
+    p.add_argument("--sensors", type=_at_least(1), default=12, help="simulated sensors")
+    p.add_argument(
+        "--rows", type=_at_least(200), default=1500, help="live samples per sensor (>= 200)"
+    )
+    p.add_argument(
+        "--rate", type=_positive, default=60.0, help="samples per sensor per second (> 0)"
+    )
 
     p = sub.add_parser("broker", help="start, stop or inspect the local development Kafka broker")
-    p.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument(
+        "action",
+        choices=["start", "stop", "status", "fetch"],
+        help="start: launch a detached broker and print its address; status: print it; "
+        "stop: end it; fetch: download the jars only",
+    )
+    p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
     return parser
 
 
-def _load(path: Path | None) -> Config:
-    from streamer.config import Config, load_config
+def _load(path: Path | None, sets: Sequence[str] = (), log_level: str | None = None) -> Config:
+    from streamer.config import load_config
 
-    return Config() if path is None else load_config(path)
+    if log_level is not None:
+        # Above the environment: the process (and what it starts) logs at this level.
+        os.environ["STREAMER_LOG_LEVEL"] = log_level
+        sets = [*sets, f"logging.level={log_level}"]
+    if path is None and Path("config.yaml").is_file():
+        path = Path("config.yaml")
+    return load_config(path, sets=sets)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.sets, args.log_level)
     json.dump(cfg.redacted(), sys.stdout, indent=2)
     sys.stdout.write("\n")
-    print(f"{args.config}: ok", file=sys.stderr)
+    used = args.config or (Path("config.yaml") if Path("config.yaml").is_file() else None)
+    print(f"{used or 'built-in defaults'}: ok", file=sys.stderr)
     return EXIT_OK
 
 
 def _cmd_check_access(args: argparse.Namespace) -> int:
     from streamer.kafka.access import check_access
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.sets, args.log_level)
     grants = check_access(cfg.kafka, cfg.topics)
     user = cfg.kafka.librdkafka().get("sasl.username")
     principal = f"User:{user}" if user else "User:<the principal of these credentials>"
@@ -165,7 +255,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from streamer.model.checkpoint import save_checkpoint
     from streamer.model.train import resolve_device, train_model
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.sets, args.log_level)
     channels = list(cfg.csv.columns or cfg.stream.channels)
     segments = []
     for path in args.data:
@@ -203,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from streamer.offline import score_file
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.sets, args.log_level)
     n = score_file(cfg, args.model, args.data, args.out, sensor=args.sensor)
     print(f"wrote {n} windows to {args.out}")
     return EXIT_OK
@@ -225,7 +315,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamer.daemon import run_daemon
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.sets, args.log_level)
     code: int = run_daemon(cfg)
     return code
 
@@ -263,6 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamer: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    except InputError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader closed our stdout (`| head`): stop quietly. Python would report the
+        # failed flush at exit, so stdout is pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except StreamerError as exc:
         print(f"streamer: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

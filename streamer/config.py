@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +38,7 @@ __all__ = [
     "CsvConfig",
     "InferenceConfig",
     "KafkaConfig",
+    "LoggingConfig",
     "MetricsConfig",
     "ModelConfig",
     "StreamConfig",
@@ -104,6 +105,9 @@ class KafkaConfig(_Section):
     # restore that keeps advancing is not cut short, however long the topic's uncompacted
     # tail (it says how far it got every 5 s, and /readyz shows it).
     restore_timeout_s: PositiveFloat = 60.0
+    # At start-up, how long to wait for the cluster to answer (list or create the
+    # topics) before stopping with "cannot reach Kafka at ...".
+    connect_timeout_s: PositiveFloat = 30.0
     # Backpressure: while the inference queue is full the daemon stops calling consume, and
     # librdkafka keeps what it prefetched (and stops fetching at queued.max.messages.kbytes).
     # If the queue is still full after this long, the partitions are paused in the client,
@@ -367,6 +371,14 @@ class AlertsConfig(_Section):
         return self
 
 
+class LoggingConfig(_Section):
+    """The daemon's log lines (JSON on a pipe or journald, a console on a terminal)."""
+
+    # debug adds a line per commit round and per heap settle. STREAMER_LOG_LEVEL, when
+    # set, overrides this (as does --log-level).
+    level: Literal["debug", "info", "warning"] = "info"
+
+
 class MetricsConfig(_Section):
     """Prometheus metrics and health endpoints."""
 
@@ -406,6 +418,7 @@ class Config(_Section):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     csv: CsvConfig = Field(default_factory=CsvConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-friendly dump with every secret masked, safe to print or log."""
@@ -446,15 +459,71 @@ def parse_config(data: Mapping[str, Any] | None, source: str = "<config>") -> Co
         raise ConfigError(_format_errors(source, exc)) from None
 
 
-def load_config(path: Path | str) -> Config:
-    """Read and validate a YAML config file; ConfigError names the file, key and reason."""
-    path = Path(path)
+ENV_PREFIX = "STREAMER__"
+"""``STREAMER__SECTION__KEY=value`` in the environment overrides ``section.key``."""
+
+
+def _set(data: dict[str, Any], dotted: str, raw: str, origin: str) -> None:
+    """Set ``section.key`` (any depth) to ``raw`` read as YAML (``8``, ``true``, ``[a, b]``)."""
+    parts = dotted.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{origin}: {dotted!r} is not section.key")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
+        value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(data, str(path))
+        raise ConfigError(f"{origin}: {dotted}: not a valid value: {exc}") from exc
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: Path | str | None,
+    *,
+    sets: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read and validate a YAML config file; ConfigError names the file, key and reason.
+
+    ``path`` None: the built-in defaults. Then, in this order, ``STREAMER__SECTION__KEY``
+    variables of ``env`` (default: the process environment) and ``sets``
+    (``section.key=value``, as ``--set`` gives them) override single keys. A relative
+    ``model.path`` written in the file is relative to the file's folder.
+    """
+    data: Any = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            return parse_config(data, source)
+        model = data.get("model")
+        if isinstance(model, dict) and isinstance(model.get("path"), str):
+            written = Path(model["path"])
+            if not written.is_absolute():
+                model["path"] = str(path.parent / written)
+    environment = os.environ if env is None else env
+    for name in sorted(environment):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set(data, dotted, environment[name], f"environment {name}")
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set(data, key.strip(), raw, f"--set {key.strip()}")
+    return parse_config(data, source)

@@ -58,6 +58,7 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import time
 from types import FrameType
 
@@ -66,7 +67,7 @@ import structlog
 from streamer.codec import Decoder, position_labels
 from streamer.config import Config
 from streamer.engine import Engine
-from streamer.errors import ConfigError, StreamerError
+from streamer.errors import ConfigError, InputError, StreamerError
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
@@ -255,7 +256,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
             self.services.start(cfg.metrics)
-            ensure_topics(cfg.kafka, self.topics)
+            ensure_topics(cfg.kafka, self.topics, timeout_s=cfg.kafka.connect_timeout_s)
             check_state_topic(cfg.kafka, self.topics.state)
             require_grants(cfg.kafka, self.topics)
             self._connect()
@@ -462,14 +463,17 @@ class Daemon:
 def run_daemon(cfg: Config) -> int:
     """``streamer run``: 0 after a clean shutdown, 1 on a runtime failure (logged).
 
-    ConfigError propagates (the CLI turns it into exit code 2).
+    ConfigError and InputError (a model directory that is missing or unusable)
+    propagate: the CLI turns them into exit code 2.
     """
-    configure_logging()
+    configure_logging(level=cfg.logging.level)
     try:
         daemon = Daemon(cfg)
         return daemon.run()
-    except ConfigError:
+    except (ConfigError, InputError):
         raise
     except StreamerError as exc:
         log.error("daemon_failed", error=str(exc), error_type=type(exc).__name__)
+        # The log may go to a file or journald: the reason also goes to stderr, once.
+        print(f"streamer: {exc}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from streamer.errors import DataError
+from streamer.errors import CsvError, DataError
 
 __all__ = ["Table", "data_hash", "parse_timestamps", "read_csv"]
 
@@ -60,27 +60,33 @@ def read_csv(
         with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh, delimiter=separator))
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise CsvError(f"{path}: cannot read: {exc.strerror}") from exc
     if not rows:
-        raise DataError(f"{path}: empty file")
+        raise CsvError(f"{path}: empty file")
     header = [h.strip() for h in rows[0]]
     body = [r for r in rows[1:] if r]
+    for i, row in enumerate(rows[1:], 2):
+        if row and len(row) != len(header):
+            raise CsvError(
+                f"{path}: line {i}: {len(row)} fields, the header has {len(header)} "
+                f"(separator {separator!r})"
+            )
     if (
         len(header) == 1
         and separator not in rows[0][0]
         and (";" in rows[0][0] or "," in rows[0][0])
     ):
         guess = ";" if ";" in rows[0][0] else ","
-        raise DataError(f"{path}: only one column with separator {separator!r}; is it {guess!r}?")
+        raise CsvError(f"{path}: only one column with separator {separator!r}; is it {guess!r}?")
     if timestamp_column is not None and timestamp_column not in header:
-        raise DataError(f"{path}: no timestamp column {timestamp_column!r} (columns: {header})")
+        raise CsvError(f"{path}: no timestamp column {timestamp_column!r} (columns: {header})")
     skip = {timestamp_column, *extra_columns}
     wanted = list(columns) if columns is not None else [h for h in header if h not in skip]
     missing = [c for c in wanted if c not in header]
     if missing:
-        raise DataError(f"{path}: missing channel columns {missing} (columns: {header})")
+        raise CsvError(f"{path}: missing channel columns {missing} (columns: {header})")
     if not wanted:
-        raise DataError(f"{path}: no channel columns")
+        raise CsvError(f"{path}: no channel columns")
 
     def column(name: str) -> NDArray[np.float64]:
         j = header.index(name)
@@ -90,11 +96,11 @@ def read_csv(
                 out[i] = float(row[j])
             except (ValueError, IndexError):
                 cell = row[j] if j < len(row) else "<missing>"
-                raise DataError(
+                raise CsvError(
                     f"{path}: line {i + 2}, column {name!r}: not a number: {cell!r}"
                 ) from None
             if not np.isfinite(out[i]):
-                raise DataError(
+                raise CsvError(
                     f"{path}: line {i + 2}, column {name!r}: non-finite value {row[j]!r}"
                 )
         return out

@@ -15,7 +15,15 @@ class DataError(StreamerError):
     """Input data (a CSV file, a window batch) is unusable; the message says which value."""
 
 
-class CheckpointError(StreamerError):
+class InputError(StreamerError):
+    """A file or directory the user named is missing or unusable (the CLI exits 2)."""
+
+
+class CsvError(DataError, InputError):
+    """A CSV file the user named cannot be read as one: the message names line and value."""
+
+
+class CheckpointError(InputError):
     """A model checkpoint is missing, tampered with, pickled or incompatible."""
 
 

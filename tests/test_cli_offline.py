@@ -92,7 +92,7 @@ class TestTrainAndScore:
         assert all(float(r["threshold"]) > 0 for r in rows)
 
     def test_bad_data_is_a_runtime_error_naming_the_value(self, tmp_path: Path) -> None:
-        """A non-numeric cell stops training with exit 1 and names line, column and value."""
+        """A non-numeric cell stops training with exit 2 and names line, column and value."""
         bad = tmp_path / "bad.csv"
         bad.write_text("timestamp,a\n1,0.5\n2,oops\n")
         cfg = tmp_path / "c.yaml"
@@ -100,8 +100,106 @@ class TestTrainAndScore:
         proc = run_cli(
             "train", "--config", str(cfg), "--data", str(bad), "--out", str(tmp_path / "m")
         )
-        assert proc.returncode == 1
+        assert proc.returncode == 2, proc.stderr
         assert "line 3" in proc.stderr and "'oops'" in proc.stderr
+
+
+class TestWhatTheUserNamed:
+    """Anything named on the command line that is missing or malformed: exit 2, one line."""
+
+    @pytest.fixture
+    def cfg(self, tmp_path: Path) -> Path:
+        path = tmp_path / "c.yaml"
+        path.write_text("stream: {channels: [a, b], window: 2, stride: 1}\n")
+        return path
+
+    def test_a_missing_data_file(self, tmp_path: Path, cfg: Path) -> None:
+        gone = tmp_path / "gone.csv"
+        proc = run_cli(
+            "train", "--config", str(cfg), "--data", str(gone), "--out", str(tmp_path / "m")
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"{gone}: cannot read" in proc.stderr and "Traceback" not in proc.stderr
+
+    @pytest.mark.parametrize(
+        ("row", "said"),
+        [("3,0.5,0.6,0.7", "line 3: 4 fields, the header has 3"), ("3,0.5", "2 fields")],
+    )
+    def test_a_row_with_another_field_count(
+        self, tmp_path: Path, cfg: Path, row: str, said: str
+    ) -> None:
+        data = tmp_path / "d.csv"
+        data.write_text(f"timestamp,a,b\n1,0.1,0.2\n{row}\n4,0.3,0.4\n")
+        proc = run_cli(
+            "train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "m")
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert said in proc.stderr
+
+    def test_a_missing_model_directory(self, tmp_path: Path, cfg: Path) -> None:
+        data = tmp_path / "d.csv"
+        data.write_text("timestamp,a,b\n1,0.1,0.2\n")
+        gone = tmp_path / "no-model"
+        proc = run_cli(
+            "score", "--config", str(cfg), "--model", str(gone), "--data", str(data),
+            "--out", str(tmp_path / "s.csv"),
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert f"{gone}: no such directory" in proc.stderr
+
+    def test_training_without_a_terminal_says_each_epoch(self, tmp_path: Path) -> None:
+        data = tmp_path / "d.csv"
+        write_csv(data, simulate(1, 400, seed=5).values[0])
+        cfg = tmp_path / "t.yaml"
+        cfg.write_text(
+            "stream: {window: 16, stride: 4}\n"
+            "train: {preset: dense, epochs: 3, patience: 5, hidden: 8, latent: 4}\n"
+        )
+        proc = run_cli(
+            "train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "m")
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("training dense: epoch")]
+        assert [ln.split()[3] for ln in lines] == ["1/3", "2/3", "3/3"], proc.stderr
+        assert all(" left" in ln and " val " in ln for ln in lines)
+
+    @pytest.mark.parametrize(
+        "args", [["--sensors", "0"], ["--rate", "-1"], ["--rate", "nan"], ["--rows", "10"]]
+    )
+    def test_demo_arguments_are_checked_before_anything_starts(self, args: list[str]) -> None:
+        proc = run_cli("demo", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert "error: argument" in proc.stderr and "broker" not in proc.stdout
+
+    def test_a_reader_that_closes_early_gets_no_traceback(self, cfg: Path) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer", "check-config", "--config", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        # Gone before the command writes a byte (it is still importing): `| head -c 0`.
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(60) == 141, err
+        assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+class TestHelp:
+    """--help says what a command does, its exit codes and the environment it reads."""
+
+    def test_top_level_help_names_exit_codes_and_environment(self) -> None:
+        proc = run_cli("--help")
+        assert proc.returncode == 0
+        assert "Exit codes: 0 success; 2" in proc.stdout and "STREAMER_LOG_LEVEL" in proc.stdout
+
+    @pytest.mark.parametrize("command", ["run", "train", "score", "eval", "demo", "broker"])
+    def test_every_command_has_a_description(self, command: str) -> None:
+        proc = run_cli(command, "--help")
+        assert proc.returncode == 0
+        # usage, a blank line, then the description paragraph
+        paragraphs = proc.stdout.split("\n\n")
+        assert len(paragraphs) > 2 and paragraphs[1].strip().endswith("."), proc.stdout
 
 
 def make_skab(root: Path, files: int = 2) -> None:

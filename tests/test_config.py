@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,8 +81,15 @@ class TestConfigValidation:
             parse_config(data, "test.yaml")  # type: ignore[arg-type]
 
     def test_shipped_config_is_the_defaults(self) -> None:
-        """config.yaml at the top of the repo validates and equals the built-in defaults."""
-        assert load_config(REPO / "config.yaml") == Config()
+        """config.yaml at the top of the repo validates and equals the built-in defaults.
+
+        But for model.path: written in a file, a relative path is relative to the file.
+        """
+        defaults = Config()
+        model = defaults.model.model_copy(update={"path": REPO / defaults.model.path})
+        assert load_config(REPO / "config.yaml", env={}) == defaults.model_copy(
+            update={"model": model}
+        )
 
     def test_secrets_resolve_from_env_and_file_and_stay_masked(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -283,7 +291,8 @@ class TestCheckConfigCommand:
     def test_bad_arguments_exit_two(self) -> None:
         """Unknown subcommands and missing required options exit 2."""
         assert run_cli("frobnicate").returncode == 2
-        assert run_cli("check-config").returncode == 2
+        assert run_cli("score", "--data", "x.csv", "--out", "y.csv").returncode == 2  # no --model
+        assert run_cli("check-config", "--set", "window").returncode == 2
 
     def test_password_never_printed(self, tmp_path: Path) -> None:
         """check-config masks a configured password."""
@@ -316,3 +325,56 @@ class TestCheckConfigCommand:
             f"{bad}: kafka.client: unknown librdkafka setting 'SASL.PASSWORD' "
             "(did you mean 'sasl.password'?)" in proc.stderr
         )
+
+
+class TestOverrides:
+    """One key from the environment or the command line, over the file; paths follow the file."""
+
+    def test_environment_then_set_override_the_file(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("kafka: {bootstrap_servers: 'a:1', group_id: g}\nstream: {window: 16}\n")
+        env = {
+            "STREAMER__KAFKA__BOOTSTRAP_SERVERS": "b:2",
+            "STREAMER__STREAM__WINDOW": "32",
+            "STREAMER_LOG_LEVEL": "debug",  # one underscore: not an override
+        }
+        got = load_config(cfg, env=env, sets=["stream.window=64", "kafka.group_id=h"])
+        assert got.kafka.bootstrap_servers == "b:2"
+        assert got.stream.window == 64 and got.kafka.group_id == "h"
+
+    def test_a_bad_override_names_where_it_came_from(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match=r"stream\.window"):
+            load_config(None, env={"STREAMER__STREAM__WINDOW": "one"})
+        with pytest.raises(ConfigError, match=r"--set window: 'window' is not section\.key"):
+            load_config(None, env={}, sets=["window=2"])
+        with pytest.raises(ConfigError, match="no_such_section"):
+            load_config(None, env={}, sets=["no_such_section.x=1"])
+
+    def test_a_relative_model_path_is_relative_to_the_config_file(self, tmp_path: Path) -> None:
+        (tmp_path / "etc").mkdir()
+        cfg = tmp_path / "etc" / "c.yaml"
+        cfg.write_text("model: {path: models/current}\n")
+        assert load_config(cfg, env={}).model.path == tmp_path / "etc" / "models" / "current"
+        absolute = tmp_path / "m"
+        cfg.write_text(f"model: {{path: {absolute}}}\n")
+        assert load_config(cfg, env={}).model.path == absolute
+        # Given on the command line, it is the caller's: relative to the working directory.
+        assert load_config(cfg, env={}, sets=["model.path=x"]).model.path == Path("x")
+
+    def test_the_cli_reads_config_yaml_here_then_the_environment_then_set(
+        self, tmp_path: Path
+    ) -> None:
+        (tmp_path / "config.yaml").write_text("kafka: {group_id: from-file}\n")
+        env = {**os.environ, "STREAMER__KAFKA__GROUP_ID": "from-env"}
+        shown = subprocess.run(
+            [sys.executable, "-m", "streamer", "check-config", "--set", "stream.window=32"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert shown.returncode == 0, shown.stderr
+        got = json.loads(shown.stdout)
+        assert got["kafka"]["group_id"] == "from-env" and got["stream"]["window"] == 32
+        assert shown.stderr.strip() == "config.yaml: ok"

@@ -120,6 +120,22 @@ class TestLogLevel:
         assert "info_line" in out
         assert ("detail_line" in out) is shown
 
+    def test_the_config_level_applies_unless_the_environment_says_otherwise(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.delenv("STREAMER_LOG_LEVEL", raising=False)
+        configure_logging(json_logs=True, level="warning")
+        log = structlog.get_logger("test.level")
+        log.info("info_line")
+        log.warning("warning_line")
+        out = capsys.readouterr().out
+        assert "warning_line" in out and "info_line" not in out
+        monkeypatch.setenv("STREAMER_LOG_LEVEL", "info")
+        configure_logging(json_logs=True, level="warning")
+        log = structlog.get_logger("test.level")  # loggers are bound at first use
+        log.info("info_again")
+        assert "info_again" in capsys.readouterr().out
+
     def test_an_unknown_level_is_a_config_error_naming_it(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -192,6 +192,10 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
         raise CheckpointError(
             f"{path}: expected a checkpoint directory written by `streamer train`"
         )
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such directory (a checkpoint written by `streamer train`)"
+        )
     sidecar_path = path / SIDECAR_FILE
     weights_path = path / WEIGHTS_FILE
     if not sidecar_path.is_file():

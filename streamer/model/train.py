@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,6 +167,9 @@ def _fit(
     bar = None
     if progress:
         bar, task = _progress_bar(cfg)
+    # Without a terminal (a log file, journald) or without rich: one line per epoch.
+    lines = progress and bar is None
+    started = time.monotonic()
     epochs_run = 0
     try:
         for _epoch in range(cfg.epochs):
@@ -187,6 +191,8 @@ def _fit(
             epochs_run += 1
             if bar is not None:
                 bar.update(task, advance=1, loss=train_loss, val=val_loss)
+            elif lines:
+                _epoch_line(epochs_run, cfg, train_loss, val_loss, time.monotonic() - started)
             if val_loss < best - 1e-7:
                 best, stale = val_loss, 0
                 best_state = copy.deepcopy(module.network.state_dict())
@@ -224,12 +230,26 @@ def _calibrate(
     return calib
 
 
-def _progress_bar(cfg: TrainConfig) -> tuple[Any, Any]:
-    """A started rich progress bar and its task; (None, None) without rich (an extra).
+def _epoch_line(epoch: int, cfg: TrainConfig, loss: float, val: float, elapsed: float) -> None:
+    """One epoch's progress as a line on stderr, with an estimate of what is left."""
+    left = elapsed / epoch * (cfg.epochs - epoch)
+    print(
+        f"training {cfg.preset}: epoch {epoch}/{cfg.epochs} loss {loss:.5f} val {val:.5f} "
+        f"({elapsed:.0f} s, at most {left:.0f} s left; early stopping may end it sooner)",
+        file=sys.stderr,
+        flush=True,
+    )
 
-    rich is in the ``demo`` and ``dev`` extras, not in a production install: training
-    there runs without a bar.
+
+def _progress_bar(cfg: TrainConfig) -> tuple[Any, Any]:
+    """A started rich progress bar and its task; (None, None) without one.
+
+    None when stdout, where rich draws it, is not a terminal (the bar would only leave
+    control characters in a log) and without rich, which is in the ``demo`` and ``dev``
+    extras, not in a production install.
     """
+    if not sys.stdout.isatty():
+        return None, None
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:

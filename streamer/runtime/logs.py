@@ -16,15 +16,16 @@ __all__ = ["configure_logging"]
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
-def configure_logging(json_logs: bool | None = None) -> None:
+def configure_logging(json_logs: bool | None = None, level: str = "info") -> None:
     """structlog to stdout: JSON lines when stdout is not a TTY (journald), console otherwise.
 
-    The level is ``STREAMER_LOG_LEVEL`` (debug, info, warning; default info). Debug adds
-    one line per commit round (offsets, heads, timings) and per heap settle.
+    The level is ``STREAMER_LOG_LEVEL`` when set, else ``level`` (``logging.level``):
+    debug, info or warning. Debug adds one line per commit round (offsets, heads,
+    timings) and per heap settle.
     """
     if json_logs is None:
         json_logs = not sys.stdout.isatty()
-    name = os.environ.get("STREAMER_LOG_LEVEL", "info").strip().lower()
+    name = os.environ.get("STREAMER_LOG_LEVEL", level).strip().lower()
     if name not in _LOG_LEVELS:
         raise ConfigError(f"STREAMER_LOG_LEVEL={name!r} is not one of {', '.join(_LOG_LEVELS)}")
     renderer: Any = (

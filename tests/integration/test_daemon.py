@@ -130,6 +130,31 @@ class TestModelFitsTheStream:
         assert daemon.engine.windows.stride == 1
 
 
+class TestUnreachableBroker:
+    """Nothing listens at the address: one line on stderr, after the configured wait."""
+
+    def test_one_clear_line_after_connect_timeout(self, tmp_path: Path, model_dir: Path) -> None:
+        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
+        cfg = write_config(
+            tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir,
+            kafka={"connect_timeout_s": 2.0},
+        )  # fmt: skip
+        started = time.monotonic()
+        run = subprocess.run(
+            [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        took = time.monotonic() - started
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert run.stderr.startswith("streamer: cannot reach Kafka at 127.0.0.1:9"), run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr
+        # The 30 s default would show here; start-up (imports, model) takes a few seconds.
+        assert took < 25, took
+
+
 class TestScoring:
     """A clean stream is scored completely, once, with anomalies flagged."""
 
