@@ -117,11 +117,13 @@ def _plot(
     scores: dict[str, list[dict[str, Any]]],
     alerts: list[dict[str, Any]],
     names: list[str],
+    title: str,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(len(names), 1, figsize=(12, 2.6 * len(names)), sharex=True)
     axes = np.atleast_1d(axes)
@@ -135,7 +137,10 @@ def _plot(
         )
         for inj in (i for i in live.injections if i.sensor == s):
             ax.axvspan(inj.start, inj.end, color="orange", alpha=0.25)
-            ax.text(inj.start, ax.get_ylim()[1], inj.kind, fontsize=7, va="top")
+            # Inside the axes (below the top edge), so the label is never clipped.
+            ax.text(
+                inj.start, 0.97, inj.kind, fontsize=7, va="top", transform=ax.get_xaxis_transform()
+            )
         for a in alerts:
             if a["sensor"] == name and a["state"] == "closed":
                 ax.axvspan(
@@ -145,9 +150,15 @@ def _plot(
                     ymax=0.08,
                     color="red",
                 )
-        ax.set_ylabel(name)
-    axes[0].legend(loc="upper left", fontsize=8)
-    axes[-1].set_xlabel("sample (orange: injected fault; red bar: alert)")
+        ax.set_ylabel(f"{name}\nscore (log)")
+    handles, _labels = axes[0].get_legend_handles_labels()
+    handles += [
+        Patch(color="orange", alpha=0.25, label="injected fault"),
+        Patch(color="red", label="alert (open to close)"),
+    ]
+    axes[0].legend(handles=handles, loc="upper left", fontsize=8, ncol=4)
+    axes[-1].set_xlabel("sample")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -330,7 +341,13 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         consumer.close()
         figures = _evaluate(live, alerts, window)
         plot = out_dir / "demo.png"
-        _plot(plot, live, scores, alerts, [f"pump-{s:02d}" for s in range(min(4, sensors))])
+        title = (
+            f"streamer demo: model {version}, {int(figures['alerts'])} alerts for "
+            f"{int(figures['faults'])} faults, precision {figures['precision']:.2f}, "
+            f"recall {figures['recall']:.2f} (all {sensors} pumps; the first 4 shown)"
+        )
+        names = [f"pump-{s:02d}" for s in range(min(4, sensors))]
+        _plot(plot, live, scores, alerts, names, title)
         # Collect the clients made while waiting for the topics, so none is left to
         # complain about the broker going away; then the result on a line of its own.
         gc.collect()
