@@ -89,6 +89,21 @@ def ids_of(msgs: list[Message]) -> list[str]:
     return [orjson.loads(m.value() or b"")["id"] for m in msgs]
 
 
+def run_without_broker(
+    tmp_path: Path, model_dir: Path, **sections: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    """``streamer run`` with nothing listening at its bootstrap address."""
+    topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
+    cfg = write_config(tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir, **sections)
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 class TestModelFitsTheStream:
     """A config whose window or channels differ from the model's stops start-up."""
 
@@ -102,17 +117,7 @@ class TestModelFitsTheStream:
     def test_start_up_names_every_difference(
         self, tmp_path: Path, model_dir: Path, stream: dict[str, Any], named: str
     ) -> None:
-        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
-        cfg = write_config(
-            tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir, stream=stream
-        )
-        run = subprocess.run(
-            [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        run = run_without_broker(tmp_path, model_dir, stream=stream)
         assert run.returncode == 2, run.stdout + run.stderr
         assert named in run.stdout + run.stderr
 
@@ -134,19 +139,8 @@ class TestUnreachableBroker:
     """Nothing listens at the address: one line on stderr, after the configured wait."""
 
     def test_one_clear_line_after_connect_timeout(self, tmp_path: Path, model_dir: Path) -> None:
-        topics = Topics(*(f"unused-{i}" for i in range(5)), partitions=1)
-        cfg = write_config(
-            tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir,
-            kafka={"connect_timeout_s": 2.0},
-        )  # fmt: skip
         started = time.monotonic()
-        run = subprocess.run(
-            [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        run = run_without_broker(tmp_path, model_dir, kafka={"connect_timeout_s": 2.0})
         took = time.monotonic() - started
         assert run.returncode == 1, run.stdout + run.stderr
         assert run.stderr.startswith("streamer: cannot reach Kafka at 127.0.0.1:9"), run.stderr
