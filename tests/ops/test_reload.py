@@ -90,7 +90,7 @@ class TestModelReloader:
     def test_missing_directory(self, tmp_path: Path) -> None:
         """A path without a checkpoint is a failure, not an exception."""
         out = self.reloader(tmp_path / "nothing").load("signal")
-        assert out.error is not None and "model.json" in out.error
+        assert out.error is not None and "nothing: no such directory" in out.error
 
     def test_requests_during_a_load_are_served_after(self, models: dict[str, Path]) -> None:
         """A request made while loading is queued, so the newest files are always read."""
