@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -91,61 +91,58 @@ def _add_config(p: argparse.ArgumentParser, *, benchmark: bool = False) -> None:
         )
 
 
+_DESCRIPTION = (
+    "Streaming anomaly detection for sensor feeds: Kafka in, scores and alerts out, "
+    "scored by a trained autoencoder."
+)
+_EPILOG = (
+    "Exit codes: 0 success; 2 anything named (config, data file, model directory, "
+    "argument) missing or malformed; 1 a failure while running; 141 the reader of the "
+    "output went away. Environment: STREAMER_LOG_LEVEL (debug|info|warning), "
+    "STREAMER_CACHE (the Kafka jars' cache)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render --help in the docs)."""
-    parser = _Parser(
-        prog="streamer",
-        description="Streaming anomaly detection for sensor feeds: Kafka in, scores and "
-        "alerts out, scored by a trained autoencoder.",
-        epilog="Exit codes: 0 success; 2 anything named (config, data file, model "
-        "directory, argument) missing or malformed; 1 a failure while running; 141 the "
-        "reader of the output went away. Environment: STREAMER_LOG_LEVEL "
-        "(debug|info|warning), STREAMER_CACHE (the Kafka jars' cache).",
-    )
+    parser = _Parser(prog="streamer", description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("--version", action="version", version=f"streamer {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    class _Sub:
-        """``add_parser`` whose help line is also the subcommand's --help description."""
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        """A subcommand whose help line is also its --help description."""
+        return subparsers.add_parser(
+            name, help=summary, description=summary[:1].upper() + summary[1:] + "."
+        )
 
-        @staticmethod
-        def add_parser(name: str, *, help: str) -> argparse.ArgumentParser:
-            return subparsers.add_parser(
-                name, help=help, description=help[:1].upper() + help[1:] + "."
-            )
-
-    sub = _Sub()
-
-    p = sub.add_parser(
-        "check-config", help="validate a config file and print it with secrets masked"
-    )
+    p = command("check-config", "validate a config file and print it with secrets masked")
     _add_config(p)
 
-    p = sub.add_parser(
+    p = command(
         "check-access",
-        help="connect with the configured credentials and check every permission the daemon "
+        "connect with the configured credentials and check every permission the daemon "
         "needs (exit 1, with the grants to add, when one is missing)",
     )
     _add_config(p)
 
-    p = sub.add_parser("run", help="run the daemon: consume samples, publish scores and alerts")
+    p = command("run", "run the daemon: consume samples, publish scores and alerts")
     _add_config(p)
 
-    p = sub.add_parser("train", help="train a model on normal data from CSV files")
+    p = command("train", "train a model on normal data from CSV files")
     _add_config(p)
     p.add_argument("--data", type=Path, nargs="+", required=True, help="CSV files of normal data")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("score", help="score a CSV file offline with a trained model")
+    p = command("score", "score a CSV file offline with a trained model")
     _add_config(p)
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--data", type=Path, required=True, help="CSV file to score")
     p.add_argument("--out", type=Path, required=True, help="scores CSV to write")
     p.add_argument("--sensor", default=None, help="sensor name (default: the file name)")
 
-    p = sub.add_parser("eval", help="run a benchmark protocol (skab or nab) and print our figures")
+    p = command("eval", "run a benchmark protocol (skab or nab) and print our figures")
     p.add_argument(
         "benchmark",
         choices=["skab", "nab"],
@@ -168,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "threshold) on K-1 folds of files and report the held-out folds only",
     )
 
-    p = sub.add_parser("demo", help="local broker, simulated plant, live alerts, precision/recall")
+    _tool_commands(command)
+    return parser
+
+
+def _tool_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The development commands: the demo and the local broker."""
+    p = command("demo", "local broker, simulated plant, live alerts, precision/recall")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for model, plot, log")
     p.add_argument("--sensors", type=_at_least(1), default=12, help="simulated sensors")
     p.add_argument(
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=_positive, default=60.0, help="samples per sensor per second (> 0)"
     )
 
-    p = sub.add_parser("broker", help="start, stop or inspect the local development Kafka broker")
+    p = command("broker", "start, stop or inspect the local development Kafka broker")
     p.add_argument(
         "action",
         choices=["start", "stop", "status", "fetch"],
@@ -186,34 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
         "stop: end it; fetch: download the jars only",
     )
     p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
-    return parser
 
 
-def _load(path: Path | None, sets: Sequence[str] = (), log_level: str | None = None) -> Config:
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else ./config.yaml when there is one, else None (the built-in defaults)."""
+    if args.config is None and Path("config.yaml").is_file():
+        return Path("config.yaml")
+    path: Path | None = args.config
+    return path
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The config of a command: the file, the environment, --set and --log-level."""
     from streamer.config import load_config
 
-    if log_level is not None:
+    sets = list(args.sets)
+    if args.log_level is not None:
         # Above the environment: the process (and what it starts) logs at this level.
-        os.environ["STREAMER_LOG_LEVEL"] = log_level
-        sets = [*sets, f"logging.level={log_level}"]
-    if path is None and Path("config.yaml").is_file():
-        path = Path("config.yaml")
-    return load_config(path, sets=sets)
+        os.environ["STREAMER_LOG_LEVEL"] = args.log_level
+        sets.append(f"logging.level={args.log_level}")
+    return load_config(_config_path(args), sets=sets)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config, args.sets, args.log_level)
+    cfg = _load(args)
     json.dump(cfg.redacted(), sys.stdout, indent=2)
     sys.stdout.write("\n")
-    used = args.config or (Path("config.yaml") if Path("config.yaml").is_file() else None)
-    print(f"{used or 'built-in defaults'}: ok", file=sys.stderr)
+    print(f"{_config_path(args) or 'built-in defaults'}: ok", file=sys.stderr)
     return EXIT_OK
 
 
 def _cmd_check_access(args: argparse.Namespace) -> int:
     from streamer.kafka.access import check_access
 
-    cfg = _load(args.config, args.sets, args.log_level)
+    cfg = _load(args)
     grants = check_access(cfg.kafka, cfg.topics)
     user = cfg.kafka.librdkafka().get("sasl.username")
     principal = f"User:{user}" if user else "User:<the principal of these credentials>"
@@ -255,7 +264,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from streamer.model.checkpoint import save_checkpoint
     from streamer.model.train import resolve_device, train_model
 
-    cfg = _load(args.config, args.sets, args.log_level)
+    cfg = _load(args)
     channels = list(cfg.csv.columns or cfg.stream.channels)
     segments = []
     for path in args.data:
@@ -293,17 +302,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from streamer.offline import score_file
 
-    cfg = _load(args.config, args.sets, args.log_level)
+    cfg = _load(args)
     n = score_file(cfg, args.model, args.data, args.out, sensor=args.sensor)
     print(f"wrote {n} windows to {args.out}")
     return EXIT_OK
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from streamer.config import load_config
     from streamer.offline import eval_nab, eval_skab
 
     # Without --config each benchmark uses its documented built-in settings.
-    cfg = None if args.config is None else _load(args.config)
+    cfg = None if args.config is None else load_config(args.config)
     fn = eval_skab if args.benchmark == "skab" else eval_nab
     figures = fn(cfg, args.data, scores_out=args.scores_out, limit=args.limit, folds=args.folds)
     if args.json_out is not None:
@@ -315,7 +325,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamer.daemon import run_daemon
 
-    cfg = _load(args.config, args.sets, args.log_level)
+    cfg = _load(args)
     code: int = run_daemon(cfg)
     return code
 

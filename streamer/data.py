@@ -94,10 +94,10 @@ def read_csv(
         for i, row in enumerate(body):
             try:
                 out[i] = float(row[j])
-            except (ValueError, IndexError):
-                cell = row[j] if j < len(row) else "<missing>"
+            except ValueError:
+                # Every row has the header's field count (checked above).
                 raise CsvError(
-                    f"{path}: line {i + 2}, column {name!r}: not a number: {cell!r}"
+                    f"{path}: line {i + 2}, column {name!r}: not a number: {row[j]!r}"
                 ) from None
             if not np.isfinite(out[i]):
                 raise CsvError(

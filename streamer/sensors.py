@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -92,12 +92,16 @@ class SensorStore:
         slots = self.index.slots(sensors)
         oldest_pos, oldest_count = windows.oldest(slots)
         return RingFacts(
-            slots,
-            windows.last_ts_of(slots),
-            windows.counts_of(slots) >= windows.window,
-            oldest_pos,
-            oldest_count,
+            slots, windows.last_ts_of(slots), self._filled(slots), oldest_pos, oldest_count
         )
+
+    def filled(self, sensors: Sequence[str]) -> NDArray[np.bool_]:
+        """Whether each sensor's ring has held a whole window since its last reset."""
+        return self._filled(self.index.slots(sensors))
+
+    def _filled(self, slots: NDArray[np.int64]) -> NDArray[np.bool_]:
+        filled: NDArray[np.bool_] = self.windows.counts_of(slots) >= self.windows.window
+        return filled
 
     def unscored(self, slot: int) -> int:
         """Samples the ring at ``slot`` holds that no emitted window covered yet."""
@@ -227,7 +231,7 @@ def encode_record(
     )
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -246,7 +250,7 @@ def parse_record(key: bytes, value: bytes, partition: int) -> SensorRecord:
     if rec.get("partition") != partition:
         raise StateError(f"record is for partition {rec.get('partition')!r}, found in {partition}")
     upto = rec.get("upto")
-    if not isinstance(upto, int) or isinstance(upto, bool):
+    if not _is_int(upto):
         raise StateError(f"upto must be an integer, got {upto!r}")
     ring = rec.get("ring")
     if ring is not None:

@@ -150,7 +150,7 @@ class PartitionTable:
         names = [s for s in self.sensor_part if s not in batch]
         if not names:
             return 0
-        unfilled = np.flatnonzero(~self.sensors.rings(names).filled)
+        unfilled = np.flatnonzero(~self.sensors.filled(names))
         seen = np.fromiter(
             map(self.last_seen.get, names, itertools.repeat(0.0)),
             dtype=np.float64,
@@ -309,8 +309,9 @@ class PartitionTable:
             idle_s=mono - seen,
             stream=self.stream,
         )
-        self._log_evictions(part, names, rings.slots, ev)
-        for i in ev.order(names):
+        order = ev.order(names)
+        self._log_evictions(part, names, rings.slots, ev, order)
+        for i in order:
             self.evicted(names[i], part, ev.reason(i))
         if not ev.any:
             return names, oldest_pos, oldest_count
@@ -318,10 +319,14 @@ class PartitionTable:
         return [names[i] for i in kept.tolist()], oldest_pos[kept], oldest_count[kept]
 
     def _log_evictions(
-        self, part: Partition, names: list[str], slots: NDArray[np.int64], ev: Eviction
+        self,
+        part: Partition,
+        names: list[str],
+        slots: NDArray[np.int64],
+        ev: Eviction,
+        order: list[int],
     ) -> None:
         """One warning per evicted sensor (the first few), a summary, and a bound too small."""
-        order = ev.order(names)
         for i in order[:_EVICTIONS_LOGGED]:
             log.warning(
                 "sensor_evicted",

@@ -6,8 +6,6 @@ The per-sensor state record is ``streamer.sensors``' (``encode_record``,
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 import structlog
 
@@ -16,10 +14,6 @@ __all__ = ["COMMIT_META_VERSION", "commit_head", "commit_metadata"]
 log = structlog.get_logger("streamer.daemon")
 
 COMMIT_META_VERSION = 1
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def commit_metadata(h: int) -> str:
@@ -32,8 +26,9 @@ def commit_head(metadata: str | None, offset: int) -> int:
     if metadata:
         try:
             meta = orjson.loads(metadata)
-            if meta.get("v") == COMMIT_META_VERSION and _is_int(meta.get("h")):
-                return int(meta["h"])
+            h = meta.get("h")
+            if meta.get("v") == COMMIT_META_VERSION and type(h) is int:  # not a bool
+                return h
         except (orjson.JSONDecodeError, AttributeError):
             pass
         log.warning("commit_metadata_unknown", metadata=metadata[:200])
