@@ -163,7 +163,6 @@ def _fit(
     best = float("inf")
     best_state = copy.deepcopy(module.network.state_dict())
     stale = 0
-    history: list[float] = []
     bar = None
     if progress:
         bar, task = _progress_bar(cfg)
@@ -187,7 +186,6 @@ def _fit(
             module.network.eval()
             with torch.inference_mode():
                 val_loss = float(torch.nn.functional.mse_loss(module.reconstruct(x_va), x_va))
-            history.append(val_loss)
             epochs_run += 1
             if bar is not None:
                 bar.update(task, advance=1, loss=train_loss, val=val_loss)
