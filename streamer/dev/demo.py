@@ -14,6 +14,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -268,20 +269,28 @@ def _wait_for_topics(
         time.sleep(0.5)
 
 
-def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float = 60.0) -> int:
-    """Run the demo; returns the exit code."""
-    from rich.console import Console
+def _plot_title(version: str, figures: dict[str, float], sensors: int) -> str:
+    """The plot's title: the model, and how its alerts matched the injected faults."""
+    return (
+        f"streamer demo: model {version}, {int(figures['alerts'])} alerts for "
+        f"{int(figures['faults'])} faults, precision {figures['precision']:.2f}, "
+        f"recall {figures['recall']:.2f} (all {sensors} pumps; the first 4 shown)"
+    )
 
-    # The demo's own log lines (the broker's start and stop) at info and above, on
-    # stderr: stdout is the live table and the result.
+
+def _log_to_stderr() -> None:
+    """Send the demo's own log lines (the broker's start and stop), info and above, to stderr.
+
+    stdout is the live table and the result.
+    """
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    console = Console()
-    window, stride = 32, 4
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = f"{int(time.time())}"
+
+
+def _simulate_fleet(sensors: int, rows: int, window: int) -> tuple[Plant, Plant]:
+    """A normal history to train on, and a live stream with every kind of fault injected."""
     history = simulate(sensors, 3000, period=PERIOD, seed=1)
     live = simulate(
         sensors,
@@ -292,6 +301,46 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         clean_prefix=window * 3,
         kinds=ANOMALY_KINDS,
     )
+    return history, live
+
+
+def _start_daemon(cfg_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """``streamer run`` on ``cfg_path`` in a subprocess, its output in ``log_path``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamer", "run", "--config", str(cfg_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _start_producer(bootstrap: str, topic: str, live: Plant, rate_hz: float) -> threading.Thread:
+    """Stream ``live`` to ``topic`` from a daemon thread, paced at ``rate_hz`` rows a second."""
+    thread = threading.Thread(target=_produce, args=(bootstrap, topic, live, rate_hz), daemon=True)
+    thread.start()
+    return thread
+
+
+def _drain_alerts(consumer: Any, topic: str) -> list[dict[str, Any]]:
+    """The alert records still to come on ``topic`` (within two seconds)."""
+    alerts: list[dict[str, Any]] = []
+    for msg in consumer.consume(1000, 2.0):
+        value = msg.value()
+        if not msg.error() and value is not None and msg.topic() == topic:
+            alerts.append(orjson.loads(value))
+    return alerts
+
+
+def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float = 60.0) -> int:
+    """Run the demo; returns the exit code."""
+    from rich.console import Console
+
+    _log_to_stderr()
+    console = Console()
+    window, stride = 32, 4
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = f"{int(time.time())}"
+    history, live = _simulate_fleet(sensors, rows, window)
     console.print(
         f"[bold]streamer demo[/]: {sensors} sensors x {len(CHANNELS)} channels, "
         f"{rows} live samples each, {len(live.injections)} injected faults "
@@ -312,42 +361,24 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         cfg_path = out_dir / "demo-config.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         log_path = out_dir / "daemon.log"
-        with log_path.open("wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "streamer", "run", "--config", str(cfg_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        daemon = _start_daemon(cfg_path, log_path)
         consumer = plain_consumer(bootstrap, f"demo-viewer-{run_id}")
         topics = config["topics"]
         _wait_for_topics(bootstrap, set(topics.values()), daemon, log_path)
         consumer.subscribe([topics["scores"], topics["alerts"]])
-        import threading
-
-        producer_thread = threading.Thread(
-            target=_produce, args=(bootstrap, topics["input"], live, rate_hz), daemon=True
-        )
-        producer_thread.start()
+        producer_thread = _start_producer(bootstrap, topics["input"], live, rate_hz)
         expected = sensors * ((rows - window) // stride + 1)
         scores, alerts, seen = _watch(console, consumer, topics, expected, daemon, log_path)
         producer_thread.join(60)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         # Alerts closed during shutdown arrive after the last score.
-        for msg in consumer.consume(1000, 2.0):
-            value = msg.value()
-            if not msg.error() and value is not None and msg.topic() == topics["alerts"]:
-                alerts.append(orjson.loads(value))
+        alerts += _drain_alerts(consumer, topics["alerts"])
         consumer.close()
         figures = _evaluate(live, alerts, window)
         plot = out_dir / "demo.png"
-        title = (
-            f"streamer demo: model {version}, {int(figures['alerts'])} alerts for "
-            f"{int(figures['faults'])} faults, precision {figures['precision']:.2f}, "
-            f"recall {figures['recall']:.2f} (all {sensors} pumps; the first 4 shown)"
-        )
         names = [f"pump-{s:02d}" for s in range(min(4, sensors))]
-        _plot(plot, live, scores, alerts, names, title)
+        _plot(plot, live, scores, alerts, names, _plot_title(version, figures, sensors))
         # Collect the clients made while waiting for the topics, so none is left to
         # complain about the broker going away; then the result on a line of its own.
         gc.collect()

@@ -191,10 +191,7 @@ def ensure_jars(version: str = DEFAULT_VERSION, cache_dir: Path | None = None) -
     if cache_dir is None:
         override = os.environ.get(LIBS_ENV)
         if override:
-            libs = Path(override).expanduser()
-            if not (libs / jar).is_file():
-                raise KafkaError(f"${LIBS_ENV}={override} holds no {jar}")
-            return libs
+            return _override_libs(override, jar)
         cache_dir = cache_root()
     version_dir = cache_dir / "kafka" / version
     libs = version_dir / "libs"
@@ -202,60 +199,85 @@ def ensure_jars(version: str = DEFAULT_VERSION, cache_dir: Path | None = None) -
         return libs
 
     _java()  # Maven needs it too; fail with the clearer message first.
+    mvn = _mvn()
+    with _file_lock(version_dir / ".lock"):
+        if (libs / jar).is_file():  # another process fetched while we waited
+            return libs
+        _fetch_jars(mvn, version, version_dir, libs)
+    return libs
+
+
+def _override_libs(override: str, jar: str) -> Path:
+    libs = Path(override).expanduser()
+    if not (libs / jar).is_file():
+        raise KafkaError(f"${LIBS_ENV}={override} holds no {jar}")
+    return libs
+
+
+def _mvn() -> str:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise KafkaError(
             "mvn not found on PATH: the Kafka jars are fetched from Maven Central with "
             "Maven 3.6+ (e.g. apt-get install maven)"
         )
-    with _file_lock(version_dir / ".lock"):
-        if (libs / jar).is_file():  # another process fetched while we waited
-            return libs
-        staging = version_dir / f"libs.partial-{os.getpid()}"
+    return mvn
+
+
+def _fetch_jars(mvn: str, version: str, version_dir: Path, libs: Path) -> None:
+    """Fetch the jars into a staging directory and rename it to ``libs`` once complete."""
+    staging = version_dir / f"libs.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    pom = version_dir / "pom.xml"
+    pom.write_text(_pom(version), encoding="utf-8")
+    _log.info("kafka_jars_fetching", version=version, libs=str(libs))
+    started = time.monotonic()
+    _copy_dependencies(mvn, version, pom, staging)
+    shutil.rmtree(libs, ignore_errors=True)  # a leftover without the Kafka jar
+    staging.rename(libs)
+    _log.info(
+        "kafka_jars_fetched",
+        version=version,
+        jars=sum(1 for _ in libs.glob("*.jar")),
+        elapsed_s=round(time.monotonic() - started, 1),
+    )
+
+
+def _copy_dependencies(mvn: str, version: str, pom: Path, staging: Path) -> None:
+    """Run Maven to copy the jars ``pom`` names into ``staging``; remove it if that fails."""
+    cmd = [
+        mvn,
+        "-B",
+        "-q",
+        "-f",
+        str(pom),
+        f"{_DEPENDENCY_PLUGIN}:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
+    ]
+    try:
+        result = _run_tool(cmd, _FETCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        pom = version_dir / "pom.xml"
-        pom.write_text(_pom(version), encoding="utf-8")
-        cmd = [
-            mvn,
-            "-B",
-            "-q",
-            "-f",
-            str(pom),
-            f"{_DEPENDENCY_PLUGIN}:copy-dependencies",
-            f"-DoutputDirectory={staging}",
-            "-DincludeScope=runtime",
-        ]
-        _log.info("kafka_jars_fetching", version=version, libs=str(libs))
-        started = time.monotonic()
-        try:
-            result = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=_FETCH_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise KafkaError(
-                f"mvn did not fetch Kafka {version} within {exc.timeout:.0f}s"
-            ) from exc
-        if result.returncode != 0 or not (staging / jar).is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise KafkaError(
-                f"mvn failed to fetch Kafka {version} (exit {result.returncode}): "
-                f"{' '.join(cmd)}\n{_tail(result.stdout + result.stderr)}"
-            )
-        shutil.rmtree(libs, ignore_errors=True)  # a leftover without the Kafka jar
-        staging.rename(libs)
-        _log.info(
-            "kafka_jars_fetched",
-            version=version,
-            jars=sum(1 for _ in libs.glob("*.jar")),
-            elapsed_s=round(time.monotonic() - started, 1),
+        raise KafkaError(f"mvn did not fetch Kafka {version} within {exc.timeout:.0f}s") from exc
+    if result.returncode != 0 or not (staging / _kafka_jar_name(version)).is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise KafkaError(
+            f"mvn failed to fetch Kafka {version} (exit {result.returncode}): "
+            f"{' '.join(cmd)}\n{_tail(result.stdout + result.stderr)}"
         )
-    return libs
+
+
+def _run_tool(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run a command-line tool without input, its output captured as text, whatever its exit."""
+    return subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 def _classpath(libs: Path) -> str:
