@@ -99,7 +99,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         broker = LocalBroker(run_dir, version=args.kafka_version, port=args.port, detached=True)
         print(f"starting Kafka {args.kafka_version} (logs in {run_dir})...", file=sys.stderr)
         bootstrap = broker.start(timeout_s=args.timeout)
-        partial = broker._res.cds_partial
+        partial = broker.cds_partial
         state = {
             "pid": broker.pid,
             "bootstrap": bootstrap,

@@ -107,6 +107,15 @@ class LocalBroker:
         return self._res.pid
 
     @property
+    def cds_partial(self) -> Path | None:
+        """A class-data archive the JVM is still writing, adopted when it exits cleanly.
+
+        A detached broker outlives this object, so ``streamer.dev.broker stop`` needs
+        the path to adopt (or discard) the archive after the JVM is gone.
+        """
+        return self._res.cds_partial
+
+    @property
     def running(self) -> bool:
         """Whether the broker JVM is alive (not whether it is ready)."""
         return self.pid is not None
