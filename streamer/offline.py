@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,6 +24,9 @@ from streamer.errors import ConfigError, DataError
 from streamer.model.checkpoint import LoadedModel, load_checkpoint
 from streamer.model.networks import ScoringModel
 from streamer.model.train import resolve_device, train_model
+
+if TYPE_CHECKING:
+    from streamer.evaluation.nab import NabFile
 
 __all__ = [
     "NAB_DEFAULTS",
@@ -360,7 +363,7 @@ def eval_skab(
     pooled F1 on the other folds decides the held-out fold's alarms, and the figures
     pool the held-out files only. ``threshold.value`` is then not used.
     """
-    from streamer.evaluation.folds import assign_folds, choose_out_of_fold
+    from streamer.evaluation.folds import assign_folds
     from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
 
     cfg = _benchmark_config(cfg, SKAB_DEFAULTS)
@@ -379,22 +382,7 @@ def eval_skab(
     title = "pooled, point-wise, no point-adjust"
     chosen: list[float] = []
     if fold_of is not None:
-        cache: dict[tuple[int, float], Confusion] = {}
-
-        def confusion(i: int, level: float) -> Confusion:
-            if (i, level) not in cache:
-                f = scored[i]
-                decided = alert_decisions(f.scores, level, cfg)
-                cache[(i, level)] = skab_confusion(f.labels, decided[scored_rows])
-            return cache[(i, level)]
-
-        def pooled_f1(items: list[int], level: float) -> float:
-            return skab_metrics(Confusion.pooled(confusion(i, level) for i in items))["f1"]
-
-        for choice in choose_out_of_fold(fold_of, SKAB_LEVELS, pooled_f1):
-            chosen.append(choice.chosen)
-            for i in choice.held_out:
-                decisions[i] = alert_decisions(scored[i].scores, choice.chosen, cfg)
+        chosen = _choose_levels_out_of_fold(cfg, scored, fold_of, decisions)
         title = (
             f"out of fold, {folds} folds: alarm levels {', '.join(f'{v:.3g}' for v in chosen)} "
             "chosen on the other folds; " + title
@@ -407,8 +395,48 @@ def eval_skab(
             _write_skab_scores(scores_out, f, d)
     figures = skab_metrics(Confusion.pooled(parts))
     elapsed = time.monotonic() - started
+    _print_skab(f"SKAB ({len(paths)} files, {elapsed:.0f} s; {title})", figures)
+    out: dict[str, Any] = {"f1": figures["f1"], "far": figures["far"], "mar": figures["mar"]}
+    out["seconds"] = elapsed
+    if fold_of is not None:
+        out["folds"] = folds
+        out["levels"] = chosen
+    return out
+
+
+def _choose_levels_out_of_fold(
+    cfg: Config, scored: list[SkabFile], fold_of: list[int], decisions: list[NDArray[np.bool_]]
+) -> list[float]:
+    """Each fold's alarm level chosen on the other folds; the held-out files' decisions
+    in ``decisions`` are replaced by the ones at their fold's level. Returns the levels."""
+    from streamer.evaluation.folds import choose_out_of_fold
+    from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
+
+    scored_rows = slice(SKAB_TRAIN_ROWS, None)
+    # Each (file, level) pair is replayed once, however many folds ask for it.
+    cache: dict[tuple[int, float], Confusion] = {}
+
+    def confusion(i: int, level: float) -> Confusion:
+        if (i, level) not in cache:
+            f = scored[i]
+            decided = alert_decisions(f.scores, level, cfg)
+            cache[(i, level)] = skab_confusion(f.labels, decided[scored_rows])
+        return cache[(i, level)]
+
+    def pooled_f1(items: list[int], level: float) -> float:
+        return skab_metrics(Confusion.pooled(confusion(i, level) for i in items))["f1"]
+
+    chosen: list[float] = []
+    for choice in choose_out_of_fold(fold_of, SKAB_LEVELS, pooled_f1):
+        chosen.append(choice.chosen)
+        for i in choice.held_out:
+            decisions[i] = alert_decisions(scored[i].scores, choice.chosen, cfg)
+    return chosen
+
+
+def _print_skab(title: str, figures: dict[str, float]) -> None:
     print_table(
-        f"SKAB ({len(paths)} files, {elapsed:.0f} s; {title})",
+        title,
         ["detector", "F1", "FAR %", "MAR %"],
         [
             [
@@ -423,12 +451,6 @@ def eval_skab(
             ["Isolation Forest (published)", "0.29", "-", "-"],
         ],
     )
-    out: dict[str, Any] = {"f1": figures["f1"], "far": figures["far"], "mar": figures["mar"]}
-    out["seconds"] = elapsed
-    if fold_of is not None:
-        out["folds"] = folds
-        out["levels"] = chosen
-    return out
 
 
 def _write_skab_scores(scores_out: Path, f: SkabFile, decision: NDArray[np.bool_]) -> None:
@@ -459,7 +481,6 @@ def eval_nab(
         load_nab_corpus,
         score_corpus,
         score_corpus_out_of_fold,
-        write_nab_results,
     )
 
     cfg = _benchmark_config(cfg, NAB_DEFAULTS)
@@ -470,8 +491,34 @@ def eval_nab(
     device = resolve_device(cfg.model.device)
     files = load_nab_corpus(Path(data_dir))[:limit]
     fold_of = assign_folds(len(files), folds) if folds is not None else None
-    scores: dict[str, NDArray[np.float64]] = {}
     started = time.monotonic()
+    scores = _nab_scores(cfg, files, device, scores_out)
+    keys = ("standard", "reward_low_FP", "reward_low_FN")
+    out: dict[str, Any]
+    if fold_of is None:
+        results = score_corpus(files, scores)
+        out = {k: results[k].normalized for k in keys}
+        title = "threshold swept per profile over the corpus"
+    else:
+        oof = score_corpus_out_of_fold(files, scores, fold_of)
+        out = {k: oof[k].normalized for k in keys}
+        out["folds"] = folds
+        out["thresholds"] = {k: oof[k].thresholds for k in keys}
+        title = f"out of fold, {folds} folds: each profile's threshold swept on the other folds"
+    elapsed = time.monotonic() - started
+    out["seconds"] = elapsed
+    _print_nab(f"NAB ({len(files)} files, {elapsed:.0f} s; normalised, {title})", out)
+    return out
+
+
+def _nab_scores(
+    cfg: Config, files: list[NabFile], device: str, scores_out: Path | None
+) -> dict[str, NDArray[np.float64]]:
+    """Each file's per-row anomaly score: a model trained on its probation rows, then
+    every later row scored causally."""
+    from streamer.evaluation.nab import write_nab_results
+
+    scores: dict[str, NDArray[np.float64]] = {}
     window = cfg.stream.window
     for f in files:
         values = f.values.reshape(-1, 1)
@@ -490,20 +537,10 @@ def eval_nab(
         scores[f.name] = np.where(res.scored & opened, res.likelihood, 0.0)
         if scores_out is not None:
             write_nab_results(scores_out, "streamer", f, f.timestamps, scores[f.name])
-    keys = ("standard", "reward_low_FP", "reward_low_FN")
-    out: dict[str, Any]
-    if fold_of is None:
-        results = score_corpus(files, scores)
-        out = {k: results[k].normalized for k in keys}
-        title = "threshold swept per profile over the corpus"
-    else:
-        oof = score_corpus_out_of_fold(files, scores, fold_of)
-        out = {k: oof[k].normalized for k in keys}
-        out["folds"] = folds
-        out["thresholds"] = {k: oof[k].thresholds for k in keys}
-        title = f"out of fold, {folds} folds: each profile's threshold swept on the other folds"
-    elapsed = time.monotonic() - started
-    out["seconds"] = elapsed
+    return scores
+
+
+def _print_nab(title: str, out: dict[str, Any]) -> None:
     published = [
         ("ARTime", 74.9),
         ("Numenta HTM", 70.5),
@@ -514,13 +551,9 @@ def eval_nab(
         ("Windowed Gaussian", 39.6),
         ("random", 11.0),
     ]
+    keys = ("standard", "reward_low_FP", "reward_low_FN")
     rows = [["streamer (this run)", *(f"{out[k]:.1f}" for k in keys)]]
     rows += [
         [f"{name} (published, full corpus)", f"{score:.1f}", "-", "-"] for name, score in published
     ]
-    print_table(
-        f"NAB ({len(files)} files, {elapsed:.0f} s; normalised, {title})",
-        ["detector", "standard", "reward_low_FP", "reward_low_FN"],
-        rows,
-    )
-    return out
+    print_table(title, ["detector", *keys], rows)
