@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from e2e import train, write_config  # benchmarks/ is the script's directory
+from e2e_parts.daemons import write_config  # benchmarks/ is the script's directory
+from e2e_parts.stream import train
 
 from streamer.codec import to_position
 from streamer.config import load_config

@@ -29,18 +29,16 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# e2e.py is the sibling script, importable once its folder is on the path (above).
-from e2e import (
+# e2e_parts is the e2e benchmark's package beside this script, importable once its folder
+# is on the path (above).
+from e2e_parts.daemons import log_events, start_daemon, stop_daemon, write_config
+from e2e_parts.stream import (
     broker_and_tmp,
     client,
-    log_events,
     make_topics,
     produce_stream,
-    start_daemon,
-    stop_daemon,
     topic_records,
     train,
-    write_config,
 )
 
 

@@ -130,6 +130,21 @@ def _load_model(cfg: Config, device: str) -> tuple[LoadedModel, float]:
     return model, load_s
 
 
+def _build_engine(cfg: Config, model: LoadedModel, device: str, metrics: Metrics) -> Engine:
+    """The engine on ``model``, with the stream's, thresholds', alerts' and inference settings."""
+    return Engine(
+        model,
+        max_gap_s=cfg.stream.max_gap_s,
+        threshold=cfg.threshold,
+        alerts=cfg.alerts,
+        inference=cfg.inference,
+        device=device,
+        stride=cfg.stream.stride,
+        position_label=position_labels,
+        on_batch=metrics.inference_batch_done,
+    )
+
+
 class Daemon:
     """One streamer instance: the wiring of consume, score, publish, checkpoint, commit.
 
@@ -154,17 +169,7 @@ class Daemon:
         # Shared by consumer and producer: one kafka_unreachable line per outage, and Health.
         self.reachability = Reachability(on_change=self.health.set_broker_down_since)
         self.notifier = Notifier()
-        self.engine = Engine(
-            model,
-            max_gap_s=cfg.stream.max_gap_s,
-            threshold=cfg.threshold,
-            alerts=cfg.alerts,
-            inference=cfg.inference,
-            device=device,
-            stride=cfg.stream.stride,
-            position_label=position_labels,
-            on_batch=self.metrics.inference_batch_done,
-        )
+        self.engine = _build_engine(cfg, model, device, self.metrics)
         self.metrics.model_in_use(model.version, load_s)
         self.health.model_version = model.version
         self.stats = Counters()
@@ -208,6 +213,11 @@ class Daemon:
         self.rounds: CommitRounds | None = None
         self.ingest: Ingest | None = None
         self.writer: Checkpointer | None = None
+        self._log_configured(model, device, load_s)
+
+    def _log_configured(self, model: LoadedModel, device: str, load_s: float) -> None:
+        """The ``daemon_configured`` line: the model, the stream and the Kafka settings in use."""
+        cfg = self.cfg
         log.info(
             "daemon_configured",
             model=model.version,
@@ -325,6 +335,7 @@ class Daemon:
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> int:
+        """Consume, score, publish and run commit rounds until a stop is asked; then shut down."""
         sink, source = self.sink, self.source
         publisher, rounds, ingest, writer = self.publisher, self.rounds, self.ingest, self.writer
         assert sink is not None and source is not None and ingest is not None
@@ -380,16 +391,26 @@ class Daemon:
                     # loop's time. Space rounds so that they take at most a tenth of it.
                     next_commit = time.monotonic() + max(commit_every, _COMMIT_SPACING * stalled)
             if now >= next_gauges:
-                self.gauges.refresh(source)
-                self.access.check(source.refusals())
+                self._refresh_gauges(source)
                 next_gauges = now + _GAUGE_REFRESH_S
-                sensors = len(self.engine.thresholds)
-                if self.growth.due(sensors):
-                    settle_heap("sensors", rethaw=False, sensors=sensors)
-                    self.growth.settled = sensors
             if now >= next_stats:
                 self.gauges.log_stats(source)
                 next_stats = now + stats_every
+        return self._shut_down(sink, source, publisher, rounds)
+
+    def _refresh_gauges(self, source: Source) -> None:
+        """The gauges and the access refusals; the heap settled if the sensors grew enough."""
+        self.gauges.refresh(source)
+        self.access.check(source.refusals())
+        sensors = len(self.engine.thresholds)
+        if self.growth.due(sensors):
+            settle_heap("sensors", rethaw=False, sensors=sensors)
+            self.growth.settled = sensors
+
+    def _shut_down(
+        self, sink: Sink, source: Source, publisher: Publisher, rounds: CommitRounds
+    ) -> int:
+        """Drain, commit every partition, leave the group and flush; 0 (a clean shutdown)."""
         log.info(
             "shutdown_started", signal=self._stop_signal, pending_batches=len(publisher.pending)
         )

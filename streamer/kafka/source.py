@@ -1,4 +1,4 @@
-"""Consumer wrapper: batched consume, manual offsets, cooperative rebalancing, a state reader.
+"""Consumer wrapper: batched consume, manual offsets, cooperative rebalancing.
 
 Offsets are never stored or committed automatically (``enable.auto.commit`` and
 ``enable.auto.offset.store`` are off): the daemon commits explicitly, per
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import structlog
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaException,
     Message,
@@ -34,7 +33,7 @@ from streamer.kafka.admin import admin_client
 from streamer.kafka.clientlog import client_logger
 from streamer.kafka.reachability import Reachability
 
-__all__ = ["CommitResult", "Committed", "Consumed", "LatestRecords", "Source", "read_latest"]
+__all__ = ["CommitResult", "Committed", "Consumed", "Source", "consumer_conf"]
 
 log = structlog.get_logger(__name__)
 
@@ -156,7 +155,12 @@ class CommitResult:
     deferred: dict[int, str]
 
 
-def _conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
+def consumer_conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """librdkafka settings of a consumer: the defaults, ``cfg``'s client settings, ``extra``.
+
+    Later ones win; the bootstrap servers are always ``cfg``'s, and the client's own log
+    goes to structlog.
+    """
     conf: dict[str, Any] = {**_DEFAULTS, **cfg.librdkafka(), **extra}
     conf["bootstrap.servers"] = cfg.bootstrap_servers
     # librdkafka's own log lines as rate-limited structlog events (served by consume/poll)
@@ -183,7 +187,7 @@ class Source:
         *,
         reachability: Reachability | None = None,
     ) -> None:
-        conf = _conf(cfg, {"group.id": cfg.group_id, "client.id": client_id})
+        conf = consumer_conf(cfg, {"group.id": cfg.group_id, "client.id": client_id})
         conf.update(_REQUIRED)
         conf["error_cb"] = self._on_error
         # Broker outages: one line when one starts and ends, not one per failed connection.
@@ -479,101 +483,3 @@ class Source:
         self._admin = None  # the refusal checks' client, if one was made
         self._reachability.forget(_CLIENT)
         self._raise()
-
-
-@dataclass
-class LatestRecords:
-    """The latest value of each key in one partition (None: a tombstone), and the count read."""
-
-    values: dict[bytes, bytes | None] = field(default_factory=dict)
-    records: int = 0
-
-
-def read_latest(
-    cfg: KafkaConfig,
-    topic: str,
-    partitions: Sequence[int],
-    stall_s: float,
-    on_progress: Callable[[int, list[int]], None] | None = None,
-    progress_every_s: float = 1.0,
-) -> tuple[dict[int, LatestRecords], list[int]]:
-    """The latest record of each key of a compacted topic's partitions, with one reader.
-
-    Reads each partition up to its high watermark as of now and keeps only the newest
-    value per key as it goes, as compaction would: until the broker compacts it, the
-    topic's log holds every version written (a state topic: one per sensor per commit
-    round), and holding them all would cost a multiple of the live state's memory.
-    Records without a key are skipped. Returns the latest records per partition and the
-    partitions whose end was not reached because the read stalled: nothing arrived for
-    ``stall_s``. A long read that keeps advancing is never cut short (a state topic whose
-    tail the broker has not compacted yet can hold millions of records, and giving up on
-    it would fail every restart alike). ``on_progress(records, unfinished)`` is called
-    about every ``progress_every_s`` while records arrive, and once at the end. The
-    reader is assigned, not subscribed: it joins no group and commits nothing.
-
-    It carries the daemon's own ``group.id`` (the client requires one): on a cluster
-    with ACLs the daemon holds READ on its group, while a group named per reader (one
-    uuid each) could not be granted by name, and every restart with state to read
-    failed with GROUP_AUTHORIZATION_FAILED. Being assigned, it never joins the group,
-    so the members' assignment is not disturbed.
-    """
-    conf = _conf(
-        cfg,
-        {
-            "group.id": cfg.group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-        },
-    )
-    consumer = Consumer(conf)
-    out = {p: LatestRecords() for p in partitions}
-    read = 0
-    try:
-        ends: dict[int, int] = {}
-        for p in partitions:
-            try:
-                lo, hi = consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=max(0.1, stall_s)
-                )
-            except KafkaException as exc:
-                raise KafkaError(f"cannot read watermarks of {topic}[{p}]: {exc}") from exc
-            if hi > lo:
-                ends[p] = hi
-        if ends:
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        advanced = told = time.monotonic()
-        while ends:
-            now = time.monotonic()
-            if now - advanced >= stall_s:
-                break
-            batch = consumer.consume(10000, min(0.5, stall_s - (now - advanced)))
-            if batch:
-                advanced = time.monotonic()
-            for m in batch:
-                p, offset = m.partition() or 0, m.offset() or 0
-                err = m.error()
-                if err is not None:
-                    if err.code() != RdKafkaError._PARTITION_EOF:
-                        raise KafkaError(f"reading {topic}[{p}] failed: {err}")
-                    if p in ends and offset >= ends[p]:
-                        del ends[p]
-                    continue
-                if p not in ends:
-                    continue  # past the end we took at the start
-                latest = out[p]
-                latest.records += 1
-                read += 1
-                key = m.key()
-                if key is not None:
-                    latest.values[key] = m.value()
-                if offset >= ends[p] - 1:
-                    del ends[p]
-            if on_progress is not None and advanced - told >= progress_every_s:
-                told = advanced
-                on_progress(read, sorted(ends))
-        if on_progress is not None:
-            on_progress(read, sorted(ends))
-        return out, sorted(ends)
-    finally:
-        consumer.close()

@@ -17,7 +17,8 @@ import structlog
 
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError, StateError
-from streamer.kafka.source import Committed, LatestRecords, read_latest
+from streamer.kafka.compacted import LatestRecords, read_latest
+from streamer.kafka.source import Committed
 from streamer.metrics import Health
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import Partition, PartitionTable

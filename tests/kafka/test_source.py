@@ -11,7 +11,8 @@ from confluent_kafka import Producer, TopicPartition
 
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
-from streamer.kafka.source import CommitResult, Source, read_latest
+from streamer.kafka.compacted import read_latest
+from streamer.kafka.source import CommitResult, Source
 from tests.conftest import NewTopicFactory
 
 
