@@ -44,8 +44,8 @@ class _NoSink:
     def produce(self, *_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("an idle round produced a record")
 
-    def flush(self, *_args: Any) -> int:
-        return 0
+    def flush(self, timeout_s: float = 30.0) -> None:
+        return None
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ _ARRAYS = ("peaks", "window", "ref")
 def _floats(v: Any) -> list[float]:
     """An array field of any state version as a list (lists, or base64 little-endian f8)."""
     if isinstance(v, str):
-        return np.frombuffer(base64.b64decode(v), dtype="<f8").tolist()
+        decoded: list[float] = np.frombuffer(base64.b64decode(v), dtype="<f8").tolist()
+        return decoded
     return list(v)
 
 
