@@ -74,13 +74,14 @@ def _add_config(p: argparse.ArgumentParser, *, benchmark: bool = False) -> None:
         else "the config file (default: ./config.yaml when there is one, else the "
         "built-in defaults); STREAMER__SECTION__KEY=value in the environment overrides a key",
     )
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning"],
+        default=None,
+        help="log level; overrides STREAMER_LOG_LEVEL and logging.level (the daemon logs "
+        "to stdout, at info by default; the other commands to stderr, at warning)",
+    )
     if not benchmark:
-        p.add_argument(
-            "--log-level",
-            choices=["debug", "info", "warning"],
-            default=None,
-            help="log level; overrides STREAMER_LOG_LEVEL and logging.level",
-        )
         p.add_argument(
             "--set",
             action="append",
@@ -355,10 +356,20 @@ COMMANDS = {
 }
 
 
+# Commands whose stdout is their result: they log to stderr, warnings only by default.
+_OFFLINE = frozenset({"check-config", "check-access", "train", "score", "eval"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamer`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in _OFFLINE:
+            from streamer.runtime.logs import configure_logging
+
+            if args.log_level is not None:
+                os.environ["STREAMER_LOG_LEVEL"] = args.log_level
+            configure_logging(level="warning", stream=sys.stderr)
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"streamer: configuration error:\n{exc}", file=sys.stderr)

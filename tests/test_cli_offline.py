@@ -90,6 +90,43 @@ class TestTrainAndScore:
         assert {f"error_{c}" for c in CHANNELS} <= set(rows[0])
         assert [int(r["position"]) for r in rows] == list(range(15, 600, 4))
         assert all(float(r["threshold"]) > 0 for r in rows)
+        # stdout is the result alone; logs (warnings only by default) go to stderr.
+        assert proc.stdout == f"wrote {len(rows)} windows to {tmp_path / 'scores.csv'}\n"
+        assert "model_traced" not in proc.stderr
+
+    def test_offline_logs_go_to_stderr_at_the_level_asked(self, tmp_path: Path) -> None:
+        """--log-level info shows the engine's log lines, on stderr, not in the result."""
+        write_csv(tmp_path / "normal.csv", simulate(1, 300, seed=3).values[0])
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("stream: {window: 16, stride: 4}\ntrain: {preset: dense, epochs: 2}\n")
+        model = tmp_path / "model"
+        proc = run_cli(
+            "train",
+            "--config",
+            str(cfg),
+            "--data",
+            str(tmp_path / "normal.csv"),
+            "--out",
+            str(model),
+            "--no-progress",
+        )
+        assert proc.returncode == 0, proc.stderr
+        proc = run_cli(
+            "score",
+            "--config",
+            str(cfg),
+            "--log-level",
+            "info",
+            "--model",
+            str(model),
+            "--data",
+            str(tmp_path / "normal.csv"),
+            "--out",
+            str(tmp_path / "s.csv"),
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert '"event": "model_traced"' in proc.stderr
+        assert proc.stdout.startswith("wrote ") and proc.stdout.count("\n") == 1, proc.stdout
 
     def test_bad_data_is_a_runtime_error_naming_the_value(self, tmp_path: Path) -> None:
         """A non-numeric cell stops training with exit 2 and names line, column and value."""

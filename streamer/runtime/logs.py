@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -16,15 +16,22 @@ __all__ = ["configure_logging"]
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
-def configure_logging(json_logs: bool | None = None, level: str = "info") -> None:
-    """structlog to stdout: JSON lines when stdout is not a TTY (journald), console otherwise.
+def configure_logging(
+    json_logs: bool | None = None, level: str = "info", stream: TextIO | None = None
+) -> None:
+    """structlog to ``stream`` (default stdout): JSON lines when it is not a TTY
+    (journald), console otherwise.
+
+    The daemon logs to stdout, which journald collects; the offline commands log to
+    stderr, so that their stdout carries only their results (tables, JSON).
 
     The level is ``STREAMER_LOG_LEVEL`` when set, else ``level`` (``logging.level``):
     debug, info or warning. Debug adds one line per commit round (offsets, heads,
     timings) and per heap settle.
     """
+    out = sys.stdout if stream is None else stream
     if json_logs is None:
-        json_logs = not sys.stdout.isatty()
+        json_logs = not out.isatty()
     name = os.environ.get("STREAMER_LOG_LEVEL", level).strip().lower()
     if name not in _LOG_LEVELS:
         raise ConfigError(f"STREAMER_LOG_LEVEL={name!r} is not one of {', '.join(_LOG_LEVELS)}")
@@ -43,6 +50,6 @@ def configure_logging(json_logs: bool | None = None, level: str = "info") -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LOG_LEVELS[name]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
