@@ -41,6 +41,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "ModelConfig",
+    "NoveltyConfig",
     "StreamConfig",
     "ThresholdConfig",
     "TopicsConfig",
@@ -371,6 +372,30 @@ class AlertsConfig(_Section):
         return self
 
 
+class NoveltyConfig(_Section):
+    """History novelty as the window score (``streamer.scoring.novelty``); off by default.
+
+    When enabled, a window's score is how unlike the sensor's own recent history its
+    newest rows are (0 to 1, see the module), in place of the model's reconstruction
+    error; the model still names the channels an alert reports. Each sensor keeps
+    about ``history + 2 * points * max(scales)`` rows per channel (8 bytes each); the
+    history is not part of the state record, so after a restart a sensor scores 0
+    for its first ``learning_rows`` rows again.
+    """
+
+    enabled: bool = False
+    points: Annotated[int, Field(ge=2)] = 16
+    scales: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+        default_factory=lambda: [1, 16]
+    )
+    history: PositiveInt = 4000
+    cap: PositiveFloat = 4.0
+    refractory: Annotated[int, Field(ge=0)] = 200
+    spatial_tolerance: Annotated[float, Field(ge=0)] | None = 0.05
+    min_count: Annotated[int, Field(ge=2)] = 30
+    learning_rows: Annotated[int, Field(ge=0)] = 750
+
+
 class LoggingConfig(_Section):
     """The daemon's log lines (JSON on a pipe or journald, a console on a terminal)."""
 
@@ -418,6 +443,7 @@ class Config(_Section):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     csv: CsvConfig = Field(default_factory=CsvConfig)
+    novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def redacted(self) -> dict[str, Any]:

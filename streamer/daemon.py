@@ -142,6 +142,7 @@ def _build_engine(cfg: Config, model: LoadedModel, device: str, metrics: Metrics
         stride=cfg.stream.stride,
         position_label=position_labels,
         on_batch=metrics.inference_batch_done,
+        novelty=cfg.novelty,
     )
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig
+from streamer.config import AlertsConfig, InferenceConfig, NoveltyConfig, ThresholdConfig
 from streamer.errors import ConfigError
 from streamer.inference import InferenceResult, InferenceWorker
 from streamer.model.checkpoint import LoadedModel
 from streamer.records import ScoredBatch
 from streamer.scoring.alerts import AlertBank
+from streamer.scoring.novelty import NoveltyBank, NoveltySettings
 from streamer.scoring.thresholds import Threshold, ThresholdBank, make_threshold
 from streamer.sensors import SensorStore
 from streamer.windows import PushResult, RingWindows, SensorIndex, WindowBatch
@@ -41,6 +42,18 @@ class PendingBatch:
 
 def _plain_label(positions: NDArray[np.int64]) -> list[str]:
     return [str(p) for p in positions.tolist()]
+
+
+def _novelty_bank(cfg: NoveltyConfig | None, model: LoadedModel) -> NoveltyBank | None:
+    """The history-novelty bank when enabled, scaling rows with the model's scaler."""
+    if cfg is None or not cfg.enabled:
+        return None
+    fields = cfg.model_dump(exclude={"enabled"})
+    settings = NoveltySettings(**{**fields, "scales": tuple(cfg.scales)})
+    module = model.module
+    offset = module.offset.detach().cpu().numpy()
+    scale = module.scale.detach().cpu().numpy()
+    return NoveltyBank(settings, offset, scale)
 
 
 def calibrated_threshold(cfg: ThresholdConfig, calibration: NDArray[np.float64]) -> Threshold:
@@ -69,8 +82,12 @@ class Engine:
         stride: int | None = None,
         position_label: Callable[[NDArray[np.int64]], list[str]] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        novelty: NoveltyConfig | None = None,
     ) -> None:
-        """``on_batch(windows, seconds)`` is called by the worker after each forward pass."""
+        """``on_batch(windows, seconds)`` is called by the worker after each forward pass.
+
+        ``novelty`` (when enabled) replaces each window's score by its history novelty.
+        """
         self.model = model
         # How a window's last position is written into alert ids: the daemon packs
         # partition and offset into one int64 and labels it "partition:offset".
@@ -91,8 +108,11 @@ class Engine:
             close_after=alerts.close_after,
             top_k=alerts.top_channels,
         )
-        # The three per-sensor stores as one: what the daemon keeps, restores and forgets.
-        self.sensors = SensorStore(self.index, self.windows, self.thresholds, self.alerts)
+        self.novelty = _novelty_bank(novelty, model)
+        # The per-sensor stores as one: what the daemon keeps, restores and forgets.
+        self.sensors = SensorStore(
+            self.index, self.windows, self.thresholds, self.alerts, novelty=self.novelty
+        )
         self.worker = InferenceWorker(model, inference, device, on_batch=on_batch).start()
 
     def swap_model(self, model: LoadedModel, prototype: Threshold | None = None) -> None:
@@ -194,13 +214,17 @@ class Engine:
     ) -> ScoredBatch:
         """Thresholds and alerts for scored windows."""
         names = [str(s) for s in sensors]
-        th = self.thresholds.step(names, result.scores)
+        scores = result.scores
+        if self.novelty is not None and len(wins):
+            stride = min(self.windows.stride, wins.data.shape[1])
+            scores = self.novelty.score_windows(sensors, wins.data, stride)
+        th = self.thresholds.step(names, scores)
         positions = self.position_label(wins.end_pos)
         events, is_open = self.alerts.update(
             names,
             positions,
             wins.end_ts,
-            result.scores,
+            scores,
             th.threshold,
             th.anomalous,
             result.channel_errors,
@@ -208,7 +232,7 @@ class Engine:
         return ScoredBatch(
             windows=wins,
             sensors=sensors,
-            scores=result.scores,
+            scores=scores,
             channel_errors=result.channel_errors,
             thresholds=th.threshold,
             anomalous=th.anomalous,

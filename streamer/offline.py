@@ -124,6 +124,7 @@ def _engine(cfg: Config, model: LoadedModel, device: str, stride: int) -> Engine
         inference=cfg.inference,
         device=device,
         stride=stride,
+        novelty=cfg.novelty,
     )
 
 
@@ -528,13 +529,24 @@ def _nab_scores(
                 f"{f.name}: probation of {train_rows} rows is too short for window {window}"
             )
         model = _train_detector(cfg, values[:train_rows], device)
-        with _engine(cfg, model, device, 1) as engine:
+        # History novelty learns from the probation rows as the model does (NAB tells a
+        # detector where probation ends), then scores every later row.
+        file_cfg = cfg.model_copy(
+            update={"novelty": cfg.novelty.model_copy(update={"learning_rows": train_rows})}
+        )
+        with _engine(file_cfg, model, device, 1) as engine:
+            if engine.novelty is not None:
+                engine.novelty.observe(f.name, values[:train_rows])
             res = run_rows(engine, f.name, np.arange(len(f), dtype=np.float64), values, train_rows)
-        # NAB credits only the first detection in a window and charges every other one:
-        # report the likelihood at the row where an alert opens, zero elsewhere, so the
-        # alert's debounce (alerts.close_after) suppresses repeated detections.
-        opened = res.alert_open & ~np.r_[False, res.alert_open[:-1]]
-        scores[f.name] = np.where(res.scored & opened, res.likelihood, 0.0)
+        if engine.novelty is not None:
+            # Already sparse (the refractory) and graded: NAB's sweep picks the level.
+            scores[f.name] = np.where(res.scored, res.score, 0.0)
+        else:
+            # NAB credits only the first detection in a window and charges every other
+            # one: the likelihood at the row where an alert opens, zero elsewhere, so the
+            # alert's debounce (alerts.close_after) suppresses repeated detections.
+            opened = res.alert_open & ~np.r_[False, res.alert_open[:-1]]
+            scores[f.name] = np.where(res.scored & opened, res.likelihood, 0.0)
         if scores_out is not None:
             write_nab_results(scores_out, "streamer", f, f.timestamps, scores[f.name])
     return scores

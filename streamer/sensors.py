@@ -27,6 +27,7 @@ from streamer.errors import StaleStateError, StateError
 from streamer.scoring import alerts as alert_states
 from streamer.scoring import thresholds as threshold_states
 from streamer.scoring.alerts import AlertBank
+from streamer.scoring.novelty import NoveltyBank
 from streamer.scoring.thresholds import Threshold, ThresholdBank
 from streamer.windows import RingWindows, SensorIndex
 
@@ -77,12 +78,19 @@ class SensorStore:
     """Rings, thresholds and alert trackers of every sensor, kept and dropped together."""
 
     def __init__(
-        self, index: SensorIndex, windows: RingWindows, thresholds: ThresholdBank, alerts: AlertBank
+        self,
+        index: SensorIndex,
+        windows: RingWindows,
+        thresholds: ThresholdBank,
+        alerts: AlertBank,
+        novelty: NoveltyBank | None = None,
     ) -> None:
         self.index = index
         self.windows = windows
         self.thresholds = thresholds
         self.alerts = alerts
+        # Rebuilt from the stream after a restart, not part of the state record.
+        self.novelty = novelty
 
     # -- rings -----------------------------------------------------------------------------
 
@@ -181,6 +189,8 @@ class SensorStore:
         """Forget what these sensors learned (their rings are left as they are)."""
         self.thresholds.drop(sensors)
         self.alerts.drop(sensors)
+        if self.novelty is not None:
+            self.novelty.drop(sensors)
 
     def forget(self, sensors: Sequence[str]) -> None:
         """Forget these sensors entirely: rings, thresholds, alert trackers."""
