@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer.codec import Decoder, encode_score, encode_scores, split_position, window_id
+from streamer.codec import Decoder, split_position
 from streamer.config import StreamConfig
+from streamer.encoders import encode_score, encode_scores, window_id
 from streamer.records import ScoredBatch
 from streamer.windows import WindowBatch
 

@@ -1,4 +1,4 @@
-"""Bytes <-> records: decode whole batches of input samples, encode scores and alerts.
+"""Bytes -> samples: decode whole batches of input messages; pack Kafka positions.
 
 Decoding never raises for bad input: every message either becomes a sample or a
 ``DeadLetter`` saying why (its ``kind`` and a readable ``reason``), which the daemon
@@ -21,20 +21,19 @@ list in channel order or an object keyed by the configured channel names. The
 message key must be the sensor id (it decides the partition, and so which
 instance holds the sensor's window).
 
-Encoding is deterministic: the same inputs give the same bytes (sorted keys,
-orjson's shortest float repr, no wall-clock fields), so a replayed window
-republishes a byte-identical record.
+A sample's position (partition and offset packed into one int64, see ``to_position``)
+travels with it through the ring buffers to the windows it ends up in. The published
+records are encoded by ``streamer.encoders``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import itertools
 import json
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -43,8 +42,6 @@ import orjson
 from numpy.typing import NDArray
 
 from streamer.config import StreamConfig
-from streamer.records import ScoredBatch
-from streamer.scoring.alerts import AlertEvent
 
 __all__ = [
     "DLQ_KINDS",
@@ -54,15 +51,11 @@ __all__ = [
     "DecodedSamples",
     "Decoder",
     "decode_batch",
-    "encode_alert",
-    "encode_score",
-    "encode_scores",
     "offset_of",
     "partition_of",
     "position_labels",
     "split_position",
     "to_position",
-    "window_id",
 ]
 
 OFFSET_BITS: Final = 40
@@ -125,12 +118,6 @@ def partition_of(positions: Any) -> Any:
 def position_labels(positions: NDArray[np.int64]) -> list[str]:
     """Positions as "partition:offset": stable across runs and instances (alert ids)."""
     return [f"{p >> OFFSET_BITS}:{p & OFFSET_MASK}" for p in positions.tolist()]
-
-
-def window_id(topic: str, partition: int, offset: int) -> str:
-    """Id of the window whose last sample is at ``offset``: same input, same id, on any run."""
-    raw = f"{topic}\0{partition}\0{offset}".encode()
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,27 +333,20 @@ class Decoder:
         except (ValueError, RecursionError):
             raise _BadMessageError("bad_json", f"not valid JSON: {first_error}") from None
 
-    def decode(
-        self,
-        values: Sequence[bytes | None],
-        keys: Sequence[bytes | None],
-        positions: NDArray[np.int64] | None = None,
-    ) -> tuple[DecodedSamples, list[DeadLetter]]:
-        """Decode a batch; ``positions`` (one per message) are carried to the samples."""
+    def _screen(self, values: Sequence[bytes | None]) -> tuple[list[int], list[DeadLetter], bool]:
+        """The indices of the messages with a value within the size limit, the dead
+        letters of the others, and whether that is every message."""
         n = len(values)
-        dead: list[DeadLetter] = []
-        cand: list[int] = []
         max_bytes = self.max_bytes
         try:
             sizes = list(map(len, values))  # type: ignore[arg-type]
         except TypeError:  # a null value: find it below
             sizes = [0]
         if n and min(sizes) > 0 and max(sizes) <= max_bytes:
-            cand = list(range(n))  # the common case, without a Python step per message
-            values_ok = True
-        else:
-            values_ok = False
-        for i, v in enumerate(() if values_ok else values):
+            return list(range(n)), [], True  # the common case, without a Python step per message
+        dead: list[DeadLetter] = []
+        cand: list[int] = []
+        for i, v in enumerate(values):
             if not v:
                 dead.append(DeadLetter(i, "empty", "message has no value (null or empty)"))
             elif len(v) > max_bytes:
@@ -375,27 +355,23 @@ class Decoder:
                 )
             else:
                 cand.append(i)
-        parsed: list[object] | None = None
-        if cand:
-            chunk = list(values) if values_ok else [values[i] for i in cand]
-            try:
-                # One parse per message, never one of the joined batch: only then can no
-                # neighbour change where a message ends (see the module docstring). The
-                # map runs in C; a valid batch decodes about 10 % slower than with one
-                # parse of the joined batch (BENCHMARKS.md), and checking the joined
-                # parse's message boundaries instead costs more than it saves.
-                parsed = list(map(orjson.loads, chunk))  # type: ignore[arg-type]
-            except orjson.JSONDecodeError:
-                parsed = None
+        return cand, dead, False
+
+    def _one_by_one(
+        self,
+        values: Sequence[bytes | None],
+        keys: Sequence[bytes | None],
+        cand: list[int],
+        parsed: list[object] | None,
+        dead: list[DeadLetter],
+    ) -> tuple[list[int], list[str], list[float], list[list[Any]]]:
+        """Indices, sensors, timestamps and value rows of the valid messages among ``cand``
+        (``parsed``: their parsed values, None to parse each here), judged one at a time;
+        the dead letters of the others are appended to ``dead``."""
         good_idx: list[int] = []
         sensors: list[str] = []
         stamps: list[float] = []
         rows: list[list[Any]] = []
-        fast = None if parsed is None else self._all_valid(parsed, [keys[i] for i in cand])
-        if fast is not None:
-            good_idx = cand
-            sensors, stamps, rows = fast
-            cand = []  # nothing left to check one by one
         one = self._one
         for j, i in enumerate(cand):
             try:
@@ -408,6 +384,35 @@ class Decoder:
             sensors.append(sensor)
             stamps.append(ts)
             rows.append(vals)
+        return good_idx, sensors, stamps, rows
+
+    def decode(
+        self,
+        values: Sequence[bytes | None],
+        keys: Sequence[bytes | None],
+        positions: NDArray[np.int64] | None = None,
+    ) -> tuple[DecodedSamples, list[DeadLetter]]:
+        """Decode a batch; ``positions`` (one per message) are carried to the samples."""
+        n = len(values)
+        cand, dead, all_sized = self._screen(values)
+        parsed: list[object] | None = None
+        if cand:
+            chunk = list(values) if all_sized else [values[i] for i in cand]
+            try:
+                # One parse per message, never one of the joined batch: only then can no
+                # neighbour change where a message ends (see the module docstring). The
+                # map runs in C; a valid batch decodes about 10 % slower than with one
+                # parse of the joined batch (BENCHMARKS.md), and checking the joined
+                # parse's message boundaries instead costs more than it saves.
+                parsed = list(map(orjson.loads, chunk))  # type: ignore[arg-type]
+            except orjson.JSONDecodeError:
+                parsed = None
+        fast = None if parsed is None else self._all_valid(parsed, [keys[i] for i in cand])
+        if fast is not None:
+            good_idx = cand
+            sensors, stamps, rows = fast
+        else:
+            good_idx, sensors, stamps, rows = self._one_by_one(values, keys, cand, parsed, dead)
         arr, bad_rows = self._to_array(rows)
         if bad_rows:
             for j, reason in bad_rows:
@@ -470,135 +475,3 @@ def decode_batch(
 ) -> tuple[DecodedSamples, list[DeadLetter]]:
     """Decode one batch with a throwaway ``Decoder`` (the daemon keeps one)."""
     return Decoder(cfg).decode(values, keys, positions)
-
-
-def _num(x: float) -> float | None:
-    """JSON has no NaN or infinity: a non-finite number is written as null."""
-    return x if math.isfinite(x) else None
-
-
-def encode_score(
-    *,
-    window_id: str,
-    sensor: str,
-    window_start: float,
-    window_end: float,
-    score: float,
-    threshold: float,
-    anomalous: bool,
-    likelihood: float,
-    channels: Mapping[str, float],
-    model: str,
-    partition: int,
-    offset: int,
-) -> bytes:
-    """One score record (see schemas/score.schema.json)."""
-    return orjson.dumps(
-        {
-            "id": window_id,
-            "sensor": sensor,
-            "window_start": window_start,
-            "window_end": window_end,
-            "score": _num(score),
-            "threshold": _num(threshold),
-            "anomalous": anomalous,
-            "likelihood": _num(likelihood),
-            "channels": {k: _num(v) for k, v in channels.items()},
-            "model": model,
-            "partition": partition,
-            "offset": offset,
-        },
-        option=orjson.OPT_SORT_KEYS,
-    )
-
-
-def encode_scores(topic: str, batch: ScoredBatch, channels: Sequence[str]) -> list[bytes]:
-    """The score records of a batch of windows: the bytes ``encode_score`` gives each one.
-
-    The windows' last samples (``batch.windows.end_pos``) were read from ``topic``.
-    Built with one dict per window in sorted key order, so orjson needs no key sort and
-    there is no keyword call per window; a batch holding a non-finite number goes
-    through ``encode_score`` window by window, which writes those as null.
-    """
-    sensors = [str(s) for s in batch.sensors]
-    positions, model = batch.windows.end_pos, batch.model_version
-    window_start, window_end = batch.windows.start_ts, batch.windows.end_ts
-    scores, thresholds, likelihood = batch.scores, batch.thresholds, batch.likelihood
-    anomalous, channel_errors = batch.anomalous, batch.channel_errors
-    n = len(sensors)
-    numbers = (scores, thresholds, likelihood, channel_errors)
-    parts = (positions >> OFFSET_BITS).tolist()
-    offsets = (positions & OFFSET_MASK).tolist()
-    ids = [window_id(topic, p, off) for p, off in zip(parts, offsets, strict=True)]
-    starts, ends = window_start.tolist(), window_end.tolist()
-    score_l, thr_l, anom_l, lik_l = (
-        scores.tolist(),
-        thresholds.tolist(),
-        anomalous.tolist(),
-        likelihood.tolist(),
-    )
-    if not all(bool(np.isfinite(a).all()) for a in numbers):
-        errors = channel_errors.tolist()
-        return [
-            encode_score(
-                window_id=ids[i],
-                sensor=sensors[i],
-                window_start=starts[i],
-                window_end=ends[i],
-                score=score_l[i],
-                threshold=thr_l[i],
-                anomalous=anom_l[i],
-                likelihood=lik_l[i],
-                channels=dict(zip(channels, errors[i], strict=True)),
-                model=model,
-                partition=parts[i],
-                offset=offsets[i],
-            )
-            for i in range(n)
-        ]
-    # OPT_SORT_KEYS sorts nested objects too: channels go in name order (code point
-    # order, which is also UTF-8 byte order).
-    order = sorted(range(len(channels)), key=channels.__getitem__)
-    names = [channels[j] for j in order]
-    errors = channel_errors[:, order].tolist()
-    dumps = orjson.dumps
-    return [
-        dumps(
-            {
-                "anomalous": anom_l[i],
-                "channels": dict(zip(names, errors[i], strict=True)),
-                "id": ids[i],
-                "likelihood": lik_l[i],
-                "model": model,
-                "offset": offsets[i],
-                "partition": parts[i],
-                "score": score_l[i],
-                "sensor": sensors[i],
-                "threshold": thr_l[i],
-                "window_end": ends[i],
-                "window_start": starts[i],
-            }
-        )
-        for i in range(n)
-    ]
-
-
-def encode_alert(event: AlertEvent) -> bytes:
-    """One alert record (see schemas/alert.schema.json)."""
-    return orjson.dumps(
-        {
-            "state": event.state,
-            "id": event.id,
-            "sensor": event.sensor,
-            "started": event.started,
-            "ended": event.ended,
-            "peak_score": _num(event.peak_score),
-            "threshold": _num(event.threshold),
-            "top_channels": [
-                {"channel": name, "error": _num(err)} for name, err in event.top_channels
-            ],
-            "first_position": event.first_position,
-            "position": event.position,
-        },
-        option=orjson.OPT_SORT_KEYS,
-    )

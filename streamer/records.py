@@ -1,7 +1,7 @@
 """What the engine decides about a batch of windows, as one record the layers pass on.
 
 A leaf (numpy, the ring buffers' window batch and the alert event only): the engine
-makes it, the codec encodes it, the publisher sends it, and none of them needs the
+makes it, the encoders encode it, the publisher sends it, and none of them needs the
 others' imports for it.
 """
 

@@ -40,39 +40,14 @@ import itertools
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from streamer.errors import ConfigError, DataError
+from streamer.windows_store import SortedRun, WindowBatch, WindowStore
 
 __all__ = ["PushResult", "RingWindows", "SensorIndex", "WindowBatch"]
-
-
-class WindowBatch(NamedTuple):
-    """Complete windows: ``data[i]`` is the window of sensor slot ``slots[i]``."""
-
-    slots: NDArray[np.int64]
-    data: NDArray[np.float32]  # (n, window, channels)
-    start_ts: NDArray[np.float64]
-    end_ts: NDArray[np.float64]
-    start_pos: NDArray[np.int64]  # position of the window's first sample
-    end_pos: NDArray[np.int64]  # position of the window's last sample
-
-    def __len__(self) -> int:
-        return int(self.slots.shape[0])
-
-    def take(self, index: NDArray[np.int64] | slice) -> WindowBatch:
-        """The sub-batch at ``index`` (views where numpy allows)."""
-        return WindowBatch(
-            self.slots[index],
-            self.data[index],
-            self.start_ts[index],
-            self.end_ts[index],
-            self.start_pos[index],
-            self.end_pos[index],
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +166,72 @@ def _group_ranks(sorted_slots: NDArray[np.int64]) -> tuple[NDArray[np.int64], ND
     return idx - group_start_of, starts
 
 
+def _newest_before(
+    s_slots: NDArray[np.int64], s_ts: NDArray[np.float64], starts: NDArray[np.int64]
+) -> NDArray[np.float64]:
+    """For samples sorted by slot: the newest timestamp among the earlier samples of the
+    same slot in the batch (-inf for none).
+
+    Timestamps are replaced by their global ranks so a per-group running maximum is
+    one exact integer accumulate.
+    """
+    n = s_slots.shape[0]
+    ts_order = np.argsort(s_ts, kind="stable")
+    ts_rank = np.empty(n, dtype=np.int64)
+    ts_rank[ts_order] = np.arange(n, dtype=np.int64)
+    group_id = np.cumsum(np.r_[0, (s_slots[1:] != s_slots[:-1]).astype(np.int64)])
+    keyed = group_id * (n + 1) + ts_rank + 1
+    running = np.maximum.accumulate(keyed)
+    prev_keyed = np.empty(n, dtype=np.int64)
+    prev_keyed[1:] = running[:-1]
+    prev_keyed[starts] = 0
+    prev_in_batch = prev_keyed - group_id * (n + 1) - 1  # -1: nothing earlier in batch
+    sorted_ts = s_ts[ts_order]
+    return np.where(prev_in_batch >= 0, sorted_ts[np.maximum(prev_in_batch, 0)], -np.inf)
+
+
+def _gap_resets(
+    ts: NDArray[np.float64], starts: NDArray[np.int64], held: NDArray[np.float64], max_gap_s: float
+) -> NDArray[np.bool_]:
+    """For accepted samples sorted by slot: whether each comes more than ``max_gap_s``
+    after the previous sample of its slot.
+
+    That is the sample before it in its group, or for a group's first (``starts``) the
+    newest one held before the batch, ``held`` (-inf: none, which is never a gap).
+    """
+    n = ts.shape[0]
+    prev = np.empty(n, dtype=np.float64)
+    prev[1:] = ts[:-1]
+    prev[starts] = held
+    is_reset = (ts - prev) > max_gap_s  # -inf prev (fresh sensor) gives +inf: fine
+    fresh = np.isneginf(prev)
+    is_reset &= ~fresh
+    return is_reset
+
+
+def _counts_after(
+    is_reset: NDArray[np.bool_], ranks: NDArray[np.int64], base: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """For accepted samples sorted by slot: the first sample of each one's group, and its
+    slot's count with it (counting on from ``base``, or from 1 at its group's last reset).
+    """
+    n = ranks.shape[0]
+    idx = np.arange(n, dtype=np.int64)
+    group_first = idx - ranks
+    # Index of the latest reset at or before each sample within its group (-1: none).
+    reset_mark = np.where(is_reset, idx, -1)
+    latest_reset = np.maximum.accumulate(reset_mark)
+    latest_reset = np.where(latest_reset >= group_first, latest_reset, -1)
+    count_after = np.where(latest_reset >= 0, idx - latest_reset + 1, base + ranks + 1)
+    return group_first, count_after
+
+
 class RingWindows:
     """Ring buffers of the last ``window`` samples of every sensor slot.
 
-    Storage is preallocated arrays indexed by slot, grown by doubling when a slot
-    beyond capacity appears: the last ``window`` values of every slot, and the
-    timestamp and position of only those samples a window can start at (every
-    ``stride``-th since the last reset): a window reports its first and last
-    sample's, and the last is the sample that completes it. At window 64, stride 8
-    and 8 channels that is 2,048 + 128 bytes per sensor instead of 2,048 + 1,024.
+    The samples are held in a ``WindowStore`` (preallocated arrays indexed by slot,
+    grown by doubling); this class decides which pushed samples it takes, when a slot
+    starts afresh and which windows complete.
     """
 
     def __init__(
@@ -222,52 +254,18 @@ class RingWindows:
         self.window = window
         self.stride = stride
         self.max_gap_s = float(max_gap_s)
-        capacity = max(1, capacity)
-        self._values = np.zeros((capacity, window, channels), dtype=np.float32)
-        # Ring of window starts: sample i (0-based since the last reset) is a start when
-        # i % stride == 0 and sits at (i // stride) % starts. The starts held at once are
-        # consecutive multiples of stride within the last `window` samples: at most
-        # ceil(window / stride) of them, so none overwrites another still needed.
-        self._n_starts = -(-window // stride)
-        self._ts = np.zeros((capacity, self._n_starts), dtype=np.float64)
-        self._pos = np.zeros((capacity, self._n_starts), dtype=np.int64)
-        self._last_pos = np.zeros(capacity, dtype=np.int64)
-        # Samples accepted since the last reset (the ring index is count % window).
-        self._count = np.zeros(capacity, dtype=np.int64)
-        self._last_ts = np.full(capacity, -np.inf, dtype=np.float64)
+        self._store = WindowStore(channels, window, stride, capacity)
         # slot -> (position, count) of a pending anchor (see set_anchor); replays only.
         self._anchors: dict[int, tuple[int, int]] = {}
 
     @property
     def capacity(self) -> int:
         """Number of slots the arrays currently hold."""
-        return int(self._count.shape[0])
-
-    def _grow(self, needed: int) -> None:
-        cap = self.capacity
-        if needed <= cap:
-            return
-        new = max(needed, cap * 2)
-
-        def grown(arr: NDArray[np.generic], fill: float) -> NDArray[np.generic]:
-            # np.zeros maps fresh zero pages: the new slots cost memory only once used, so
-            # the peak while growing is old + copied, not old + the whole doubled array.
-            out = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
-            out[:cap] = arr
-            if fill != 0.0:
-                out[cap:] = fill
-            return out
-
-        self._values = grown(self._values, 0.0)  # type: ignore[assignment]
-        self._ts = grown(self._ts, 0.0)  # type: ignore[assignment]
-        self._pos = grown(self._pos, 0)  # type: ignore[assignment]
-        self._count = grown(self._count, 0)  # type: ignore[assignment]
-        self._last_ts = grown(self._last_ts, -np.inf)  # type: ignore[assignment]
-        self._last_pos = grown(self._last_pos, 0)  # type: ignore[assignment]
+        return self._store.capacity
 
     def count(self, slot: int) -> int:
         """Samples held for ``slot`` since its last reset."""
-        return int(self._count[slot]) if slot < self.capacity else 0
+        return int(self._store.count[slot]) if slot < self.capacity else 0
 
     def unscored(self, slot: int) -> int:
         """Samples of ``slot`` that no window emitted so far holds (lost if it is reset now).
@@ -282,17 +280,17 @@ class RingWindows:
         """Samples held for each of ``slots`` since its last reset (0 beyond capacity)."""
         slots = np.asarray(slots, dtype=np.int64)
         inside = slots < self.capacity
-        return np.where(inside, self._count[np.where(inside, slots, 0)], 0)
+        return np.where(inside, self._store.count[np.where(inside, slots, 0)], 0)
 
     def last_ts(self, slot: int) -> float:
         """Timestamp of the newest accepted sample of ``slot`` (-inf if none)."""
-        return float(self._last_ts[slot]) if slot < self.capacity else float("-inf")
+        return float(self._store.last_ts[slot]) if slot < self.capacity else float("-inf")
 
     def last_ts_of(self, slots: NDArray[np.int64]) -> NDArray[np.float64]:
         """``last_ts`` for an array of slots."""
         out = np.full(len(slots), -np.inf)
         inside = slots < self.capacity
-        out[inside] = self._last_ts[slots[inside]]
+        out[inside] = self._store.last_ts[slots[inside]]
         return out
 
     def oldest_position(self, slots: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
@@ -313,9 +311,10 @@ class RingWindows:
         where a slot holds nothing. The pair is what ``set_anchor`` needs to continue
         the slot exactly from a replay that starts at that position.
         """
+        store = self._store
         if slots is None:
             slots = np.arange(self.capacity, dtype=np.int64)
-        count = self._count[slots]
+        count = store.count[slots]
         w, stride = self.window, self.stride
         # A window ending at count c > count starts at sample c - w >= count - w + 1, on
         # a multiple of stride: the first such multiple is the next window's start.
@@ -323,7 +322,7 @@ class RingWindows:
         nxt = -(-lo // stride) * stride
         held = nxt <= count - 1
         pos = np.where(
-            held, self._pos[slots, (nxt // stride) % self._n_starts], self._last_pos[slots]
+            held, store.start_pos[slots, (nxt // stride) % store.n_starts], store.last_pos[slots]
         )
         cnt = np.where(held, nxt + 1, count)
         return np.where(count > 0, pos, -1), np.where(count > 0, cnt, 0)
@@ -342,7 +341,7 @@ class RingWindows:
             raise DataError(f"slot must be >= 0, got {slot}")
         if count < 1:
             raise DataError(f"anchor count must be >= 1, got {count}")
-        self._grow(slot + 1)
+        self._store.grow(slot + 1)
         self._anchors[slot] = (int(position), int(count))
 
     def clear_anchors(self, slots: Iterable[int] | None = None) -> None:
@@ -362,20 +361,8 @@ class RingWindows:
         """Forget everything held for ``slots`` (released or evicted sensors)."""
         idx = np.asarray(slots, dtype=np.int64)
         idx = idx[idx < self.capacity]
-        self._count[idx] = 0
-        self._last_ts[idx] = -np.inf
+        self._store.forget(idx)
         self.clear_anchors(idx.tolist())
-
-    def _empty(self) -> WindowBatch:
-        w, c = self.window, self.channels
-        return WindowBatch(
-            np.empty(0, np.int64),
-            np.empty((0, w, c), np.float32),
-            np.empty(0, np.float64),
-            np.empty(0, np.float64),
-            np.empty(0, np.int64),
-            np.empty(0, np.int64),
-        )
 
     def push(
         self,
@@ -420,8 +407,8 @@ class RingWindows:
     def _apply_anchor(self, slot: int) -> None:
         """Make the next sample of ``slot`` its anchor's count (see set_anchor)."""
         _, count = self._anchors.pop(slot)
-        w = self.window
-        base = int(self._count[slot])
+        store, w = self._store, self.window
+        base = int(store.count[slot])
         # Without the anchor the sample would land at ring index base % w; it belongs at
         # (count - 1) % w. Rolling keeps the replayed samples before it in sequence. The
         # ring of window starts is not rolled: every window after the anchor starts at
@@ -429,10 +416,10 @@ class RingWindows:
         # written with the anchored counts.
         shift = (count - 1 - base) % w
         if shift:
-            self._values[slot] = np.roll(self._values[slot], shift, axis=0)
-        self._count[slot] = count - 1
+            store.values[slot] = np.roll(store.values[slot], shift, axis=0)
+        store.count[slot] = count - 1
         # The original run accepted this sample as a continuation: no gap reset here.
-        self._last_ts[slot] = -np.inf
+        store.last_ts[slot] = -np.inf
 
     def _push(
         self,
@@ -464,9 +451,7 @@ class RingWindows:
                 offsets.append(lo)
             lo += jump
             jumps.append(lo)
-            slot = int(slots[lo])
-            self._count[slot] = 0
-            self._last_ts[slot] = -np.inf  # the jump's sample is this sensor's first
+            self._store.forget(int(slots[lo]))  # the jump's sample is this sensor's first
             rest = self._push_run(slots[lo:], ts[lo:], values[lo:], positions[lo:])
             if isinstance(rest, PushResult):
                 parts.append(rest)
@@ -491,9 +476,10 @@ class RingWindows:
         positions = np.asarray(positions, dtype=np.int64)
         values = np.asarray(values, dtype=np.float32)
         n = slots.shape[0]
+        store = self._store
         none = np.empty(0, np.int64)
         if n == 0:
-            return PushResult(self._empty(), none, none)
+            return PushResult(store.empty(), none, none)
         if values.shape != (n, self.channels) or ts.shape != (n,) or positions.shape != (n,):
             raise DataError(
                 f"push expects values ({n}, {self.channels}), ts ({n},), positions ({n},); "
@@ -501,31 +487,16 @@ class RingWindows:
             )
         if slots.min() < 0:
             raise DataError(f"slots must be >= 0, got {int(slots.min())}")
-        self._grow(int(slots.max()) + 1)
+        store.grow(int(slots.max()) + 1)
 
         order = np.argsort(slots, kind="stable")
         s_slots = slots[order]
         s_ts = ts[order]
 
         # Accept a sample only if its timestamp is above every earlier timestamp of its
-        # sensor (buffer or batch). Timestamps are replaced by their global ranks so a
-        # per-group running maximum is one exact integer accumulate.
-        ranks_in_group, starts = _group_ranks(s_slots)
-        ts_order = np.argsort(s_ts, kind="stable")
-        ts_rank = np.empty(n, dtype=np.int64)
-        ts_rank[ts_order] = np.arange(n, dtype=np.int64)
-        group_id = np.cumsum(np.r_[0, (s_slots[1:] != s_slots[:-1]).astype(np.int64)])
-        keyed = group_id * (n + 1) + ts_rank + 1
-        running = np.maximum.accumulate(keyed)
-        prev_keyed = np.empty(n, dtype=np.int64)
-        prev_keyed[1:] = running[:-1]
-        prev_keyed[starts] = 0
-        prev_in_batch = prev_keyed - group_id * (n + 1) - 1  # -1: nothing earlier in batch
-        sorted_ts = s_ts[ts_order]
-        prev_batch_ts = np.where(
-            prev_in_batch >= 0, sorted_ts[np.maximum(prev_in_batch, 0)], -np.inf
-        )
-        prev_ts = np.maximum(prev_batch_ts, self._last_ts[s_slots])
+        # sensor (buffer or batch).
+        ranks, starts = _group_ranks(s_slots)
+        prev_ts = np.maximum(_newest_before(s_slots, s_ts, starts), store.last_ts[s_slots])
         accept = s_ts > prev_ts
         if not np.all(accept):
             jump = ~accept & (prev_ts - s_ts > self.max_gap_s)
@@ -536,89 +507,24 @@ class RingWindows:
             order = order[keep]
             s_slots = s_slots[keep]
             s_ts = s_ts[keep]
-            n = s_slots.shape[0]
-            if n == 0:
-                return PushResult(self._empty(), rejected, none)
-            ranks_in_group, starts = _group_ranks(s_slots)
+            if s_slots.shape[0] == 0:
+                return PushResult(store.empty(), rejected, none)
+            ranks, starts = _group_ranks(s_slots)
         else:
             rejected = none
 
+        base = store.count[s_slots]
         # Gap detection against the previous accepted sample of the same sensor.
-        prev = np.empty(n, dtype=np.float64)
-        prev[1:] = s_ts[:-1]
-        prev[starts] = self._last_ts[s_slots[starts]]
-        is_reset = (s_ts - prev) > self.max_gap_s  # -inf prev (fresh sensor) gives +inf: fine
-        fresh = np.isneginf(prev)
-        is_reset &= ~fresh
-        idx = np.arange(n, dtype=np.int64)
-        group_first = idx - ranks_in_group
-        # Index of the latest reset at or before each sample within its group (-1: none).
-        reset_mark = np.where(is_reset, idx, -1)
-        latest_reset = np.maximum.accumulate(reset_mark)
-        latest_reset = np.where(latest_reset >= group_first, latest_reset, -1)
-        base = self._count[s_slots]
-        count_after = np.where(latest_reset >= 0, idx - latest_reset + 1, base + ranks_in_group + 1)
-
+        is_reset = _gap_resets(s_ts, starts, store.last_ts[s_slots[starts]], self.max_gap_s)
+        group_first, counts = _counts_after(is_reset, ranks, base)
+        run = SortedRun(
+            ts, values, positions, order, s_slots, s_ts, ranks, starts, group_first, base, counts
+        )
         w, stride = self.window, self.stride
-        emit = (count_after >= w) & ((count_after - w) % stride == 0)
+        # A window ends at every stride-th sample from the window-th on since the last reset.
+        emit = (counts >= w) & ((counts - w) % stride == 0)
         e_idx = np.flatnonzero(emit)
-        if e_idx.size:
-            # Element j of the window ending at sorted sample e is the sample j-(w-1)
-            # steps back. Steps inside the batch index the sorted arrays; steps before
-            # the batch index the ring (only possible when no reset happened since).
-            back = np.arange(-(w - 1), 1, dtype=np.int64)
-            rel = ranks_in_group[e_idx, None] + back[None, :]  # rank within batch group
-            in_batch = rel >= 0
-            batch_src = np.where(in_batch, group_first[e_idx, None] + rel, 0)
-            e_slots = s_slots[e_idx]
-            ring_src = (base[e_idx, None] + rel) % w
-            src_sorted = order[batch_src]
-            # Gather from the ring, then overwrite the steps inside the batch: one
-            # window-sized array instead of two gathers and their np.where.
-            data = self._values[e_slots[:, None], ring_src]
-            data[in_batch] = values[src_sorted[in_batch]]
-            # Only the first and last samples' timestamps and positions are reported; the
-            # last is the emitting sample itself, always in the batch.
-            first_in, first_src = in_batch[:, 0], src_sorted[:, 0]
-            # A first sample from before the batch is sample base + rel since the reset: a
-            # multiple of stride (a window start), held in the ring of starts.
-            first_ring = ((base[e_idx] + rel[:, 0]) // stride) % self._n_starts
-            last_src = src_sorted[:, -1]
-            windows = WindowBatch(
-                e_slots,
-                np.ascontiguousarray(data, dtype=np.float32),
-                np.where(first_in, ts[first_src], self._ts[e_slots, first_ring]),
-                ts[last_src],
-                np.where(first_in, positions[first_src], self._pos[e_slots, first_ring]),
-                positions[last_src],
-            )
-        else:
-            windows = self._empty()
-
-        # Store the last `window` samples per sensor (older ones would be overwritten
-        # anyway; skipping them keeps the fancy assignment free of duplicate targets).
-        group_len = np.empty(n, dtype=np.int64)
-        ends = np.r_[starts[1:], n]
-        group_len[:] = np.repeat(ends - starts, ends - starts)
-        k_idx = np.flatnonzero(ranks_in_group >= group_len - w)
-        k_slots = s_slots[k_idx]
-        # Ring index of a sample is (its count after - 1) % w; after a reset the count
-        # restarts so the ring index restarts at 0 too.
-        ring_idx = (count_after[k_idx] - 1) % w
-        src = order[k_idx]
-        self._values[k_slots, ring_idx] = values[src]
-        last = ends - 1
-        # Timestamps and positions of window starts only, and only those after the
-        # group's last reset (an earlier one could share a ring index with a later one).
-        k_count = count_after[k_idx]
-        k_last = group_first[k_idx] + group_len[k_idx] - 1  # the group's last sample
-        current = k_count + (k_last - k_idx) == count_after[k_last]
-        st = np.flatnonzero(current & ((k_count - 1) % stride == 0))
-        st_ring = ((k_count[st] - 1) // stride) % self._n_starts
-        self._ts[k_slots[st], st_ring] = ts[src[st]]
-        self._pos[k_slots[st], st_ring] = positions[src[st]]
-        self._last_pos[s_slots[last]] = positions[order[last]]
-        self._count[s_slots[last]] = count_after[last]
-        self._last_ts[s_slots[last]] = s_ts[last]
+        windows = store.gather(run, e_idx) if e_idx.size else store.empty()
+        store.write(run)
         resets = np.sort(order[np.flatnonzero(is_reset)])
         return PushResult(windows, rejected, resets)

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import structlog
 
-from streamer.codec import DeadLetter, encode_alert, encode_scores
+from streamer.codec import DeadLetter
 from streamer.config import TopicsConfig
 from streamer.deadletter import dead_letter_record
+from streamer.encoders import encode_alert, encode_scores
 from streamer.metrics import Metrics
 from streamer.runtime.counters import Counters
 

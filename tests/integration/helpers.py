@@ -28,9 +28,9 @@ from confluent_kafka import (
 )
 
 import streamer
-from streamer.codec import window_id
 from streamer.config import TrainConfig
 from streamer.dev.simulate import CHANNELS, simulate
+from streamer.encoders import window_id
 from streamer.model.checkpoint import save_checkpoint
 from streamer.model.train import train_model
 from tests.helpers import Timeout
