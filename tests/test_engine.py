@@ -7,12 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig, TrainConfig
+from streamer.config import (
+    AlertsConfig,
+    InferenceConfig,
+    NoveltyConfig,
+    ThresholdConfig,
+    TrainConfig,
+)
 from streamer.dev.simulate import CHANNELS, simulate
 from streamer.engine import Engine
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
 from streamer.model.train import train_model
 from streamer.offline import run_rows
+from streamer.scoring.novelty import NoveltySettings, SensorNovelty
 
 WINDOW = 32
 
@@ -78,3 +85,43 @@ class TestDetection:
             ]
         rate = np.mean([f.anomalous[f.scored].mean() for f in flags])
         assert rate < 0.02, f"false alarm rate {rate:.3f}"
+
+
+class TestNovelty:
+    """With ``novelty.enabled`` the engine scores windows by the sensor's history."""
+
+    def test_window_scores_are_the_history_novelty_and_sensors_are_forgotten(
+        self, model_dir: Path
+    ) -> None:
+        model = load_checkpoint(model_dir)
+        plant = simulate(2, 1500, seed=13)
+        novelty = NoveltyConfig(
+            enabled=True, points=8, scales=[1, 4], history=500, learning_rows=300
+        )
+        stride = 4
+        with Engine(
+            model,
+            max_gap_s=float("inf"),
+            threshold=ThresholdConfig(method="fixed", value=0.99),
+            alerts=AlertsConfig(open_after=1, open_within=1, close_after=20),
+            inference=InferenceConfig(),
+            stride=stride,
+            novelty=novelty,
+        ) as engine:
+            got = run_rows(engine, "a", np.arange(1500.0), plant.values[0])
+            assert engine.novelty is not None and len(engine.novelty) == 1
+            engine.sensors.forget(["a"])
+            assert len(engine.novelty) == 0
+        # The same rows through the novelty alone, scaled as the model scales them.
+        settings = NoveltySettings(points=8, scales=(1, 4), history=500, learning_rows=300)
+        offset = model.module.offset.numpy().astype(np.float64)
+        scale = model.module.scale.numpy().astype(np.float64)
+        rows = SensorNovelty(settings, len(CHANNELS)).update(
+            (plant.values[0].astype(np.float32) - offset) / scale
+        )
+        ends = np.flatnonzero(got.scored)
+        assert ends[0] == WINDOW - 1 and np.all(np.diff(ends) == stride)
+        want = [rows[:WINDOW].max()] + [rows[e - stride + 1 : e + 1].max() for e in ends[1:]]
+        np.testing.assert_allclose(got.score[ends], want, rtol=1e-6, atol=1e-6)
+        # The threshold decides on the novelty, not on the model's error.
+        np.testing.assert_array_equal(got.anomalous[ends], got.score[ends] > 0.99)
