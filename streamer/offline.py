@@ -30,15 +30,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NAB_DEFAULTS",
+    "SKAB_ALERT_RULES",
     "SKAB_DEFAULTS",
     "SKAB_LEVELS",
+    "Alarm",
     "RowResults",
+    "SkabFile",
     "alert_decisions",
     "eval_nab",
     "eval_skab",
     "print_table",
     "run_rows",
     "score_file",
+    "skab_alarms",
 ]
 
 SKAB_TRAIN_ROWS = 400
@@ -73,11 +77,13 @@ SKAB_DEFAULTS: dict[str, Any] = {
         # an alert names (the score does not use them).
         "channel_scale_quantile": 0.99,
     },
-    # Alarm at 20 times the score's 99th percentile on normal windows: the level that
-    # `streamer eval skab --folds 4` chooses on three folds of valve1 and applies to the
-    # fourth (18.5 to 20 in each fold). Figures reported for it are out of fold.
-    "threshold": {"method": "fixed", "value": 20.0},
-    "alerts": {"open_after": 3, "open_within": 5, "close_after": 10},
+    # Alarm at 21.5 times the score's 99th percentile on normal windows, an alert on the
+    # first anomalous window and closed after 20 normal ones: what `streamer eval skab
+    # --folds 4` chooses on three folds of valve1 for the fourth (levels 20 to 27; the
+    # rule 1 of 1 in three folds, 3 of 5 in one, close after 20 in all). Figures
+    # reported for it are out of fold.
+    "threshold": {"method": "fixed", "value": 21.5},
+    "alerts": {"open_after": 1, "open_within": 1, "close_after": 20},
 }
 NAB_DEFAULTS: dict[str, Any] = {
     "stream": {"channels": ["value"], "window": 32, "stride": 1},
@@ -334,25 +340,54 @@ def skab_score_files(cfg: Config, files: list[Path], device: str) -> list[SkabFi
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """What an out-of-fold SKAB run chooses: a fixed alarm level and an alert rule."""
+
+    level: float
+    open_after: int
+    open_within: int
+    close_after: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.level:.3g} ({self.open_after} of {self.open_within}, "
+            f"close after {self.close_after})"
+        )
+
+
+# Alert rules (open on k anomalous windows of m, close after n normal ones) an
+# out-of-fold SKAB run chooses among together with the level, from the most evidence
+# asked before opening to the least; with each rule the levels of SKAB_LEVELS.
+SKAB_ALERT_RULES: tuple[tuple[int, int, int], ...] = tuple(
+    (k, m, n) for k, m in ((5, 10), (3, 5), (1, 1)) for n in (5, 10, 20, 40)
+)
+
+
+def skab_alarms() -> list[Alarm]:
+    """Every alarm setting an out-of-fold SKAB run tries, in tie-breaking order."""
+    return [Alarm(level, *rule) for rule in SKAB_ALERT_RULES for level in SKAB_LEVELS]
+
+
 def alert_decisions(
-    scores: NDArray[np.float64], level: float, cfg: Config, sensor: str = "replay"
+    scores: NDArray[np.float64], level: float, cfg: Config, alarm: Alarm | None = None
 ) -> NDArray[np.bool_]:
     """Per row, whether an alert is open after it, for a fixed alarm ``level``.
 
-    The engine's own alert rules (``AlertTracker``, ``alerts.*``) replayed on a file's
-    window scores (NaN where no window ends): what the engine decides with
-    ``threshold: {method: fixed, value: level}``, without running the model again.
+    The engine's own alert rule (``alerts.*``, or ``alarm``'s when given, which also
+    gives the level) replayed on a file's window scores (NaN where no window ends): what
+    the engine decides with ``threshold: {method: fixed, value: level}``, without
+    running the model again.
     """
-    from streamer.scoring.alerts import AlertTracker
+    from streamer.scoring.alerts import open_flags
 
     a = cfg.alerts
-    tracker = AlertTracker(sensor, ["score"], a.open_after, a.open_within, a.close_after, top_k=1)
+    k, m, n = (a.open_after, a.open_within, a.close_after)
+    if alarm is not None:
+        level, k, m, n = alarm.level, alarm.open_after, alarm.open_within, alarm.close_after
     out = np.zeros(scores.size, dtype=bool)
-    errors = np.zeros(1)
     rows = np.flatnonzero(np.isfinite(scores))
-    for row, score in zip(rows.tolist(), scores[rows].tolist(), strict=True):
-        tracker.update(str(row), float(row), score, level, score > level, errors)
-        out[row] = tracker.is_open
+    out[rows] = open_flags((scores[rows] > level).tolist(), k, m, n)
     return out
 
 
@@ -365,10 +400,11 @@ def eval_skab(
 ) -> dict[str, Any]:
     """SKAB protocol: per file, train on the first 400 rows, score the rest causally, pool.
 
-    ``folds``: the alarm level (``threshold.method: fixed``) is chosen out of fold:
-    for each of ``folds`` folds of files, the level of ``SKAB_LEVELS`` with the best
-    pooled F1 on the other folds decides the held-out fold's alarms, and the figures
-    pool the held-out files only. ``threshold.value`` is then not used.
+    ``folds``: the alarm (``threshold.method: fixed``) is chosen out of fold: for each
+    of ``folds`` folds of files, the level of ``SKAB_LEVELS`` and the alert rule of
+    ``SKAB_ALERT_RULES`` with the best pooled F1 on the other folds decide the held-out
+    fold's alarms, and the figures pool the held-out files only. ``threshold.value``
+    and ``alerts.*`` are then not used.
     """
     from streamer.evaluation.folds import assign_folds
     from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
@@ -387,11 +423,11 @@ def eval_skab(
     scored_rows = slice(SKAB_TRAIN_ROWS, None)
     decisions = [f.decision for f in scored]
     title = "pooled, point-wise, no point-adjust"
-    chosen: list[float] = []
+    chosen: list[Alarm] = []
     if fold_of is not None:
-        chosen = _choose_levels_out_of_fold(cfg, scored, fold_of, decisions)
+        chosen = _choose_alarms_out_of_fold(cfg, scored, fold_of, decisions)
         title = (
-            f"out of fold, {folds} folds: alarm levels {', '.join(f'{v:.3g}' for v in chosen)} "
+            f"out of fold, {folds} folds: alarm levels {', '.join(str(a) for a in chosen)} "
             "chosen on the other folds; " + title
         )
     parts = [
@@ -407,37 +443,38 @@ def eval_skab(
     out["seconds"] = elapsed
     if fold_of is not None:
         out["folds"] = folds
-        out["levels"] = chosen
+        out["levels"] = [a.level for a in chosen]
+        out["alert_rules"] = [[a.open_after, a.open_within, a.close_after] for a in chosen]
     return out
 
 
-def _choose_levels_out_of_fold(
+def _choose_alarms_out_of_fold(
     cfg: Config, scored: list[SkabFile], fold_of: list[int], decisions: list[NDArray[np.bool_]]
-) -> list[float]:
-    """Each fold's alarm level chosen on the other folds; the held-out files' decisions
-    in ``decisions`` are replaced by the ones at their fold's level. Returns the levels."""
+) -> list[Alarm]:
+    """Each fold's alarm chosen on the other folds; the held-out files' decisions in
+    ``decisions`` are replaced by the ones under their fold's alarm. Returns the alarms."""
     from streamer.evaluation.folds import choose_out_of_fold
     from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
 
     scored_rows = slice(SKAB_TRAIN_ROWS, None)
-    # Each (file, level) pair is replayed once, however many folds ask for it.
-    cache: dict[tuple[int, float], Confusion] = {}
+    # Each (file, alarm) pair is replayed once, however many folds ask for it.
+    cache: dict[tuple[int, Alarm], Confusion] = {}
 
-    def confusion(i: int, level: float) -> Confusion:
-        if (i, level) not in cache:
+    def confusion(i: int, alarm: Alarm) -> Confusion:
+        if (i, alarm) not in cache:
             f = scored[i]
-            decided = alert_decisions(f.scores, level, cfg)
-            cache[(i, level)] = skab_confusion(f.labels, decided[scored_rows])
-        return cache[(i, level)]
+            decided = alert_decisions(f.scores, alarm.level, cfg, alarm)
+            cache[(i, alarm)] = skab_confusion(f.labels, decided[scored_rows])
+        return cache[(i, alarm)]
 
-    def pooled_f1(items: list[int], level: float) -> float:
-        return skab_metrics(Confusion.pooled(confusion(i, level) for i in items))["f1"]
+    def pooled_f1(items: list[int], alarm: Alarm) -> float:
+        return skab_metrics(Confusion.pooled(confusion(i, alarm) for i in items))["f1"]
 
-    chosen: list[float] = []
-    for choice in choose_out_of_fold(fold_of, SKAB_LEVELS, pooled_f1):
+    chosen: list[Alarm] = []
+    for choice in choose_out_of_fold(fold_of, skab_alarms(), pooled_f1):
         chosen.append(choice.chosen)
         for i in choice.held_out:
-            decisions[i] = alert_decisions(scored[i].scores, choice.chosen, cfg)
+            decisions[i] = alert_decisions(scored[i].scores, 0.0, cfg, choice.chosen)
     return chosen
 
 

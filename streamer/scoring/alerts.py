@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from streamer.errors import ConfigError, DataError, StateError
 
-__all__ = ["STATE_VERSION", "AlertBank", "AlertEvent", "AlertTracker", "alert_id"]
+__all__ = ["STATE_VERSION", "AlertBank", "AlertEvent", "AlertTracker", "alert_id", "open_flags"]
 
 STATE_VERSION = 1
 """Version written by :meth:`AlertTracker.export`; restoring any other raises StateError."""
@@ -479,3 +479,35 @@ class AlertBank:
     def __len__(self) -> int:
         """Sensors with state (an open alert or a pending anomalous window)."""
         return len(self._trackers)
+
+
+def open_flags(
+    anomalous: Sequence[bool], open_after: int, open_within: int, close_after: int
+) -> NDArray[np.bool_]:
+    """Whether an :class:`AlertTracker` with these rules has an alert open after each window.
+
+    The tracker's open and close rule alone, for replaying a sensor's anomalous flags
+    under many rules (choosing the rule out of fold): no events, no channels, no ids.
+    Windows that arrive while an alert is open do not count towards the next one, and
+    counting starts afresh after each open and close, as in the tracker.
+    """
+    out = np.zeros(len(anomalous), dtype=bool)
+    recent: deque[bool] = deque(maxlen=open_within)
+    hits = normal_run = 0
+    is_open = False
+    for i, hit in enumerate(anomalous):
+        if is_open:
+            normal_run = 0 if hit else normal_run + 1
+            is_open = normal_run < close_after
+        elif hit or hits:
+            if len(recent) == open_within and recent[0]:
+                hits -= 1
+            recent.append(bool(hit))
+            hits += bool(hit)
+            if hit and hits >= open_after:
+                is_open, normal_run, hits = True, 0, 0
+                recent.clear()
+            elif not hits:
+                recent.clear()
+        out[i] = is_open
+    return out

@@ -11,6 +11,7 @@ import pytest
 from streamer.config import parse_config
 from streamer.errors import ConfigError
 from streamer.evaluation.folds import assign_folds, choose_out_of_fold
+from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
 from streamer.evaluation.nab import (
     PROFILE_KEYS,
     STANDARD_PROFILES,
@@ -18,7 +19,18 @@ from streamer.evaluation.nab import (
     score_corpus,
     score_corpus_out_of_fold,
 )
-from streamer.offline import SKAB_DEFAULTS, alert_decisions, skab_files, skab_score_files
+from streamer.offline import (
+    SKAB_ALERT_RULES,
+    SKAB_DEFAULTS,
+    SKAB_LEVELS,
+    Alarm,
+    SkabFile,
+    alert_decisions,
+    eval_skab,
+    skab_alarms,
+    skab_files,
+    skab_score_files,
+)
 from tests.evaluation.test_nab import random_corpus
 from tests.test_cli_offline import make_skab
 
@@ -123,3 +135,48 @@ def test_skab_alert_replay_matches_the_engine(tmp_path: Path) -> None:
     np.testing.assert_array_equal(replayed, scored.decision)
     # Another level decides otherwise: the replay follows the level it is given.
     assert not np.array_equal(alert_decisions(scored.scores, level * 4, cfg), scored.decision)
+
+
+@pytest.mark.slow
+def test_skab_folds_choose_level_and_alert_rule_on_the_other_folds(tmp_path: Path) -> None:
+    """Each fold's alarm (level and alert rule) is the best pooled F1 on the other folds,
+    and the held-out files are decided by it."""
+    make_skab(tmp_path / "skab", files=4)
+    settings = copy.deepcopy(SKAB_DEFAULTS)
+    settings["train"].update(epochs=5, patience=5)
+    cfg = parse_config(settings)
+    paths = skab_files(tmp_path / "skab")
+    got = eval_skab(cfg, tmp_path / "skab", scores_out=tmp_path / "out", folds=2)
+    assert len(got["levels"]) == len(got["alert_rules"]) == 2
+    assert all(level in SKAB_LEVELS for level in got["levels"])
+    assert all(tuple(rule) in SKAB_ALERT_RULES for rule in got["alert_rules"])
+    # Recompute each fold's choice independently from the same scores.
+    scored = skab_score_files(cfg, paths, "cpu")
+    folds = assign_folds(len(paths), 2)
+    for fold, (level, rule) in enumerate(zip(got["levels"], got["alert_rules"], strict=True)):
+        others = [f for f, k in zip(scored, folds, strict=True) if k != fold]
+
+        def f1(alarm: Alarm, others: list[SkabFile] = others) -> float:
+            parts = [
+                skab_confusion(f.labels, alert_decisions(f.scores, 0.0, cfg, alarm)[400:])
+                for f in others
+            ]
+            return skab_metrics(Confusion.pooled(parts))["f1"]
+
+        best = max(f1(a) for a in skab_alarms())
+        chosen = next(
+            a
+            for a in skab_alarms()
+            if a.level == level and [a.open_after, a.open_within, a.close_after] == rule
+        )
+        assert f1(chosen) == best
+        for f, k in zip(scored, folds, strict=True):
+            if k == fold:
+                written = np.loadtxt(
+                    tmp_path / "out" / "valve9" / f"{f.path.stem}.csv",
+                    delimiter=",",
+                    skiprows=1,
+                    usecols=2,
+                )
+                decided = alert_decisions(f.scores, 0.0, cfg, chosen)[400:]
+                np.testing.assert_array_equal(written.astype(bool), decided)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamer.errors import ConfigError, DataError, StateError
-from streamer.scoring.alerts import AlertBank, AlertEvent, AlertTracker, alert_id
+from streamer.scoring.alerts import AlertBank, AlertEvent, AlertTracker, alert_id, open_flags
 
 CHANNELS = ["temp", "pressure", "vibration", "flow"]
 
@@ -435,3 +435,22 @@ class TestAgainstReference:
         ]
         events, _ = feed(bank(open_after=2, open_within=4, close_after=3), flags)
         assert [e for e in one if e is not None] == events
+
+
+class TestOpenFlags:
+    """``open_flags`` replays the tracker's open and close rule alone."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        flags=st.lists(st.booleans(), max_size=200),
+        rule=st.tuples(st.integers(1, 6), st.integers(0, 6), st.integers(1, 8)),
+    )
+    def test_equals_the_tracker(self, flags: list[bool], rule: tuple[int, int, int]) -> None:
+        k, extra, n = rule
+        m = k + extra
+        tracker = AlertTracker("s", ["c"], k, m, n, top_k=1)
+        want = []
+        for i, hit in enumerate(flags):
+            tracker.update(str(i), float(i), 2.0 if hit else 0.0, 1.0, hit, np.ones(1))
+            want.append(tracker.is_open)
+        np.testing.assert_array_equal(open_flags(flags, k, m, n), np.array(want, dtype=bool))
