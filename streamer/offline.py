@@ -26,7 +26,7 @@ from streamer.model.networks import ScoringModel
 from streamer.model.train import resolve_device, train_model
 
 if TYPE_CHECKING:
-    from streamer.evaluation.nab import NabFile
+    from streamer.evaluation.nab_corpus import NabFile
 
 __all__ = [
     "NAB_DEFAULTS",
@@ -521,11 +521,8 @@ def eval_nab(
     folds' files, applied to the held-out fold) instead of over the whole corpus.
     """
     from streamer.evaluation.folds import assign_folds
-    from streamer.evaluation.nab import (
-        load_nab_corpus,
-        score_corpus,
-        score_corpus_out_of_fold,
-    )
+    from streamer.evaluation.nab import score_corpus, score_corpus_out_of_fold
+    from streamer.evaluation.nab_corpus import load_nab_corpus
 
     cfg = _benchmark_config(cfg, NAB_DEFAULTS)
     if len(cfg.stream.channels) != 1:

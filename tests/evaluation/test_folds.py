@@ -13,12 +13,11 @@ from streamer.errors import ConfigError
 from streamer.evaluation.folds import assign_folds, choose_out_of_fold
 from streamer.evaluation.metrics import Confusion, skab_confusion, skab_metrics
 from streamer.evaluation.nab import (
-    PROFILE_KEYS,
-    STANDARD_PROFILES,
     score_at_threshold,
     score_corpus,
     score_corpus_out_of_fold,
 )
+from streamer.evaluation.nab_corpus import PROFILE_KEYS, STANDARD_PROFILES
 from streamer.offline import (
     SKAB_ALERT_RULES,
     SKAB_DEFAULTS,

@@ -14,17 +14,19 @@ from numpy.typing import NDArray
 
 from streamer.errors import ConfigError, DataError
 from streamer.evaluation.nab import (
+    scaled_sigmoid,
+    score_at_threshold,
+    score_corpus,
+    threshold_curve,
+    write_nab_results,
+)
+from streamer.evaluation.nab_corpus import (
     STANDARD_PROFILES,
     CostProfile,
     NabFile,
     load_nab_corpus,
     load_nab_profiles,
     probation_length,
-    scaled_sigmoid,
-    score_at_threshold,
-    score_corpus,
-    threshold_curve,
-    write_nab_results,
 )
 
 STANDARD = STANDARD_PROFILES["standard"]
