@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from streamer.config import NoveltyConfig, parse_config
+from streamer.dev.simulate import CHANNELS, simulate
 from streamer.errors import ConfigError
+from streamer.scoring.alerts import open_flags
 from streamer.scoring.novelty import NoveltyBank, NoveltySettings, SensorNovelty
 
 SMALL = NoveltySettings(points=8, scales=(1, 4), history=600, refractory=50, learning_rows=200)
@@ -141,3 +143,40 @@ class TestSettings:
         assert not NoveltyConfig().enabled
         with pytest.raises(ConfigError, match="novelty"):
             parse_config({"novelty": {"scales": []}}, "<test>")
+
+
+class TestAlertsOnNovelty:
+    """The failure modes of a model's worst-channel score, with the novelty instead."""
+
+    def test_an_alert_closes_while_one_channel_drifts_after_the_anomaly(self) -> None:
+        """A level shift opens an alert; a channel drifting slowly afterwards (4 sigma
+        over 960 rows, as a warming temperature) does not keep it open or reopen it."""
+        plant = simulate(1, 3000, seed=21)
+        x = plant.values[0].astype(np.float64)
+        mu, sd = x[:750].mean(axis=0), x[:750].std(axis=0)
+        x[2000:2040, 0] += 3 * sd[0]
+        x[2040:, 1] += np.linspace(0.0, 4 * sd[1], 960)
+        scores = SensorNovelty(NoveltySettings(learning_rows=750), len(CHANNELS)).update(
+            (x - mu) / sd
+        )
+        is_open = open_flags((scores > 0.99).tolist(), 1, 1, 20)
+        assert is_open[2000:2040].any()
+        assert not is_open[2100:].any()
+
+    def test_the_score_grows_with_the_distance(self) -> None:
+        """Before the refractory, a further-off window never scores lower (cap aside)."""
+        x = periodic(1000)
+        settings = NoveltySettings(
+            points=8,
+            scales=(1,),
+            history=600,
+            learning_rows=200,
+            refractory=0,
+            spatial_tolerance=None,
+        )
+        last = []
+        for bump in (0.05, 0.1, 0.2, 0.4, 0.8):
+            y = x.copy()
+            y[900:904, 0] += bump
+            last.append(SensorNovelty(settings, 1).update(y)[903])
+        assert last == sorted(last) and last[-1] > last[0]
