@@ -20,6 +20,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def train_cli(cfg: Path, data: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """``streamer train`` on one file, without a progress bar."""
+    return run_cli(
+        "train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress"
+    )
+
+
 def write_csv(
     path: Path,
     values: np.ndarray,
@@ -57,16 +64,7 @@ class TestTrainAndScore:
             "train: {preset: dense, epochs: 5, hidden: 8, latent: 4}\n"
             "csv: {separator: ';'}\n"
         )
-        proc = run_cli(
-            "train",
-            "--config",
-            str(cfg),
-            "--data",
-            str(tmp_path / "normal.csv"),
-            "--out",
-            str(tmp_path / "model"),
-            "--no-progress",
-        )
+        proc = train_cli(cfg, tmp_path / "normal.csv", tmp_path / "model")
         assert proc.returncode == 0, proc.stderr
         sidecar = json.loads((tmp_path / "model" / "model.json").read_text())
         assert sidecar["channels"] == list(CHANNELS)
@@ -100,16 +98,7 @@ class TestTrainAndScore:
         cfg = tmp_path / "c.yaml"
         cfg.write_text("stream: {window: 16, stride: 4}\ntrain: {preset: dense, epochs: 2}\n")
         model = tmp_path / "model"
-        proc = run_cli(
-            "train",
-            "--config",
-            str(cfg),
-            "--data",
-            str(tmp_path / "normal.csv"),
-            "--out",
-            str(model),
-            "--no-progress",
-        )
+        proc = train_cli(cfg, tmp_path / "normal.csv", model)
         assert proc.returncode == 0, proc.stderr
         proc = run_cli(
             "score",

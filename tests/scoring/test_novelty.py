@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,11 @@ from streamer.scoring.alerts import open_flags
 from streamer.scoring.novelty import NoveltyBank, NoveltySettings, SensorNovelty
 
 SMALL = NoveltySettings(points=8, scales=(1, 4), history=600, refractory=50, learning_rows=200)
+
+
+def one_scale(**changes: Any) -> NoveltySettings:
+    """Small settings with one scale (rows themselves), as the single-effect tests use."""
+    return replace(SMALL, scales=(1,), **changes)
 
 
 def periodic(n: int, period: int = 40, noise: float = 0.05, seed: int = 0) -> np.ndarray:
@@ -41,14 +49,7 @@ class TestSensorNovelty:
         """The refractory: a level reached in the last rows is not reported again."""
         x = periodic(1400)
         x[1000:, 0] = 0.3 * np.sin(2 * np.pi * np.arange(400) / 7)  # a new, lasting rhythm
-        settings = NoveltySettings(
-            points=8,
-            scales=(1,),
-            history=600,
-            refractory=50,
-            learning_rows=200,
-            spatial_tolerance=None,
-        )
+        settings = one_scale(spatial_tolerance=None)
         scores = SensorNovelty(settings, 1).update(x)
         reported = np.flatnonzero(scores[1000:1100] > 0)
         assert reported.size >= 1
@@ -59,10 +60,7 @@ class TestSensorNovelty:
         x = periodic(800)
         x[650:660, 0] = np.linspace(0.2, -0.2, 10)  # a new shape: novelty 1 at about 650
         x[700, 0] = 1.6  # the range is about [-1.1, 1.1]: beyond it by more than 5 %
-        on = NoveltySettings(points=8, scales=(1,), history=600, learning_rows=200)
-        off = NoveltySettings(
-            points=8, scales=(1,), history=600, learning_rows=200, spatial_tolerance=None
-        )
+        on, off = one_scale(refractory=200), one_scale(refractory=200, spatial_tolerance=None)
         with_range = SensorNovelty(on, 1).update(x)
         without = SensorNovelty(off, 1).update(x)
         assert without[650:670].max() == 1.0
@@ -166,14 +164,7 @@ class TestAlertsOnNovelty:
     def test_the_score_grows_with_the_distance(self) -> None:
         """Before the refractory, a further-off window never scores lower (cap aside)."""
         x = periodic(1000)
-        settings = NoveltySettings(
-            points=8,
-            scales=(1,),
-            history=600,
-            learning_rows=200,
-            refractory=0,
-            spatial_tolerance=None,
-        )
+        settings = one_scale(refractory=0, spatial_tolerance=None)
         last = []
         for bump in (0.05, 0.1, 0.2, 0.4, 0.8):
             y = x.copy()
