@@ -40,6 +40,7 @@ __all__ = [
     "KafkaConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "MissingPolicy",
     "ModelConfig",
     "NoveltyConfig",
     "StreamConfig",
@@ -49,6 +50,9 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
+MissingPolicy = Literal["refuse", "skip", "fill"]
+"""``csv.missing``: what reading a CSV does with a gap in a channel column."""
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -428,6 +432,11 @@ class CsvConfig(_Section):
     timestamp_column: str | None = "timestamp"
     # Columns to read as channels; default: the stream channels.
     columns: list[str] | None = None
+    # A gap in a channel column (an empty cell, NaN, NA, N/A, null, None): refuse stops
+    # with the file, line and column; skip drops the row (train and score never cut a
+    # window across it); fill carries the channel's last value forward (rows before its
+    # first value are dropped). See streamer.data.
+    missing: MissingPolicy = "refuse"
 
 
 class Config(_Section):

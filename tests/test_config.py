@@ -71,6 +71,10 @@ class TestConfigValidation:
                 r"STREAMER_NO_SUCH_VAR is not set",
             ),
             ({"metrics": {"port": 70000}}, r"metrics\.port"),
+            (
+                {"csv": {"missing": "drop"}},
+                r"csv\.missing: Input should be 'refuse', 'skip' or 'fill' \(got 'drop'\)",
+            ),
             ({"train": {"preset": "transformer"}}, r"train\.preset"),
             (["not", "a", "mapping"], r"top level must be a mapping"),
         ],
