@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from streamer import __version__
-from streamer.errors import ConfigError, InputError, StreamerError
+from streamer.errors import ConfigError, CsvError, InputError, StreamerError
 
 if TYPE_CHECKING:
     from streamer.config import Config
+    from streamer.data import Stretches
 
 __all__ = ["main"]
 
@@ -131,9 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a model on normal data from CSV files")
     _add_config(p)
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="CSV files of normal data")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    p.add_argument("--rows", type=int, default=None, help="use only the first N rows of each file")
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="CSV files of normal data, read with the csv.* settings (gaps: csv.missing, "
+        "default refuse)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="checkpoint directory to write (default: the config's model.path, where "
+        "`streamer run` loads the model)",
+    )
+    p.add_argument(
+        "--rows",
+        type=_at_least(1),
+        default=None,
+        metavar="N",
+        help="use only the first N rows of each file (default: all)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("score", "score a CSV file offline with a trained model")
@@ -260,42 +280,64 @@ def _report_state_topic(cfg: Config) -> None:
         print("  " + alter_topic_command(cfg.kafka.bootstrap_servers, state, findings))
 
 
+def _training_data(cfg: Config, paths: list[Path], rows: int | None) -> list[Stretches]:
+    """The stretches of rows to train on, from every file (csv.*); what was left out on stderr."""
+    from streamer.data import read_stretches
+
+    c = cfg.csv
+    channels = list(c.columns or cfg.stream.channels)
+    window = cfg.stream.window
+    files = [
+        read_stretches(p, c.separator, c.timestamp_column, channels, c.missing, window, rows)
+        for p in paths
+    ]
+    for f in files:
+        note = f.note()
+        if note is not None:
+            print(f"streamer: {note}", file=sys.stderr)
+    if not any(f.segments for f in files):
+        dropped = sum(f.skipped for f in files)
+        raise CsvError(
+            f"{', '.join(str(p) for p in paths)}: no stretch of {window} consecutive rows "
+            "(stream.window) to cut a window from"
+            + (f" (csv.missing {c.missing} dropped {dropped} rows)" if dropped else "")
+        )
+    return files
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from streamer.data import data_hash, read_csv
+    from streamer.data import data_hash
     from streamer.model.checkpoint import save_checkpoint
     from streamer.model.train import resolve_device, train_model
 
     cfg = _load(args)
+    out: Path = args.out if args.out is not None else cfg.model.path
     channels = list(cfg.csv.columns or cfg.stream.channels)
-    segments = []
-    for path in args.data:
-        table = read_csv(path, cfg.csv.separator, cfg.csv.timestamp_column, channels)
-        values = table.values if args.rows is None else table.values[: args.rows]
-        segments.append(values)
-    device = resolve_device(cfg.model.device)
+    files = _training_data(cfg, args.data, args.rows)
+    segments = [seg for f in files for seg in f.segments]
     result = train_model(
         segments,
         channels,
         cfg.stream.window,
         cfg.train,
-        device=device,
+        device=resolve_device(cfg.model.device),
         progress=not args.no_progress,
     )
     info = dict(
-        result.info, data_sha256=data_hash(segments, channels), files=[str(p) for p in args.data]
+        result.info,
+        data_sha256=data_hash(segments, channels),
+        files=[str(p) for p in args.data],
+        csv_missing=cfg.csv.missing,
+        rows_skipped=sum(f.skipped for f in files),
+        values_filled=sum(f.filled for f in files),
     )
     loaded = save_checkpoint(
-        args.out,
-        result.module,
-        result.scaler,
-        channels,
-        cfg.stream.stride,
-        info,
-        result.calibration,
+        out, result.module, result.scaler, channels, cfg.stream.stride, info, result.calibration
     )
+    skipped = f"; {info['rows_skipped']} rows with gaps skipped" if info["rows_skipped"] else ""
     print(
-        f"wrote {args.out} (model {loaded.version}, {info['epochs_run']} epochs, "
-        f"best validation loss {info['best_validation_loss']:.6f})"
+        f"wrote {out} (model {loaded.version}, {info['epochs_run']} epochs, "
+        f"best validation loss {info['best_validation_loss']:.6f}{skipped})"
     )
     return EXIT_OK
 

@@ -73,12 +73,7 @@ from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import Source
 from streamer.metrics import Health, Metrics
-from streamer.model.checkpoint import (
-    LoadedModel,
-    load_checkpoint,
-    stream_mismatch,
-    stride_note,
-)
+from streamer.model.checkpoint import LoadedModel, fit_to_stream, load_checkpoint
 from streamer.model.device import resolve_device
 from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
@@ -118,13 +113,7 @@ def _load_model(cfg: Config, device: str) -> tuple[LoadedModel, float]:
     model = load_checkpoint(cfg.model.path, device)
     load_s = time.perf_counter() - started
     stream = cfg.stream
-    mismatch = stream_mismatch(model, stream.window, stream.channels)
-    if mismatch:
-        raise ConfigError(
-            f"model {cfg.model.path} does not fit the stream: {'; '.join(mismatch)} "
-            "(they must match)"
-        )
-    note = stride_note(model, stream.stride)
+    note = fit_to_stream(model, stream.window, stream.channels, stream.stride)
     if note is not None:
         log.warning("stride_differs_from_model", model_stride=model.stride, why=note)
     return model, load_s

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 from numpy.typing import NDArray
 
 from streamer.config import Config
-from streamer.data import read_csv
+from streamer.data import Table, check_increasing, read_csv
 from streamer.engine import Engine, ScoredBatch
 from streamer.errors import ConfigError, DataError
-from streamer.model.checkpoint import LoadedModel, load_checkpoint
+from streamer.model.checkpoint import LoadedModel, fit_to_stream, load_checkpoint
 from streamer.model.networks import ScoringModel
 from streamer.model.train import resolve_device, train_model
 
@@ -44,6 +45,8 @@ __all__ = [
     "score_file",
     "skab_alarms",
 ]
+
+log = structlog.get_logger("streamer.offline")
 
 SKAB_TRAIN_ROWS = 400
 SKAB_COLUMNS = (
@@ -127,10 +130,12 @@ def _as_loaded(
     )
 
 
-def _engine(cfg: Config, model: LoadedModel, device: str, stride: int) -> Engine:
+def _engine(
+    cfg: Config, model: LoadedModel, device: str, stride: int, max_gap_s: float = float("inf")
+) -> Engine:
     return Engine(
         model,
-        max_gap_s=float("inf"),
+        max_gap_s=max_gap_s,
         threshold=cfg.threshold,
         alerts=cfg.alerts,
         inference=cfg.inference,
@@ -189,27 +194,73 @@ def run_rows(
     return out
 
 
+def _score_stream(cfg: Config, model: LoadedModel) -> tuple[int, tuple[str, ...]]:
+    """The stride and channels ``score`` uses: the config's where it names them, else the model's.
+
+    A window or channels the config names that differ from the model's are refused,
+    and another stride is warned about, as ``streamer run`` does; keys the config does
+    not name (built-in defaults) follow the model silently.
+    """
+    named = cfg.stream.model_fields_set
+    window = cfg.stream.window if "window" in named else model.window
+    channels = tuple(cfg.stream.channels) if "channels" in named else model.channels
+    stride = cfg.stream.stride if "stride" in named else model.stride
+    note = fit_to_stream(model, window, channels, stride)
+    if note is not None:
+        log.warning("stride_differs_from_model", model_stride=model.stride, why=note)
+    return stride, channels
+
+
 def score_file(
     cfg: Config, model_dir: Path, data: Path, out: Path, sensor: str | None = None
 ) -> int:
-    """``streamer score``: one CSV row per window: score, threshold, decisions, channel errors."""
+    """``streamer score``: one CSV row per window: score, threshold, decisions, channel errors.
+
+    Rows are fed in file order; ``csv.missing`` decides what a gap does (with ``skip``
+    the dropped row ends the window, which restarts after it, as a gap does in the
+    daemon). ``position`` is the row's index among the file's data rows.
+    """
     device = resolve_device(cfg.model.device)
     model = load_checkpoint(model_dir, device)
-    table = read_csv(data, cfg.csv.separator, cfg.csv.timestamp_column, list(model.channels))
+    stride, channels = _score_stream(cfg, model)
+    c = cfg.csv
+    table = read_csv(data, c.separator, c.timestamp_column, list(channels), missing=c.missing)
+    check_increasing(table)
     name = sensor or data.stem
-    rows: list[list[Any]] = []
-    with _engine(cfg, model, device, model.stride) as engine:
-        keys = np.full(len(table), name, dtype=object)
+    # The file's row numbers as the clock: consecutive rows are 1 apart, so a row that
+    # csv.missing dropped is a gap over 1.5 and resets the window (the real timestamps
+    # only order the rows, checked above).
+    with _engine(cfg, model, device, stride, max_gap_s=1.5) as engine:
         pending = engine.submit(
-            keys, table.timestamps, table.values, np.arange(len(table), dtype=np.int64)
+            np.full(len(table), name, dtype=object),
+            table.rows.astype(np.float64),
+            table.values,
+            np.arange(len(table), dtype=np.int64),
         )
-        if len(pending.push.rejected):
-            bad = int(pending.push.rejected[0])
-            raise DataError(
-                f"{data}: row {bad + 1}: timestamp {table.raw_timestamps[bad]!r} is not after "
-                f"the previous row's ({len(pending.push.rejected)} such rows)"
-            )
         batch = engine.complete(pending)
+    _write_scores(out, table, batch, model.channels)
+    return len(batch)
+
+
+def _write_scores(out: Path, table: Table, batch: ScoredBatch, channels: Sequence[str]) -> None:
+    """The scores CSV of ``score_file``, one row per window in file order."""
+    rows: list[list[Any]] = []
+    for i in range(len(batch)):
+        end = int(batch.windows.end_pos[i])
+        rows.append(
+            [
+                int(table.rows[end]),
+                table.raw_timestamps[end],
+                table.raw_timestamps[int(batch.windows.start_pos[i])],
+                f"{batch.scores[i]:.6g}",
+                f"{batch.thresholds[i]:.6g}",
+                int(batch.anomalous[i]),
+                f"{batch.likelihood[i]:.6g}",
+                int(batch.alert_open[i]),
+                *(f"{e:.6g}" for e in batch.channel_errors[i]),
+            ]
+        )
+    rows.sort(key=lambda r: int(r[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -223,27 +274,10 @@ def score_file(
                 "anomalous",
                 "likelihood",
                 "alert_open",
-                *(f"error_{c}" for c in model.channels),
+                *(f"error_{c}" for c in channels),
             ]
         )
-        for i in range(len(batch)):
-            end = int(batch.windows.end_pos[i])
-            rows.append(
-                [
-                    end,
-                    table.raw_timestamps[end],
-                    table.raw_timestamps[int(batch.windows.start_pos[i])],
-                    f"{batch.scores[i]:.6g}",
-                    f"{batch.thresholds[i]:.6g}",
-                    int(batch.anomalous[i]),
-                    f"{batch.likelihood[i]:.6g}",
-                    int(batch.alert_open[i]),
-                    *(f"{e:.6g}" for e in batch.channel_errors[i]),
-                ]
-            )
-        rows.sort(key=lambda r: r[0])
         writer.writerows(rows)
-    return len(rows)
 
 
 def _benchmark_config(cfg: Config | None, defaults: dict[str, Any]) -> Config:

@@ -6,25 +6,34 @@ import csv
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from streamer.data import data_hash
 from streamer.dev.simulate import CHANNELS, simulate
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "streamer", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
     )
 
 
-def train_cli(cfg: Path, data: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    """``streamer train`` on one file, without a progress bar."""
+def train_cli(cfg: Path, data: Path, out: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    """``streamer train`` on one file, without a progress bar; ``sets``: ``--set`` overrides."""
+    flags = [x for item in sets for x in ("--set", item)]
     return run_cli(
-        "train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress"
-    )
+        "train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress",
+        *flags,
+    )  # fmt: skip
 
 
 def write_csv(
@@ -128,6 +137,181 @@ class TestTrainAndScore:
         )
         assert proc.returncode == 2, proc.stderr
         assert "line 3" in proc.stderr and "'oops'" in proc.stderr
+
+
+def write_exact_csv(path: Path, values: np.ndarray, gaps: Sequence[tuple[int, int]] = ()) -> None:
+    """A CSV whose numbers read back bit for bit (repr), with empty cells at ``gaps`` (row, col)."""
+    holes = set(gaps)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["timestamp", *CHANNELS])
+        for i, row in enumerate(values.tolist()):
+            cells = ["" if (i, j) in holes else repr(v) for j, v in enumerate(row)]
+            w.writerow([1_764_201_600 + i, *cells])
+
+
+class TestGapsInTraining:
+    """csv.missing: refuse names the gap; skip trains on the stretches between; fill carries."""
+
+    @pytest.fixture
+    def cfg(self, tmp_path: Path) -> Path:
+        path = tmp_path / "c.yaml"
+        path.write_text(
+            "stream: {window: 16, stride: 4}\n"
+            "train: {preset: dense, epochs: 2, hidden: 8, latent: 4}\n"
+        )
+        return path
+
+    def test_refused_by_default_naming_line_and_column(self, tmp_path: Path, cfg: Path) -> None:
+        data = tmp_path / "d.csv"
+        write_exact_csv(data, simulate(1, 200, seed=3).values[0], gaps=[(40, 2)])
+        proc = train_cli(cfg, data, tmp_path / "model")
+        assert proc.returncode == 2, proc.stderr
+        assert f"{data}: line 42, column 'vibration': missing value ''" in proc.stderr
+        assert "csv.missing: skip" in proc.stderr
+
+    def trained(
+        self, tmp_path: Path, cfg: Path, gaps: list[tuple[int, int]], missing: str
+    ) -> tuple[np.ndarray, subprocess.CompletedProcess[str], dict[str, Any]]:
+        """Train on 300 simulated rows with ``gaps``: the values, the run, model.json's training."""
+        values = simulate(1, 300, seed=3).values[0]
+        data = tmp_path / "d.csv"
+        write_exact_csv(data, values, gaps)
+        proc = train_cli(cfg, data, tmp_path / "model", f"csv.missing={missing}")
+        assert proc.returncode == 0, proc.stderr
+        sidecar = json.loads((tmp_path / "model" / "model.json").read_text())
+        return values, proc, sidecar["training"]
+
+    def test_skip_trains_on_the_stretches_between_gaps(self, tmp_path: Path, cfg: Path) -> None:
+        # Rows 100 and 106 have gaps: 5 rows between them, too few for a window of 16.
+        values, proc, training = self.trained(tmp_path, cfg, [(100, 0), (106, 4), (106, 1)], "skip")
+        assert (
+            f"streamer: {tmp_path / 'd.csv'}: skipped 2 rows with gaps; left out 5 rows in "
+            "stretches shorter than a window\n"
+        ) in proc.stderr
+        assert proc.stdout.endswith("; 2 rows with gaps skipped)\n"), proc.stdout
+        assert (training["rows_skipped"], training["values_filled"]) == (2, 0)
+        # Trained on exactly the two long stretches: no window spans a skipped row.
+        assert training["data_sha256"] == data_hash([values[:100], values[107:]], CHANNELS)
+
+    def test_fill_carries_the_last_value_forward(self, tmp_path: Path, cfg: Path) -> None:
+        values, _, training = self.trained(tmp_path, cfg, [(0, 1), (50, 3), (51, 3)], "fill")
+        filled = values[1:].copy()
+        filled[49:51, 3] = values[49, 3]
+        assert (training["rows_skipped"], training["values_filled"]) == (1, 2)
+        assert training["data_sha256"] == data_hash([filled], CHANNELS)
+
+    def test_no_stretch_long_enough_is_refused(self, tmp_path: Path, cfg: Path) -> None:
+        data = tmp_path / "d.csv"
+        values = simulate(1, 30, seed=3).values[0]
+        write_exact_csv(data, values, gaps=[(10, 0), (20, 0)])
+        proc = train_cli(cfg, data, tmp_path / "model", "csv.missing=skip")
+        assert proc.returncode == 2, proc.stderr
+        assert "no stretch of 16 consecutive rows (stream.window)" in proc.stderr
+        assert "(csv.missing skip dropped 2 rows)" in proc.stderr
+
+    def test_out_defaults_to_the_configs_model_path(self, tmp_path: Path) -> None:
+        data = tmp_path / "d.csv"
+        write_exact_csv(data, simulate(1, 200, seed=3).values[0])
+        cfg = tmp_path / "sub" / "c.yaml"
+        cfg.parent.mkdir()
+        cfg.write_text(
+            "stream: {window: 16, stride: 4}\ntrain: {preset: dense, epochs: 1}\nmodel: {path: m}\n"
+        )
+        proc = run_cli("train", "--config", str(cfg), "--data", str(data), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        # Relative to the config file, where `streamer run --config` looks.
+        assert (tmp_path / "sub" / "m" / "model.json").is_file()
+        assert proc.stdout.startswith(f"wrote {tmp_path / 'sub' / 'm'} ")
+
+
+class TestScoreFitsTheModel:
+    """score refuses a window the config names that differs from the model's, as run does;
+    a stride it names is used and warned about; what it does not name follows the model."""
+
+    @pytest.fixture
+    def live(self, tmp_path: Path) -> Path:
+        path = tmp_path / "live.csv"
+        write_exact_csv(path, simulate(1, 120, seed=4).values[0], gaps=[(60, 2)])
+        return path
+
+    def score(
+        self,
+        model_dir: Path,
+        live: Path,
+        *extra: str,
+        config: str | None = None,
+        cwd: Path | None = None,
+    ) -> tuple[subprocess.CompletedProcess[str], list[int]]:
+        """``streamer score`` of ``live`` (with ``config``'s text as --config): run, positions."""
+        out = live.parent / "scores.csv"
+        out.unlink(missing_ok=True)
+        if config is not None:
+            (live.parent / "c.yaml").write_text(config)
+            extra = ("--config", str(live.parent / "c.yaml"), *extra)
+        proc = run_cli(
+            "score", "--model", str(model_dir), "--data", str(live), "--out", str(out), *extra,
+            cwd=cwd,
+        )  # fmt: skip
+        if not out.exists():
+            return proc, []
+        with out.open() as fh:
+            return proc, [int(r["position"]) for r in csv.DictReader(fh)]
+
+    @pytest.mark.parametrize(
+        ("stream", "code", "said", "first"),
+        [
+            # Another window: refused, as run refuses it.
+            ("{window: 32, stride: 4}", 2, ["model window 16, stream.window 32"], []),
+            # Another stride: used, and the warning says what it changes.
+            ("{window: 16, stride: 2}", 0, ["stride_differs_from_model", "alerts.open_after"],
+             [15, 17, 19]),
+        ],
+    )  # fmt: skip
+    def test_what_the_config_names_is_checked_against_the_model(
+        self, model_dir: Path, live: Path, stream: str, code: int, said: list[str], first: list[int]
+    ) -> None:
+        config = f"stream: {stream}\ncsv: {{missing: skip}}\n"
+        proc, positions = self.score(model_dir, live, config=config)
+        assert proc.returncode == code, proc.stderr
+        assert all(s in proc.stderr for s in said), proc.stderr
+        assert positions[:3] == first
+
+    def test_a_window_set_on_the_command_line_counts_as_named(
+        self, tmp_path: Path, model_dir: Path, live: Path
+    ) -> None:
+        proc, _ = self.score(model_dir, live, "--set", "stream.window=8", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "model window 16, stream.window 8" in proc.stderr
+
+    def test_without_a_config_the_models_window_and_stride_are_used_silently(
+        self, tmp_path: Path, model_dir: Path, live: Path
+    ) -> None:
+        # No ./config.yaml in the working directory: the built-in defaults (window 64).
+        proc, positions = self.score(model_dir, live, "--set", "csv.missing=skip", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        # Row 60 is skipped: the first window after it ends 16 rows later, at row 76.
+        assert positions == [*range(15, 60, 4), *range(76, 120, 4)]
+
+    def test_a_config_that_does_not_name_the_window_follows_the_model(
+        self, tmp_path: Path, model_dir: Path, live: Path
+    ) -> None:
+        proc, positions = self.score(model_dir, live, config="csv: {missing: fill}\n")
+        assert proc.returncode == 0, proc.stderr
+        assert positions == list(range(15, 120, 4))
+
+    def test_rows_out_of_time_order_are_refused_naming_the_line(
+        self, tmp_path: Path, model_dir: Path
+    ) -> None:
+        data = tmp_path / "d.csv"
+        write_exact_csv(data, simulate(1, 40, seed=4).values[0])
+        lines = data.read_text().splitlines()
+        lines[10], lines[11] = lines[11], lines[10]
+        data.write_text("\n".join(lines) + "\n")
+        proc, _ = self.score(model_dir, data, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{data}: line 12: timestamp" in proc.stderr and "is not after" in proc.stderr
 
 
 class TestWhatTheUserNamed:

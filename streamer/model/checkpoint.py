@@ -30,11 +30,19 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from streamer import __version__
-from streamer.errors import CheckpointError
+from streamer.errors import CheckpointError, ConfigError
 from streamer.model.networks import PRESETS, SCORES, Architecture, ScoringModel
 from streamer.model.scaler import Scaler
 
-__all__ = ["FORMAT_VERSION", "LoadedModel", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "fit_to_stream",
+    "load_checkpoint",
+    "save_checkpoint",
+    "stream_mismatch",
+    "stride_note",
+]
 
 FORMAT = "streamer-model"
 FORMAT_VERSION = 1
@@ -182,6 +190,24 @@ def stride_note(model: LoadedModel, stride: int) -> str | None:
         f"trained for {model.stride}: alerts.open_after, close_after and a DSPOT depth "
         "count windows, so they now span another stretch of time"
     )
+
+
+def fit_to_stream(
+    model: LoadedModel, window: int, channels: Sequence[str], stride: int
+) -> str | None:
+    """Refuse a model that cannot score this stream; else ``stride_note``'s line, if any.
+
+    ``run`` and ``score`` both go through here, so they refuse and warn alike.
+
+    Raises:
+        ConfigError: naming every difference (the CLI exits 2, as for a bad config).
+    """
+    mismatch = stream_mismatch(model, window, channels)
+    if mismatch:
+        raise ConfigError(
+            f"model {model.path} does not fit the stream: {'; '.join(mismatch)} (they must match)"
+        )
+    return stride_note(model, stride)
 
 
 def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedModel:
