@@ -1,4 +1,4 @@
-"""Bytes -> samples: decode whole batches of input messages; pack Kafka positions.
+"""Bytes <-> samples: decode input messages in batches, encode one; pack Kafka positions.
 
 Decoding never raises for bad input: every message either becomes a sample or a
 ``DeadLetter`` saying why (its ``kind`` and a readable ``reason``), which the daemon
@@ -45,12 +45,14 @@ from streamer.config import StreamConfig
 
 __all__ = [
     "DLQ_KINDS",
+    "MAX_SENSOR_CHARS",
     "OFFSET_BITS",
     "OFFSET_MASK",
     "DeadLetter",
     "DecodedSamples",
     "Decoder",
     "decode_batch",
+    "encode_sample",
     "offset_of",
     "partition_of",
     "position_labels",
@@ -84,7 +86,8 @@ DLQ_KINDS: Final = (
 """Every ``error.kind`` a dead letter may carry (``out_of_order`` comes from the ring buffers,
 ``sensor_limit`` and a future ``bad_timestamp`` from the daemon)."""
 
-_MAX_SENSOR_CHARS: Final = 256
+MAX_SENSOR_CHARS: Final = 256
+"""The longest sensor id a sample may carry; a longer one is dead-lettered (``bad_sensor``)."""
 _NUMBER_TYPES: Final = frozenset((float, int))  # exact types: bool is not a number here
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -259,11 +262,11 @@ class Decoder:
                 f for f in (self.sensor_field, self.ts_field, self.values_field) if f not in obj
             ]
             raise _BadMessageError("missing_field", f"missing field(s) {missing}") from None
-        if type(sensor) is not str or not sensor or len(sensor) > _MAX_SENSOR_CHARS:
+        if type(sensor) is not str or not sensor or len(sensor) > MAX_SENSOR_CHARS:
             raise _BadMessageError(
                 "bad_sensor",
                 f"{self.sensor_field} must be a non-empty string of at most "
-                f"{_MAX_SENSOR_CHARS} characters, got {_short(sensor)}",
+                f"{MAX_SENSOR_CHARS} characters, got {_short(sensor)}",
             )
         if key is None:
             raise _BadMessageError(
@@ -306,7 +309,7 @@ class Decoder:
         if set(map(type, sensors)) != {str}:
             return None
         lengths = set(map(len, sensors))
-        if min(lengths) < 1 or max(lengths) > _MAX_SENSOR_CHARS:
+        if min(lengths) < 1 or max(lengths) > MAX_SENSOR_CHARS:
             return None
         try:
             if not all(map(operator.eq, keys, map(str.encode, sensors))):
@@ -475,3 +478,14 @@ def decode_batch(
 ) -> tuple[DecodedSamples, list[DeadLetter]]:
     """Decode one batch with a throwaway ``Decoder`` (the daemon keeps one)."""
     return Decoder(cfg).decode(values, keys, positions)
+
+
+def encode_sample(cfg: StreamConfig, sensor: str, ts: float, values: Sequence[float]) -> bytes:
+    """One input sample as ``Decoder`` reads it, field names from ``cfg``; key it by ``sensor``.
+
+    ``values`` in ``cfg.channels`` order, finite: the decoder dead-letters anything else.
+    ``streamer produce`` writes its samples with this, so they are what the daemon reads.
+    """
+    return orjson.dumps(
+        {cfg.sensor_field: sensor, cfg.timestamp_field: ts, cfg.values_field: list(values)}
+    )

@@ -28,6 +28,7 @@ __all__ = [
     "admin_client",
     "alter_topic_command",
     "connected_admin",
+    "ensure_input_topic",
     "ensure_topics",
     "message_limits",
     "partition_count",
@@ -86,9 +87,17 @@ class _Causes:
             self.first = f"{what}: {err.str()}"
 
 
-def admin_client(cfg: KafkaConfig, causes: _Causes | None = None) -> AdminClient:
-    """An AdminClient on the configured cluster, its log routed through structlog."""
+def admin_client(
+    cfg: KafkaConfig, causes: _Causes | None = None, *, quiet: bool = False
+) -> AdminClient:
+    """An AdminClient on the configured cluster, its log routed through structlog.
+
+    ``quiet``: librdkafka logs only critical lines, for a client whose every failure the
+    caller reports itself (a refused connection is one ``FAIL`` line per attempt).
+    """
     conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
+    if quiet:
+        conf["log_level"] = 2  # syslog's LOG_CRIT
     # librdkafka's own lines through structlog, not raw to stderr (delivered on poll).
     conf["logger"] = client_logger()
     if causes is not None:
@@ -186,15 +195,7 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TI
                 specs.append(NewTopic(name, num_partitions=n_input, config=STATE_TOPIC_CONFIG))
             else:
                 specs.append(NewTopic(name, num_partitions=cfg.topic_partitions))
-        futures = admin.create_topics(specs, operation_timeout=timeout_s, request_timeout=timeout_s)
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout=timeout_s)
-            except KafkaException as exc:
-                # Another instance may have created it at the same moment: fine.
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise KafkaError(f"cannot create topic {name}: {exc}") from exc
-            log.info("topic_created", topic=name)
+        _create_topics(admin, specs, timeout_s)
         meta = admin.list_topics(timeout=timeout_s)
         existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
     n_input = existing[topics.input]
@@ -205,6 +206,43 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = _TI
             f"{n_input} of input topic {topics.input}; it needs at least as many"
         )
     return n_input
+
+
+def _create_topics(admin: AdminClient, specs: list[NewTopic], timeout_s: float) -> None:
+    """Create ``specs``; one that another client created meanwhile is fine."""
+    futures = admin.create_topics(specs, operation_timeout=timeout_s, request_timeout=timeout_s)
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout_s)
+        except KafkaException as exc:
+            # Another instance may have created it at the same moment: fine.
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise KafkaError(f"cannot create topic {name}: {exc}") from exc
+        log.info("topic_created", topic=name)
+
+
+def ensure_input_topic(cfg: KafkaConfig, topic: str, timeout_s: float = _TIMEOUT_S) -> int:
+    """Check (or create) the input topic before writing samples to it; its partition count.
+
+    What ``ensure_topics`` does for the input alone, for a producer (``streamer
+    produce``): created with ``kafka.topic_partitions`` partitions when
+    ``kafka.create_topics`` is set (the daemon later creates the state topic with as
+    many). Fails like ``ensure_topics``: the cluster not reached within ``timeout_s``
+    ("cannot reach Kafka at ..."), credentials or TLS refused, or the topic missing.
+    """
+    causes = _Causes()
+    # Quiet: a command line tool says "cannot reach Kafka at ..." once, not once per retry.
+    admin = admin_client(cfg, causes, quiet=True)
+    meta = _list_topics(admin, causes, cfg, timeout_s).topics.get(topic)
+    if meta is not None and meta.error is None:
+        return len(meta.partitions)
+    if not cfg.create_topics:
+        raise KafkaError(
+            f"topic {topic} does not exist on {cfg.bootstrap_servers}, or is not visible to "
+            "this user: create it, grant access, or set kafka.create_topics: true"
+        )
+    _create_topics(admin, [NewTopic(topic, num_partitions=cfg.topic_partitions)], timeout_s)
+    return cfg.topic_partitions
 
 
 @dataclass(frozen=True, slots=True)
