@@ -236,6 +236,17 @@ def _tool_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> No
         "stop: end it; fetch: download the jars only",
     )
     p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    p.add_argument(
+        "--write-config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="start: write a ready config for the broker to PATH (./config.yaml or the "
+        "built-in defaults, with kafka.bootstrap_servers, kafka.create_topics: true, "
+        "model.path: model, metrics.port: 0); refused if PATH exists (default: print the "
+        "--set override on stderr)",
+    )
+    p.add_argument("--force", action="store_true", help="start: replace an existing PATH")
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
@@ -420,8 +431,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     from streamer.dev.broker import main as broker_main
+    from streamer.runtime.logs import configure_logging
+
+    # stdout is the broker's address alone (BOOTSTRAP=$(streamer broker start)); structlog
+    # writes to stdout unless told otherwise, as python -m streamer.dev.broker tells it.
+    configure_logging(level="warning", stream=sys.stderr)
 
     argv = [args.action] + (["--port", str(args.port)] if args.port else [])
+    if args.action == "start":
+        argv += ["--write-config", str(args.write_config)] if args.write_config else []
+        argv += ["--force"] if args.force else []
+    elif args.write_config is not None or args.force:
+        print("streamer broker: --write-config and --force go with start", file=sys.stderr)
+        return EXIT_USAGE
     return broker_main(argv)
 
 

@@ -8,6 +8,8 @@ its own from the cached jars and stops it at the end.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ import pytest
 # NewTopic's documented home; the package's stubs do not re-export it explicitly.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from streamer.dev.broker import LocalBroker
+from streamer.dev.broker import LIBS_ENV, LocalBroker, ensure_jars
 from tests.helpers import Timeout
 
 if TYPE_CHECKING:
@@ -113,6 +115,28 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.integration.helpers import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def broker_cli_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for ``broker start``/``stop`` with its own state dir, reusing the fetched jars.
+
+    ``STREAMER_CACHE`` points at the test's folder, so its detached broker's state file
+    is its own (the session broker and other sessions' are left alone); the jars stay in
+    the shared cache (``STREAMER_KAFKA_LIBS``), fetched once. Whatever the test did, no
+    detached broker is left behind.
+    """
+    env = dict(os.environ)
+    env["STREAMER_CACHE"] = str(tmp_path / "cache")
+    env[LIBS_ENV] = str(ensure_jars())
+    yield env
+    subprocess.run(
+        [sys.executable, "-m", "streamer.dev.broker", "stop"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 # NewTopic's documented home; the package's stubs do not re-export it explicitly.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from streamer.config import load_config
 from streamer.dev import broker as localbroker
 from streamer.dev.broker import LocalBroker, ensure_jars
 from streamer.dev.broker import cli as broker_cli
@@ -26,6 +25,7 @@ from tests.conftest import NewTopicFactory
 from tests.helpers import consume_all, produce_json
 
 _BOOTSTRAP_RE = re.compile(r"127\.0\.0\.1:\d+")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _records(n: int, start: int = 0) -> list[tuple[str, bytes]]:
@@ -141,27 +141,13 @@ def _committed(bootstrap: str, group: str, topic: str, partition: int) -> int:
         consumer.close()
 
 
-@pytest.fixture
-def cli_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Environment for the CLI in its own cache dir (own state file) reusing the fetched jars."""
-    env = dict(os.environ)
-    env["STREAMER_CACHE"] = str(tmp_path / "cache")
-    env[localbroker.LIBS_ENV] = str(ensure_jars())
-    yield env
-    # Whatever the test did, leave no detached broker behind.
-    subprocess.run(
-        [sys.executable, "-m", "streamer.dev.broker", "stop"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streamer.dev.broker", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=240,
@@ -171,33 +157,40 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.kafka
 class TestCommandLine:
-    def test_start_status_stop(self, cli_env: dict[str, str]) -> None:
+    def test_start_status_stop(self, broker_cli_env: dict[str, str], tmp_path: Path) -> None:
         """start prints only the address and leaves a detached broker that status finds and
         stop ends; a second start reuses the running broker."""
-        started = _cli(cli_env, "start")
+        started = _cli(broker_cli_env, "start")
         assert started.returncode == 0, started.stderr
         bootstrap = started.stdout.strip()
         assert _BOOTSTRAP_RE.fullmatch(bootstrap), started.stdout
         assert started.stdout == bootstrap + "\n"
+        # Without --write-config: how to point the commands at it, on stderr.
+        assert f"--set kafka.bootstrap_servers={bootstrap}" in started.stderr
+        assert f"STREAMER__KAFKA__BOOTSTRAP_SERVERS={bootstrap}" in started.stderr
 
         # The broker outlived the command that started it and serves clients.
         metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=30)
         assert metadata.brokers
 
-        status = _cli(cli_env, "status")
+        status = _cli(broker_cli_env, "status")
         assert (status.returncode, status.stdout) == (0, bootstrap + "\n")
-        again = _cli(cli_env, "start")
-        assert (again.returncode, again.stdout) == (0, bootstrap + "\n")
+        # A second start reuses the running broker, and writes a config for it when asked.
+        written = tmp_path / "dev.yaml"
+        again = _cli(broker_cli_env, "start", "--write-config", str(written), cwd=REPO)
+        assert (again.returncode, again.stdout) == (0, bootstrap + "\n"), again.stderr
+        assert f"wrote {written}" in again.stderr
+        assert load_config(written, env={}).kafka.bootstrap_servers == bootstrap
 
-        state_path = Path(cli_env["STREAMER_CACHE"]) / "broker" / "state.json"
+        state_path = Path(broker_cli_env["STREAMER_CACHE"]) / "broker" / "state.json"
         pid = json.loads(state_path.read_text())["pid"]
-        stopped = _cli(cli_env, "stop")
+        stopped = _cli(broker_cli_env, "stop")
         assert stopped.returncode == 0, stopped.stderr
         assert stopped.stdout == ""
         assert not state_path.exists()
         assert broker_cli.process_gone(pid)
 
-        after = _cli(cli_env, "status")
+        after = _cli(broker_cli_env, "status")
         assert (after.returncode, after.stdout) == (1, "")
         assert "no broker running" in after.stderr
 

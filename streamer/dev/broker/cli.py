@@ -22,8 +22,9 @@ from streamer.dev.broker.jvm import (
     cache_root,
     ensure_jars,
 )
+from streamer.dev.broker.readyconfig import ReadyConfig, override_hint
 from streamer.dev.broker.server import LocalBroker
-from streamer.errors import KafkaError
+from streamer.errors import ConfigError, InputError, KafkaError
 
 _log = structlog.get_logger("streamer.dev.broker")
 
@@ -83,15 +84,31 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce(bootstrap: str, ready: ReadyConfig | None) -> int:
+    """Write the ready config (``--write-config``) or say how to use the broker; print it."""
+    if ready is None:
+        print(override_hint(bootstrap), file=sys.stderr)
+    else:
+        ready.write(bootstrap)
+        print(f"wrote {ready.path}, a config for the broker at {bootstrap}", file=sys.stderr)
+    print(bootstrap)
+    return 0
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
+    # Checked before a broker starts: a refusal then costs nothing.
+    ready = (
+        None
+        if args.write_config is None
+        else ReadyConfig.prepare(args.write_config, force=args.force)
+    )
     state_dir = _state_dir()
     state_path = state_dir / "state.json"
     with _file_lock(state_dir / ".lock"):
         state = _read_state(state_path)
         if state is not None and _is_our_broker(int(state["pid"]), str(state["run_dir"])):
             print(f"a broker is already running (pid {state['pid']})", file=sys.stderr)
-            print(state["bootstrap"])
-            return 0
+            return _announce(str(state["bootstrap"]), ready)
         run_dir = state_dir / "run"
         # Each start gets fresh storage, so stale topics never leak between sessions.
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -110,8 +127,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         tmp.replace(state_path)
-    print(bootstrap)
-    return 0
+    return _announce(bootstrap, ready)
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
@@ -169,7 +185,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("fetch", help="fetch the broker jars into the cache and exit")
     start = sub.add_parser("start", help="start a detached broker and print its bootstrap address")
     start.add_argument("--port", type=_port, default=None, help="client port (default: a free one)")
-    start.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    start.add_argument(
+        "--timeout", type=float, default=90.0, help="seconds to wait for readiness (default 90)"
+    )
+    start.add_argument(
+        "--write-config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a config for this broker to PATH: ./config.yaml (or the built-in "
+        "defaults) with kafka.bootstrap_servers set to it, kafka.create_topics true, "
+        "model.path 'model' (next to PATH) and metrics.port 0; refused if PATH exists "
+        "(default: print the --set override on stderr instead)",
+    )
+    start.add_argument(
+        "--force", action="store_true", help="let --write-config replace an existing file"
+    )
     stop = sub.add_parser("stop", help="stop the broker started by 'start' and delete its data")
     stop.add_argument("--timeout", type=float, default=20.0, help="seconds before SIGKILL")
     sub.add_parser("status", help="print the running broker's address; exit 1 when none runs")
@@ -190,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     Only ``start`` and ``status`` write to stdout, and only the bootstrap address, so
     scripts can do ``BOOTSTRAP=$(streamer broker start)``; the caller must route
     structlog to stderr (structlog's default is stdout). Exit codes: 0 success,
-    1 failure (or no broker, for ``status``), 2 bad arguments.
+    1 failure (or no broker, for ``status``), 2 bad arguments (a ``--write-config``
+    file that exists, or a base config that is not valid: no broker is started).
     """
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except (InputError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KafkaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
