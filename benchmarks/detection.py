@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import parse_config
-from streamer.offline import NAB_DEFAULTS, SKAB_DEFAULTS, eval_nab, eval_skab
+from streamer.protocols import NAB_DEFAULTS, SKAB_DEFAULTS, eval_nab, eval_skab
 
 PUBLISHED = {
     "skab": "Conv-AE 0.78 / 13.55 / 28.02",

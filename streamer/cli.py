@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=summary[:1].upper() + summary[1:] + "."
         )
 
+    _daemon_commands(command)
+    _file_commands(command)
+    _eval_command(command)
+    _tool_commands(command)
+    return parser
+
+
+def _daemon_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The daemon and the checks of its config and its permissions."""
     p = command("check-config", "validate a config file and print it with secrets masked")
     _add_config(p)
 
@@ -130,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", "run the daemon: consume samples, publish scores and alerts")
     _add_config(p)
 
+
+def _file_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The commands that read CSV files: train, score, produce."""
     p = command("train", "train a model on normal data from CSV files")
     _add_config(p)
     p.add_argument(
@@ -189,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per second (default: as fast as the broker takes them)",
     )
 
+
+def _eval_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``eval``: a benchmark protocol, optionally out of fold."""
     p = command("eval", "run a benchmark protocol (skab or nab) and print our figures")
     p.add_argument(
         "benchmark",
@@ -208,12 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help="choose what labels choose (SKAB: the fixed alarm level; NAB: each profile's "
-        "threshold) on K-1 folds of files and report the held-out folds only",
+        help="choose what labels choose (SKAB: the fixed alarm level and the alert rule; "
+        "NAB: each profile's threshold) on K-1 folds of files and report the held-out "
+        "folds only",
     )
-
-    _tool_commands(command)
-    return parser
 
 
 def _tool_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -403,7 +416,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from streamer.config import load_config
-    from streamer.offline import eval_nab, eval_skab
+    from streamer.protocols import eval_nab, eval_skab
 
     # Without --config each benchmark uses its documented built-in settings.
     cfg = None if args.config is None else load_config(args.config)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from streamer.offline import print_table
+from streamer.protocols import print_table
 
 
 def test_the_product_runs_without_the_demo_extras_and_the_dev_tools() -> None:
@@ -16,7 +16,8 @@ def test_the_product_runs_without_the_demo_extras_and_the_dev_tools() -> None:
         "import sys\n"
         "for name in ('rich', 'matplotlib'):\n"
         "    sys.modules[name] = None\n"
-        "import streamer.daemon, streamer.cli, streamer.offline, streamer.model.train\n"
+        "import streamer.daemon, streamer.cli, streamer.offline, streamer.protocols\n"
+        "import streamer.model.train\n"
         ""
         "bad = sorted(m for m in sys.modules if m.startswith('streamer.dev'))\n"
         "print(','.join(bad))\n"

@@ -18,7 +18,7 @@ from streamer.evaluation.nab import (
     score_corpus_out_of_fold,
 )
 from streamer.evaluation.nab_corpus import PROFILE_KEYS, STANDARD_PROFILES
-from streamer.offline import (
+from streamer.protocols import (
     SKAB_ALERT_RULES,
     SKAB_DEFAULTS,
     SKAB_LEVELS,
