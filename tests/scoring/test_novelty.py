@@ -80,8 +80,10 @@ class TestSensorNovelty:
     def test_history_is_bounded(self) -> None:
         state = SensorNovelty(SMALL, 2)
         state.update(np.random.default_rng(0).standard_normal((5000, 2)))
-        kept = SMALL.kept_rows
-        assert state.nbytes <= kept * 2 * 8 + SMALL.refractory * 8
+        channels = 2
+        held = len(SMALL.scales) * SMALL.kept_rows * (channels + 1) * 8  # means and norms
+        tail = (max(SMALL.scales) - 1) * channels * 8
+        assert state.nbytes <= held + tail + SMALL.refractory * 8
 
     def test_a_flat_series_does_not_turn_noise_into_alarms(self) -> None:
         """Distances of a constant series are numerical noise; it must not score."""
