@@ -9,6 +9,7 @@ NAB's threshold) is chosen out of fold with ``folds``.
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "SKAB_DEFAULTS",
     "SKAB_LEVELS",
     "Alarm",
+    "FileProgress",
     "SkabFile",
     "alert_decisions",
     "eval_nab",
@@ -189,9 +191,33 @@ class SkabFile:
     decision: NDArray[np.bool_]  # alert open per row, with the configured threshold
 
 
+class FileProgress:
+    """A line on stderr as benchmark files are done: at most every ``every_s`` seconds,
+    and for the last file, so a long evaluation shows it is moving (in a log too)."""
+
+    def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
+        self.label, self.total, self.every_s = label, total, every_s
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def step(self, name: str) -> None:
+        """One more file done (``name``)."""
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            print(
+                f"{self.label}: {self.done}/{self.total} files ({now - self.started:.0f} s; "
+                f"last {name})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def skab_score_files(cfg: Config, files: list[Path], device: str) -> list[SkabFile]:
     """Train on each file's first rows and score the rest, as the SKAB protocol does."""
     out = []
+    progress = FileProgress("eval skab", len(files))
     for path in files:
         table = read_csv(
             path, ";", "datetime", list(cfg.stream.channels), ("anomaly", "changepoint")
@@ -205,6 +231,7 @@ def skab_score_files(cfg: Config, files: list[Path], device: str) -> list[SkabFi
             res = run_rows(engine, path.stem, table.timestamps, table.values, SKAB_TRAIN_ROWS)
         labels = np.asarray(table.extra["anomaly"][SKAB_TRAIN_ROWS:]) > 0.5
         out.append(SkabFile(path, table.raw_timestamps, labels, res.score, res.alert_open))
+        progress.step(path.name)
     return out
 
 
@@ -429,6 +456,7 @@ def _nab_scores(
 
     scores: dict[str, NDArray[np.float64]] = {}
     window = cfg.stream.window
+    progress = FileProgress("eval nab", len(files))
     for f in files:
         values = f.values.reshape(-1, 1)
         train_rows = f.probation
@@ -457,6 +485,7 @@ def _nab_scores(
             scores[f.name] = np.where(res.scored & opened, res.likelihood, 0.0)
         if scores_out is not None:
             write_nab_results(scores_out, "streamer", f, f.timestamps, scores[f.name])
+        progress.step(f.name)
     return scores
 
 

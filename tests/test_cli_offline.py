@@ -482,6 +482,8 @@ class TestEvalCommands:
             str(tmp_path / "out"),
         )
         assert proc.returncode == 0, proc.stderr
+        # Progress on stderr: the last file always has its line.
+        assert "eval skab: 2/2 files" in proc.stderr
         figures = json.loads((tmp_path / "r.json").read_text())
         assert set(figures) == {"f1", "far", "mar", "seconds"}
         assert all(0.0 <= figures[k] <= 1.0 for k in ("f1", "far", "mar"))

@@ -226,6 +226,61 @@ class TestScoring:
         print(f"\nscored {len(ids)} windows; last stats: {stats[-1]}")
 
 
+class TestNovelty:
+    """The daemon with ``novelty.enabled`` (what ``streamer eval nab`` reports)."""
+
+    def test_scores_are_the_history_novelty(
+        self,
+        kafka_bootstrap: str,
+        topics2: Topics,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """Scores lie in [0, 1], 0 while a sensor learns; a jump out of the range scores 1
+        and opens an alert, and the sensors without one raise none."""
+        timeout = Timeout(120)
+        samples = plant_samples(3, 900, seed=5, anomalies=[(1, 700, 8)])
+        produce(kafka_bootstrap, topics2.input, samples)
+        expected = expected_windows(topics2.input, samples, W, S)
+        cfg = write_config(
+            tmp_path / "cfg.yaml",
+            kafka_bootstrap,
+            topics2,
+            group_id,
+            model_dir,
+            novelty={
+                "enabled": True,
+                "points": 8,
+                "scales": [1, 4],
+                "history": 400,
+                "refractory": 50,
+                "learning_rows": 300,
+            },
+            threshold={"method": "fixed", "value": 0.99},
+            alerts={"open_after": 1, "open_within": 1, "close_after": 20},
+        )
+        daemon = DaemonProcess(cfg).start()
+        daemons.append(daemon)
+        msgs = read_scores(
+            kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
+        )
+        assert daemon.stop() == 0, daemon.tail()
+        assert set(ids_of(msgs)) == set(expected)
+        recs = [orjson.loads(m.value() or b"") for m in msgs]
+        assert all(0.0 <= r["score"] <= 1.0 for r in recs)
+        row = {r["id"]: int(r["window_end"] - 1_764_201_600.0) for r in recs}
+        assert all(r["score"] == 0.0 for r in recs if row[r["id"]] < 300)
+        # The window whose new rows hold row 700 (rows 700 to 703) sees the jump.
+        jump = [r for r in recs if r["sensor"] == "sensor-1" and row[r["id"]] == 703]
+        assert len(jump) == 1 and jump[0]["score"] == 1.0 and jump[0]["anomalous"]
+        opened = [a for a in read_alerts(kafka_bootstrap, topics2) if a["state"] == "open"]
+        assert "sensor-1" in {a["sensor"] for a in opened}
+        quiet = [r for r in recs if r["sensor"] != "sensor-1" and r["anomalous"]]
+        assert len(quiet) <= 2, quiet
+
+
 def bad_messages() -> list[Sample]:
     """One malformed message of each kind (out_of_order: older than its sensor's last sample)."""
 
