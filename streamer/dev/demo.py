@@ -31,7 +31,7 @@ from streamer.dev.simulate import ANOMALY_KINDS, CHANNELS, Plant, simulate
 from streamer.errors import StreamerError
 from streamer.kafka.plain import plain_consumer, plain_producer, topic_names
 
-__all__ = ["run_demo"]
+__all__ = ["SAMPLE_S", "T0", "faults_found", "plotted_pumps", "run_demo"]
 
 SAMPLE_S = 10.0  # simulated seconds between samples
 PERIOD = 288  # samples per simulated "day"
@@ -117,6 +117,7 @@ def _plot(
     live: Plant,
     scores: dict[str, list[dict[str, Any]]],
     alerts: list[dict[str, Any]],
+    found: list[bool],
     names: list[str],
     title: str,
 ) -> None:
@@ -136,11 +137,14 @@ def _plot(
         ax.semilogy(
             x, [r["threshold"] for r in recs], lw=0.8, color="black", ls="--", label="threshold"
         )
-        for inj in (i for i in live.injections if i.sensor == s):
-            ax.axvspan(inj.start, inj.end, color="orange", alpha=0.25)
+        for inj, ok in zip(live.injections, found, strict=True):
+            if inj.sensor != s:
+                continue
+            ax.axvspan(inj.start, inj.end, color="orange" if ok else "grey", alpha=0.25)
             # Inside the axes (below the top edge), so the label is never clipped.
+            label = inj.kind if ok else f"{inj.kind} (MISSED)"
             ax.text(
-                inj.start, 0.97, inj.kind, fontsize=7, va="top", transform=ax.get_xaxis_transform()
+                inj.start, 0.97, label, fontsize=7, va="top", transform=ax.get_xaxis_transform()
             )
         for a in alerts:
             if a["sensor"] == name and a["state"] == "closed":
@@ -154,7 +158,8 @@ def _plot(
         ax.set_ylabel(f"{name}\nscore (log)")
     handles, _labels = axes[0].get_legend_handles_labels()
     handles += [
-        Patch(color="orange", alpha=0.25, label="injected fault"),
+        Patch(color="orange", alpha=0.25, label="injected fault, alerted"),
+        Patch(color="grey", alpha=0.25, label="injected fault, missed"),
         Patch(color="red", label="alert (open to close)"),
     ]
     axes[0].legend(handles=handles, loc="upper left", fontsize=8, ncol=4)
@@ -165,20 +170,33 @@ def _plot(
     plt.close(fig)
 
 
-def _evaluate(live: Plant, alerts: list[dict[str, Any]], window: int) -> dict[str, float]:
-    """Event recall (an alert overlapping a fault or the window after it) and alert precision."""
+def _alert_spans(alerts: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Each sensor's alerts as (started, ended) times; one still open ends at infinity."""
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for a in alerts:
         if a["state"] == "closed":
             spans[a["sensor"]].append((a["started"], a["ended"]))
         elif not any(b["id"] == a["id"] and b["state"] == "closed" for b in alerts):
             spans[a["sensor"]].append((a["started"], float("inf")))
+    return spans
+
+
+def faults_found(live: Plant, alerts: list[dict[str, Any]], window: int) -> list[bool]:
+    """Per injected fault: whether an alert overlaps it or the window after it."""
+    spans = _alert_spans(alerts)
     slack = window * SAMPLE_S
-    found = 0
+    out = []
     for inj in live.injections:
         lo, hi = T0 + inj.start * SAMPLE_S, T0 + inj.end * SAMPLE_S + slack
-        if any(s <= hi and e >= lo for s, e in spans[f"pump-{inj.sensor:02d}"]):
-            found += 1
+        out.append(any(s <= hi and e >= lo for s, e in spans[f"pump-{inj.sensor:02d}"]))
+    return out
+
+
+def _evaluate(live: Plant, alerts: list[dict[str, Any]], window: int) -> dict[str, float]:
+    """Event recall (an alert overlapping a fault or the window after it) and alert precision."""
+    spans = _alert_spans(alerts)
+    slack = window * SAMPLE_S
+    found = sum(faults_found(live, alerts, window))
     true_alerts = total_alerts = 0
     for name, ss in spans.items():
         s = int(name.split("-")[1])
@@ -196,6 +214,15 @@ def _evaluate(live: Plant, alerts: list[dict[str, Any]], window: int) -> dict[st
         "faults": float(len(live.injections)),
         "alerts": float(total_alerts),
     }
+
+
+def plotted_pumps(live: Plant, found: list[bool], sensors: int, panels: int = 4) -> list[str]:
+    """The pumps the plot shows: those with a missed fault first, then those with a fault
+    found, then the rest, ``panels`` at most, in pump order."""
+    missed = {i.sensor for i, ok in zip(live.injections, found, strict=True) if not ok}
+    faulty = {i.sensor for i in live.injections}
+    ranked = sorted(range(sensors), key=lambda s: (s not in missed, s not in faulty, s))
+    return [f"pump-{s:02d}" for s in sorted(ranked[:panels])]
 
 
 def _watch(
@@ -377,8 +404,9 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         consumer.close()
         figures = _evaluate(live, alerts, window)
         plot = out_dir / "demo.png"
-        names = [f"pump-{s:02d}" for s in range(min(4, sensors))]
-        _plot(plot, live, scores, alerts, names, _plot_title(version, figures, sensors))
+        found = faults_found(live, alerts, window)
+        names = plotted_pumps(live, found, sensors)
+        _plot(plot, live, scores, alerts, found, names, _plot_title(version, figures, sensors))
         # Collect the clients made while waiting for the topics, so none is left to
         # complain about the broker going away; then the result on a line of its own.
         gc.collect()
