@@ -15,6 +15,7 @@ import pytest
 
 from streamer.data import data_hash
 from streamer.dev.simulate import CHANNELS, simulate
+from streamer.protocols import SKAB_COLUMNS
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -415,16 +416,7 @@ class TestHelp:
 def make_skab(root: Path, files: int = 2) -> None:
     folder = root / "valve9"
     folder.mkdir(parents=True)
-    names = [
-        "Accelerometer1RMS",
-        "Accelerometer2RMS",
-        "Current",
-        "Pressure",
-        "Temperature",
-        "Thermocouple",
-        "Voltage",
-        "Volume Flow RateRMS",
-    ]
+    names = list(SKAB_COLUMNS)
     rng = np.random.default_rng(0)
     for i in range(files):
         n = 900

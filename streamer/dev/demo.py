@@ -379,7 +379,9 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
     console.print(f"broker at {bootstrap}")
     daemon: subprocess.Popen[bytes] | None = None
     try:
-        model_dir = out_dir / "model"
+        # Absolute: paths in a config are relative to the config file, which lives in
+        # out_dir itself, so a relative --out would point the daemon at out/out/model.
+        model_dir = out_dir.resolve() / "model"
         version = _train(history, model_dir, window, stride)
         console.print(
             f"trained model {version} on {history.values.shape[1]} normal samples per sensor"

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,54 @@ def run_without_broker(
     )
 
 
+@dataclass
+class Scenario:
+    """A fresh set of topics, a group and the tiny model: produce, then start a daemon."""
+
+    bootstrap: str
+    topics: Topics
+    group: str
+    model: Path
+    tmp_path: Path
+    started: list[DaemonProcess]
+
+    def score(
+        self,
+        samples: list[Sample],
+        env: dict[str, str] | None = None,
+        **sections: dict[str, Any],
+    ) -> tuple[DaemonProcess, dict[str, tuple[str, int, int]]]:
+        """Produce ``samples`` and start a daemon on them (config ``sections`` over the
+        defaults, ``env`` added to its environment); returns it and the windows it must
+        score."""
+        produce(self.bootstrap, self.topics.input, samples)
+        expected = expected_windows(self.topics.input, samples, W, S)
+        cfg = write_config(
+            self.tmp_path / "cfg.yaml",
+            self.bootstrap,
+            self.topics,
+            self.group,
+            self.model,
+            **sections,
+        )
+        daemon = DaemonProcess(cfg, env=env or {}).start()
+        self.started.append(daemon)
+        return daemon, expected
+
+
+@pytest.fixture
+def scenario(
+    kafka_bootstrap: str,
+    topics2: Topics,
+    group_id: str,
+    model_dir: Path,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+) -> Scenario:
+    """The six fixtures of a daemon scenario as one."""
+    return Scenario(kafka_bootstrap, topics2, group_id, model_dir, tmp_path, daemons)
+
+
 class TestModelFitsTheStream:
     """A config whose window or channels differ from the model's stops start-up."""
 
@@ -152,42 +201,23 @@ class TestUnreachableBroker:
 class TestScoring:
     """A clean stream is scored completely, once, with anomalies flagged."""
 
-    def test_every_window_scored_once(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_every_window_scored_once(self, scenario: Scenario) -> None:
         """Every window due is scored exactly once, ids unique, anomalies above threshold."""
         timeout = Timeout(120)
         anomalies = [(1, 300, 8), (4, 500, 8)]
         samples = plant_samples(6, 700, seed=3, anomalies=anomalies)
         # sensor-5 falls silent after 100 rows: it is evicted rather than pin the commit.
         samples = [s for s in samples if s.sensor != "sensor-5" or s.row < 100]
-        produce(kafka_bootstrap, topics2.input, samples)
-        expected = expected_windows(topics2.input, samples, W, S)
-        cfg = write_config(
-            tmp_path / "cfg.yaml",
-            kafka_bootstrap,
-            topics2,
-            group_id,
-            model_dir,
-            stream={"max_gap_s": 60.0},
-        )
-        daemon = DaemonProcess(cfg).start()
-        daemons.append(daemon)
+        daemon, expected = scenario.score(samples, stream={"max_gap_s": 60.0})
 
         msgs = read_scores(
-            kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
+            scenario.bootstrap, scenario.topics, expected=len(expected), timeout_s=timeout.remaining
         )
         assert len(msgs) == len(expected), daemon.tail()
         started = daemon.seen("daemon_started")
         assert daemon.stop() == 0, daemon.tail()
 
-        msgs = read_scores(kafka_bootstrap, topics2)  # everything, after the clean stop
+        msgs = read_scores(scenario.bootstrap, scenario.topics)  # everything, after the clean stop
         ids = ids_of(msgs)
         assert len(ids) == len(set(ids)), "duplicate window ids"
         assert set(ids) == set(expected)
@@ -210,7 +240,7 @@ class TestScoring:
             ]
             assert covering
             assert all(r["anomalous"] and r["score"] > r["threshold"] for r in covering)
-        alerts = read_alerts(kafka_bootstrap, topics2)
+        alerts = read_alerts(scenario.bootstrap, scenario.topics)
         opened = {a["sensor"] for a in alerts if a["state"] == "open"}
         assert {f"sensor-{s}" for s, _, _ in anomalies} <= opened
         # Throughput: first to last score record, by the daemon's produce timestamps.
@@ -229,42 +259,20 @@ class TestScoring:
 class TestNovelty:
     """The daemon with ``novelty.enabled`` (what ``streamer eval nab`` reports)."""
 
-    def test_scores_are_the_history_novelty(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_scores_are_the_history_novelty(self, scenario: Scenario) -> None:
         """Scores lie in [0, 1], 0 while a sensor learns; a jump out of the range scores 1
         and opens an alert, and the sensors without one raise none."""
         timeout = Timeout(120)
         samples = plant_samples(3, 900, seed=5, anomalies=[(1, 700, 8)])
-        produce(kafka_bootstrap, topics2.input, samples)
-        expected = expected_windows(topics2.input, samples, W, S)
-        cfg = write_config(
-            tmp_path / "cfg.yaml",
-            kafka_bootstrap,
-            topics2,
-            group_id,
-            model_dir,
-            novelty={
-                "enabled": True,
-                "points": 8,
-                "scales": [1, 4],
-                "history": 400,
-                "refractory": 50,
-                "learning_rows": 300,
-            },
+        novelty = {"enabled": True, "points": 8, "scales": [1, 4], "history": 400}
+        daemon, expected = scenario.score(
+            samples,
+            novelty={**novelty, "refractory": 50, "learning_rows": 300},
             threshold={"method": "fixed", "value": 0.99},
             alerts={"open_after": 1, "open_within": 1, "close_after": 20},
         )
-        daemon = DaemonProcess(cfg).start()
-        daemons.append(daemon)
         msgs = read_scores(
-            kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
+            scenario.bootstrap, scenario.topics, expected=len(expected), timeout_s=timeout.remaining
         )
         assert daemon.stop() == 0, daemon.tail()
         assert set(ids_of(msgs)) == set(expected)
@@ -275,7 +283,9 @@ class TestNovelty:
         # The window whose new rows hold row 700 (rows 700 to 703) sees the jump.
         jump = [r for r in recs if r["sensor"] == "sensor-1" and row[r["id"]] == 703]
         assert len(jump) == 1 and jump[0]["score"] == 1.0 and jump[0]["anomalous"]
-        opened = [a for a in read_alerts(kafka_bootstrap, topics2) if a["state"] == "open"]
+        opened = [
+            a for a in read_alerts(scenario.bootstrap, scenario.topics) if a["state"] == "open"
+        ]
         assert "sensor-1" in {a["sensor"] for a in opened}
         quiet = [r for r in recs if r["sensor"] != "sensor-1" and r["anomalous"]]
         assert len(quiet) <= 2, quiet
@@ -314,15 +324,7 @@ def bad_messages() -> list[Sample]:
 class TestDeadLetters:
     """Bad input lands in the DLQ with its reason; the good input around it is still scored."""
 
-    def test_malformed_messages_go_to_dlq(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_malformed_messages_go_to_dlq(self, scenario: Scenario) -> None:
         """15 kinds of bad message reach the DLQ with kind, reason, source; valid ones scored."""
         timeout = Timeout(120)
         good = plant_samples(4, 200, seed=5)
@@ -335,18 +337,17 @@ class TestDeadLetters:
                 # Interleave among sensor-0's samples so its windows span the bad ones.
                 stream.append(bad.pop(0))
         assert not bad
-        produce(kafka_bootstrap, topics2.input, stream)
-        expected = expected_windows(topics2.input, stream, W, S)
-        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics2, group_id, model_dir)
-        daemon = DaemonProcess(cfg).start()
-        daemons.append(daemon)
+        daemon, expected = scenario.score(stream)
 
         scores = read_scores(
-            kafka_bootstrap, topics2, expected=len(expected), timeout_s=timeout.remaining
+            scenario.bootstrap, scenario.topics, expected=len(expected), timeout_s=timeout.remaining
         )
         invalid = [s for s in stream if not s.valid]
         dlq = consume_all(
-            kafka_bootstrap, topics2.dlq, expected=len(invalid), timeout_s=timeout.remaining
+            scenario.bootstrap,
+            scenario.topics.dlq,
+            expected=len(invalid),
+            timeout_s=timeout.remaining,
         )
         assert daemon.stop() == 0, daemon.tail()
         assert set(ids_of(scores)) == set(expected)
@@ -358,7 +359,7 @@ class TestDeadLetters:
         for m in dlq:
             headers = {k: v.decode() for k, v in (m.headers() or [])}
             check.validate(headers)
-            assert headers["source.topic"] == topics2.input
+            assert headers["source.topic"] == scenario.topics.input
             src = by_position[(int(headers["source.partition"]), int(headers["source.offset"]))]
             assert headers["error.kind"] == src.kind, headers
             assert headers["error.reason"]
@@ -370,20 +371,15 @@ class TestDeadLetters:
 
 
 def restart_scenario(
-    sig: int,
-    bootstrap: str,
-    topics: Topics,
-    group_id: str,
-    model_dir: Path,
-    tmp_path: Path,
-    started: list[DaemonProcess],
-    between: Callable[[str, Topics], None] | None = None,
+    sig: int, scenario: Scenario, between: Callable[[str, Topics], None] | None = None
 ) -> tuple[list[Message], dict[str, tuple[str, int, int]], int]:
     """Stream into a daemon, stop it with ``sig`` mid-stream, restart, read everything.
 
     ``between(bootstrap, topics)`` runs after the stop, before the restart. Returns all
     score messages, the expected windows and the first run's exit code.
     """
+    bootstrap, topics, started = scenario.bootstrap, scenario.topics, scenario.started
+    group_id, model_dir, tmp_path = scenario.group, scenario.model, scenario.tmp_path
     timeout = Timeout(150)
     samples = plant_samples(6, 900, seed=7)
     head, tail = samples[:2000], samples[2000:]
@@ -441,64 +437,30 @@ def assert_identical_repeats(msgs: list[Message], expected: Iterable[str]) -> in
 class TestRestart:
     """Stopping and restarting mid-stream loses nothing; a clean stop repeats nothing."""
 
-    def test_sigterm_then_restart_exactly_once(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_sigterm_then_restart_exactly_once(self, scenario: Scenario) -> None:
         """SIGTERM mid-stream exits 0; with the restart every window appears exactly once."""
         msgs, expected, code = restart_scenario(
             signal.SIGTERM,
-            kafka_bootstrap,
-            topics2,
-            group_id,
-            model_dir,
-            tmp_path,
-            daemons,
+            scenario,
         )
-        assert code == 0, daemons[0].tail()
-        assert daemons[0].seen("shutdown_complete")
+        assert code == 0, scenario.started[0].tail()
+        assert scenario.started[0].seen("shutdown_complete")
         counts = Counter(ids_of(msgs))
         assert set(counts) == set(expected)
         repeated = {i: c for i, c in counts.items() if c > 1}
         assert not repeated, f"{len(repeated)} windows published twice"
 
-    def test_sigkill_then_restart_identical_repeats(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_sigkill_then_restart_identical_repeats(self, scenario: Scenario) -> None:
         """After SIGKILL mid-stream and a restart all windows appear, repeats byte-identical."""
         msgs, expected, code = restart_scenario(
             signal.SIGKILL,
-            kafka_bootstrap,
-            topics2,
-            group_id,
-            model_dir,
-            tmp_path,
-            daemons,
+            scenario,
         )
         assert code == -signal.SIGKILL
         repeats = assert_identical_repeats(msgs, expected)
         print(f"\n{len(expected)} windows, {repeats} repeated byte-identically after SIGKILL")
 
-    def test_version_1_state_records_restore_identically(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_version_1_state_records_restore_identically(self, scenario: Scenario) -> None:
         """State written by an older streamer (record and threshold version 1) restores exactly.
 
         After a SIGKILL every state record is written again as the first record version
@@ -523,17 +485,12 @@ class TestRestart:
 
         msgs, expected, code = restart_scenario(
             signal.SIGKILL,
-            kafka_bootstrap,
-            topics2,
-            group_id,
-            model_dir,
-            tmp_path,
-            daemons,
+            scenario,
             between=as_version_1,
         )
         assert code == -signal.SIGKILL
         assert len(set(rewritten)) == 6, rewritten
-        second = daemons[1]
+        second = scenario.started[1]
         assert not second.seen("state_corrupt"), second.tail(40)
         repeats = assert_identical_repeats(msgs, expected)
         assert repeats > 0, "the restart must repeat the windows after the commit"
@@ -542,30 +499,28 @@ class TestRestart:
 class TestModelChangeAcrossRestart:
     """State written under one model, restored under another."""
 
-    def test_thresholds_rewarm_and_nothing_else_is_lost(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_thresholds_rewarm_and_nothing_else_is_lost(self, scenario: Scenario) -> None:
         """A retrained model's calibration differs: thresholds re-warm, windows stay whole."""
         timeout = Timeout(150)
-        current = tmp_path / "current"
-        shutil.copytree(model_dir, current)
-        retrained = train_tiny(tmp_path / "retrained", epochs=2)
+        current = scenario.tmp_path / "current"
+        shutil.copytree(scenario.model, current)
+        retrained = train_tiny(scenario.tmp_path / "retrained", epochs=2)
         samples = plant_samples(6, 300, seed=5)
         head, tail = samples[:900], samples[900:]
-        produce(kafka_bootstrap, topics2.input, head)
-        cfg = write_config(tmp_path / "cfg.yaml", kafka_bootstrap, topics2, group_id, current)
+        produce(scenario.bootstrap, scenario.topics.input, head)
+        cfg = write_config(
+            scenario.tmp_path / "cfg.yaml",
+            scenario.bootstrap,
+            scenario.topics,
+            scenario.group,
+            current,
+        )
         first = DaemonProcess(cfg).start()
-        daemons.append(first)
+        scenario.started.append(first)
         wait_for_ids(
-            kafka_bootstrap,
-            topics2.scores,
-            set(expected_windows(topics2.input, head, W, S)),
+            scenario.bootstrap,
+            scenario.topics.scores,
+            set(expected_windows(scenario.topics.input, head, W, S)),
             timeout,
             first,
         )
@@ -573,11 +528,11 @@ class TestModelChangeAcrossRestart:
 
         shutil.rmtree(current)
         shutil.copytree(retrained, current)
-        produce(kafka_bootstrap, topics2.input, tail)
+        produce(scenario.bootstrap, scenario.topics.input, tail)
         second = DaemonProcess(cfg).start()
-        daemons.append(second)
-        expected = expected_windows(topics2.input, samples, W, S)
-        wait_for_ids(kafka_bootstrap, topics2.scores, set(expected), timeout, second)
+        scenario.started.append(second)
+        expected = expected_windows(scenario.topics.input, samples, W, S)
+        wait_for_ids(scenario.bootstrap, scenario.topics.scores, set(expected), timeout, second)
         assert second.stop() == 0, second.tail()
 
         restored = second.seen("state_restored")
@@ -585,7 +540,7 @@ class TestModelChangeAcrossRestart:
         assert sum(e["stale_thresholds"] for e in restored) == 6, second.tail()
         assert sum(e["corrupt"] for e in restored) == 0, second.tail()
         assert sum(e["anchors"] for e in restored) == 6, second.tail()
-        counts = Counter(ids_of(read_scores(kafka_bootstrap, topics2)))
+        counts = Counter(ids_of(read_scores(scenario.bootstrap, scenario.topics)))
         assert set(counts) == set(expected)
         assert max(counts.values()) == 1, "a window was published twice"
 
@@ -593,30 +548,13 @@ class TestModelChangeAcrossRestart:
 class TestReplayBound:
     """A replay bound below window x sensors per partition is reported, not silently fatal."""
 
-    def test_too_small_bound_is_named_in_an_error(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_too_small_bound_is_named_in_an_error(self, scenario: Scenario) -> None:
         """Every sensor falls behind the bound: the daemon logs which key to raise."""
         timeout = Timeout(120)
         samples = plant_samples(6, 60, seed=3)
-        produce(kafka_bootstrap, topics2.input, samples)
-        cfg = write_config(
-            tmp_path / "cfg.yaml",
-            kafka_bootstrap,
-            topics2,
-            group_id,
-            model_dir,
-            stream={"max_replay_messages": 5},
-            kafka={"commit_interval_s": 0.2},
+        daemon, _ = scenario.score(
+            samples, stream={"max_replay_messages": 5}, kafka={"commit_interval_s": 0.2}
         )
-        daemon = DaemonProcess(cfg).start()
-        daemons.append(daemon)
         event = daemon.wait_event("replay_bound_too_small", timeout)
         assert event["max_replay_messages"] == 5
         assert event["needed_at_least"] >= W * event["sensors"]
@@ -846,26 +784,17 @@ class TestStateTopicFindings:
 class TestIntervalCommits:
     """Interval rounds send their commit and go on; the coordinator's answer books it."""
 
-    def test_answer_is_logged_and_the_commit_visible_to_the_group(
-        self,
-        kafka_bootstrap: str,
-        topics2: Topics,
-        group_id: str,
-        model_dir: Path,
-        tmp_path: Path,
-        daemons: list[DaemonProcess],
-    ) -> None:
+    def test_answer_is_logged_and_the_commit_visible_to_the_group(self, scenario: Scenario) -> None:
         timeout = Timeout(120)
-        produce(kafka_bootstrap, topics2.input, plant_samples(3, 120, seed=5))
-        cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topics2, group_id, model_dir)
-        daemon = DaemonProcess(cfg, env={"STREAMER_LOG_LEVEL": "debug"}).start()
-        daemons.append(daemon)
+        daemon, _ = scenario.score(
+            plant_samples(3, 120, seed=5), env={"STREAMER_LOG_LEVEL": "debug"}
+        )
         done = daemon.wait_event("offsets_committed", timeout)
         assert done["reason"] == "interval", daemon.tail()
         assert 0 <= done["commit_s"] <= done["seconds"], done
-        probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group_id})
+        probe = Consumer({"bootstrap.servers": scenario.bootstrap, "group.id": scenario.group})
         try:
-            tps = [TopicPartition(topics2.input, int(p)) for p in done["offsets"]]
+            tps = [TopicPartition(scenario.topics.input, int(p)) for p in done["offsets"]]
             got = {tp.partition: tp.offset for tp in probe.committed(tps, timeout=10)}
         finally:
             probe.close()

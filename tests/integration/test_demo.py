@@ -16,7 +16,10 @@ class TestDemo:
     """The demo runs on a machine with nothing configured."""
 
     def test_demo_reports_and_plots(self, tmp_path: Path) -> None:
-        """A small demo exits 0, finds most injected faults and writes the PNG plot."""
+        """A small demo exits 0, finds most injected faults and writes the PNG plot.
+
+        Run as the README runs it: ``--out`` relative to the working directory.
+        """
         proc = subprocess.run(
             [
                 sys.executable,
@@ -24,7 +27,7 @@ class TestDemo:
                 "streamer",
                 "demo",
                 "--out",
-                str(tmp_path),
+                "demo-out",
                 "--sensors",
                 "3",
                 "--rows",
@@ -35,6 +38,7 @@ class TestDemo:
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         found = re.search(r"precision\s+([0-9.]+),\s+recall\s+([0-9.]+)", proc.stdout)
@@ -44,5 +48,5 @@ class TestDemo:
         precision, recall = float(found.group(1)), float(found.group(2))
         assert recall >= 0.5
         assert precision >= 0.5
-        png = tmp_path / "demo.png"
+        png = tmp_path / "demo-out" / "demo.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
