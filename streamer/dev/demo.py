@@ -162,10 +162,11 @@ def _plot(
         Patch(color="grey", alpha=0.25, label="injected fault, missed"),
         Patch(color="red", label="alert (open to close)"),
     ]
-    axes[0].legend(handles=handles, loc="upper left", fontsize=8, ncol=4)
+    # Above the panels, so it hides no fault label and no score.
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.945), fontsize=8, ncol=5)
     axes[-1].set_xlabel("sample")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -299,9 +300,10 @@ def _wait_for_topics(
 def _plot_title(version: str, figures: dict[str, float], sensors: int) -> str:
     """The plot's title: the model, and how its alerts matched the injected faults."""
     return (
-        f"streamer demo: model {version}, {int(figures['alerts'])} alerts for "
+        f"streamer demo: model {version}\n{int(figures['alerts'])} alerts for "
         f"{int(figures['faults'])} faults, precision {figures['precision']:.2f}, "
-        f"recall {figures['recall']:.2f} (all {sensors} pumps; the first 4 shown)"
+        f"recall {figures['recall']:.2f} (all {sensors} pumps; 4 shown, those with a missed "
+        "fault first)"
     )
 
 
@@ -410,18 +412,21 @@ def run_demo(out_dir: Path, sensors: int = 12, rows: int = 1500, rate_hz: float 
         names = plotted_pumps(live, found, sensors)
         _plot(plot, live, scores, alerts, found, names, _plot_title(version, figures, sensors))
         # Collect the clients made while waiting for the topics, so none is left to
-        # complain about the broker going away; then the result on a line of its own.
+        # complain about the broker going away.
         gc.collect()
-        console.print()
-        console.print(
+        result = (
             f"[bold]result[/]: {len(seen)} windows scored, {int(figures['alerts'])} alerts for "
             f"{int(figures['faults'])} injected faults: precision {figures['precision']:.2f}, "
             f"recall {figures['recall']:.2f}"
         )
-        console.print(f"plot: {plot}\ndaemon log: {log_path}\nconfig: {cfg_path}")
-        return 0
+        where = f"plot: {plot}\ndaemon log: {log_path}\nconfig: {cfg_path}"
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
             daemon.wait(10)
         broker.stop()
+    # Last, after the broker's own lines: the result on a line of its own.
+    console.print()
+    console.print(result)
+    console.print(where)
+    return 0
