@@ -97,12 +97,28 @@ _DESCRIPTION = (
     "Streaming anomaly detection for sensor feeds: Kafka in, scores and alerts out, "
     "scored by a trained autoencoder."
 )
-_EPILOG = (
+_EXIT_CODES = (
     "Exit codes: 0 success; 2 anything named (config, data file, model directory, "
     "argument) missing or malformed; 1 a failure while running; 141 the reader of the "
-    "output went away. Environment: STREAMER_LOG_LEVEL (debug|info|warning), "
-    "STREAMER_CACHE (the Kafka jars' cache)."
+    "output went away."
 )
+_EPILOG = (
+    _EXIT_CODES + " Environment: STREAMER_LOG_LEVEL (debug|info|warning), "
+    "STREAMER_CACHE (the Kafka jars' cache), STREAMER__SECTION__KEY (a config key)."
+)
+# One example per subcommand, shown under its --help with the exit codes.
+_EXAMPLES = {
+    "check-config": "streamer check-config --config config.yaml "
+    "--set kafka.bootstrap_servers=broker-1:9092",
+    "check-access": "streamer check-access --config /etc/streamer/config.yaml",
+    "run": "streamer run --config /etc/streamer/config.yaml --log-level info",
+    "train": "streamer train --config config.yaml --data normal-1.csv normal-2.csv --out model",
+    "score": "streamer score --config config.yaml --model model --data live.csv --out scores.csv",
+    "produce": "streamer produce --config dev.yaml --data live.csv --rate 100",
+    "eval": "streamer eval skab --data SKAB --folds 4 --json skab.json",
+    "demo": "streamer demo --out demo-out --sensors 12",
+    "broker": "streamer broker start --write-config dev.yaml",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,9 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
-        """A subcommand whose help line is also its --help description."""
+        """A subcommand whose help line is also its --help description, with an
+        example and the exit codes below its options."""
         return subparsers.add_parser(
-            name, help=summary, description=summary[:1].upper() + summary[1:] + "."
+            name,
+            help=summary,
+            description=summary[:1].upper() + summary[1:] + ".",
+            epilog=f"Example: {_EXAMPLES[name]}. {_EXIT_CODES}",
         )
 
     _daemon_commands(command)

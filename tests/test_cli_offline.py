@@ -404,13 +404,30 @@ class TestHelp:
         assert proc.returncode == 0
         assert "Exit codes: 0 success; 2" in proc.stdout and "STREAMER_LOG_LEVEL" in proc.stdout
 
-    @pytest.mark.parametrize("command", ["run", "train", "score", "eval", "demo", "broker"])
+    @pytest.mark.parametrize(
+        "command",
+        [
+            "check-config",
+            "check-access",
+            "run",
+            "train",
+            "score",
+            "produce",
+            "eval",
+            "demo",
+            "broker",
+        ],
+    )
     def test_every_command_has_a_description(self, command: str) -> None:
+        """A description paragraph, then (after the options) an example and the exit codes."""
         proc = run_cli(command, "--help")
         assert proc.returncode == 0
         # usage, a blank line, then the description paragraph
         paragraphs = proc.stdout.split("\n\n")
         assert len(paragraphs) > 2 and paragraphs[1].strip().endswith("."), proc.stdout
+        epilog = " ".join(paragraphs[-1].split())
+        assert epilog.startswith(f"Example: streamer {command} "), proc.stdout
+        assert "Exit codes: 0 " in epilog and " 2 " in epilog and " 1 " in epilog, epilog
 
 
 def make_skab(root: Path, files: int = 2) -> None:
