@@ -250,6 +250,21 @@ class Alarm:
             f"close after {self.close_after})"
         )
 
+    def decisions(self, scores: NDArray[np.float64]) -> NDArray[np.bool_]:
+        """Per row, whether an alert is open after it under this alarm.
+
+        The engine's alert rule replayed on a file's window scores (NaN where no window
+        ends): what the engine decides with ``threshold: {method: fixed, value: level}``
+        and these ``alerts.*``, without running the model again.
+        """
+        from streamer.scoring.alerts import open_flags
+
+        out = np.zeros(scores.size, dtype=bool)
+        rows = np.flatnonzero(np.isfinite(scores))
+        hits = (scores[rows] > self.level).tolist()
+        out[rows] = open_flags(hits, self.open_after, self.open_within, self.close_after)
+        return out
+
 
 # Alert rules (open on k anomalous windows of m, close after n normal ones) an
 # out-of-fold SKAB run chooses among together with the level, from the most evidence
@@ -264,26 +279,11 @@ def skab_alarms() -> list[Alarm]:
     return [Alarm(level, *rule) for rule in SKAB_ALERT_RULES for level in SKAB_LEVELS]
 
 
-def alert_decisions(
-    scores: NDArray[np.float64], level: float, cfg: Config, alarm: Alarm | None = None
-) -> NDArray[np.bool_]:
-    """Per row, whether an alert is open after it, for a fixed alarm ``level``.
-
-    The engine's own alert rule (``alerts.*``, or ``alarm``'s when given, which also
-    gives the level) replayed on a file's window scores (NaN where no window ends): what
-    the engine decides with ``threshold: {method: fixed, value: level}``, without
-    running the model again.
-    """
-    from streamer.scoring.alerts import open_flags
-
+def alert_decisions(scores: NDArray[np.float64], level: float, cfg: Config) -> NDArray[np.bool_]:
+    """Per row, whether an alert is open after it at a fixed alarm ``level`` with the
+    config's alert rule (``alerts.*``): :meth:`Alarm.decisions`."""
     a = cfg.alerts
-    k, m, n = (a.open_after, a.open_within, a.close_after)
-    if alarm is not None:
-        level, k, m, n = alarm.level, alarm.open_after, alarm.open_within, alarm.close_after
-    out = np.zeros(scores.size, dtype=bool)
-    rows = np.flatnonzero(np.isfinite(scores))
-    out[rows] = open_flags((scores[rows] > level).tolist(), k, m, n)
-    return out
+    return Alarm(level, a.open_after, a.open_within, a.close_after).decisions(scores)
 
 
 def eval_skab(
@@ -320,7 +320,7 @@ def eval_skab(
     title = "pooled, point-wise, no point-adjust"
     chosen: list[Alarm] = []
     if fold_of is not None:
-        chosen = _choose_alarms_out_of_fold(cfg, scored, fold_of, decisions)
+        chosen = _choose_alarms_out_of_fold(scored, fold_of, decisions)
         title = (
             f"out of fold, {folds} folds: alarm levels {', '.join(str(a) for a in chosen)} "
             "chosen on the other folds; " + title
@@ -344,7 +344,7 @@ def eval_skab(
 
 
 def _choose_alarms_out_of_fold(
-    cfg: Config, scored: list[SkabFile], fold_of: list[int], decisions: list[NDArray[np.bool_]]
+    scored: list[SkabFile], fold_of: list[int], decisions: list[NDArray[np.bool_]]
 ) -> list[Alarm]:
     """Each fold's alarm chosen on the other folds; the held-out files' decisions in
     ``decisions`` are replaced by the ones under their fold's alarm. Returns the alarms."""
@@ -358,7 +358,7 @@ def _choose_alarms_out_of_fold(
     def confusion(i: int, alarm: Alarm) -> Confusion:
         if (i, alarm) not in cache:
             f = scored[i]
-            decided = alert_decisions(f.scores, alarm.level, cfg, alarm)
+            decided = alarm.decisions(f.scores)
             cache[(i, alarm)] = skab_confusion(f.labels, decided[scored_rows])
         return cache[(i, alarm)]
 
@@ -369,7 +369,7 @@ def _choose_alarms_out_of_fold(
     for choice in choose_out_of_fold(fold_of, skab_alarms(), pooled_f1):
         chosen.append(choice.chosen)
         for i in choice.held_out:
-            decisions[i] = alert_decisions(scored[i].scores, 0.0, cfg, choice.chosen)
+            decisions[i] = choice.chosen.decisions(scored[i].scores)
     return chosen
 
 

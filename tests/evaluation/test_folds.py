@@ -156,10 +156,7 @@ def test_skab_folds_choose_level_and_alert_rule_on_the_other_folds(tmp_path: Pat
         others = [f for f, k in zip(scored, folds, strict=True) if k != fold]
 
         def f1(alarm: Alarm, others: list[SkabFile] = others) -> float:
-            parts = [
-                skab_confusion(f.labels, alert_decisions(f.scores, 0.0, cfg, alarm)[400:])
-                for f in others
-            ]
+            parts = [skab_confusion(f.labels, alarm.decisions(f.scores)[400:]) for f in others]
             return skab_metrics(Confusion.pooled(parts))["f1"]
 
         best = max(f1(a) for a in skab_alarms())
@@ -177,5 +174,5 @@ def test_skab_folds_choose_level_and_alert_rule_on_the_other_folds(tmp_path: Pat
                     skiprows=1,
                     usecols=2,
                 )
-                decided = alert_decisions(f.scores, 0.0, cfg, chosen)[400:]
+                decided = chosen.decisions(f.scores)[400:]
                 np.testing.assert_array_equal(written.astype(bool), decided)
