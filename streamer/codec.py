@@ -145,6 +145,16 @@ class DecodedSamples:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
+    def take(self, rows: NDArray[np.int64]) -> DecodedSamples:
+        """These rows only."""
+        return DecodedSamples(
+            self.keys[rows],
+            self.ts[rows],
+            self.values[rows],
+            self.positions[rows],
+            self.index[rows],
+        )
+
 
 class _BadMessageError(Exception):
     """Internal: a message failed validation (kind, reason)."""

@@ -227,6 +227,12 @@ class StreamConfig(_Section):
     # A sensor with no message for this long (wall clock) is evicted at the next commit
     # round, whatever its timestamps say: ids that arrive once cannot pin the commit.
     max_idle_s: PositiveFloat = 3600.0
+    # A sensor silent this long (no message for this many seconds of wall clock, or its
+    # newest sample this far behind its partition's clock) has the samples of its
+    # partial window saved with its state, so that it no longer holds the commit back:
+    # a restart then replays only what came after, and the window still completes when
+    # the sensor speaks again (before max_gap_s resets it). 0: never.
+    park_after_s: Annotated[float, Field(ge=0)] = 30.0
     # What an evicted sensor learned (threshold, alert state) is kept for this long, and
     # for at most max_sensors evicted sensors, so that it continues if the sensor returns;
     # then it is forgotten (a tombstone clears its state record) and it re-warms.

@@ -268,6 +268,12 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self.sensors_parked = Counter(
+            _name("sensors_parked"),
+            "Silent sensors whose partial window was saved with their state "
+            "(stream.park_after_s), so that they no longer hold their partition's commit back.",
+            registry=reg,
+        )
         self.sensors_refused = Counter(
             _name("sensors_refused"),
             "Samples of new sensors dead-lettered (sensor_limit): stream.max_sensors reached "

@@ -9,12 +9,15 @@ sensor in one call. numpy only: no torch, no Kafka.
 The state record (``encode_record``, ``parse_record``) is what a sensor's state is on
 the state topic. One version covers all of it: record version 2 means threshold state
 version 2 and alert state version 1 inside, which then carry no version of their own.
-Version 1 records, written before, carried the three versions apart; they are still
-read.
+Version 3 is version 2 whose ring may be *saved* (the samples of a silent sensor's
+partial window, instead of an anchor into the input topic); a record without a saved
+ring is still written as version 2, so a previous release reads it. Version 1 records,
+written before, carried the three versions apart; they are still read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -23,13 +26,13 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from streamer.errors import StaleStateError, StateError
+from streamer.errors import DataError, StaleStateError, StateError
 from streamer.scoring import alerts as alert_states
 from streamer.scoring import thresholds as threshold_states
 from streamer.scoring.alerts import AlertBank
 from streamer.scoring.novelty import NoveltyBank
-from streamer.scoring.thresholds import Threshold, ThresholdBank
-from streamer.windows import RingWindows, SensorIndex
+from streamer.scoring.thresholds import Threshold, ThresholdBank, pack_floats, unpack_floats
+from streamer.windows import RingCopy, RingWindows, SensorIndex
 
 __all__ = [
     "READABLE_RECORDS",
@@ -42,13 +45,17 @@ __all__ = [
     "parse_record",
 ]
 
-RECORD_VERSION = 2
-"""Version of the state record written; it fixes the versions of the parts inside."""
+RECORD_VERSION = 3
+"""Newest state record version written; it fixes the versions of the parts inside."""
+# Written for records without a saved ring: the same parts, readable by releases
+# that know no saved ring.
+_ANCHORED_VERSION = 2
 # Record version -> (threshold state version, alert state version) inside it; None: the
 # parts carry their own (version 1).
 _PARTS: dict[int, tuple[int, int] | None] = {
     1: None,
     2: (threshold_states.STATE_VERSION, alert_states.STATE_VERSION),
+    3: (threshold_states.STATE_VERSION, alert_states.STATE_VERSION),
 }
 READABLE_RECORDS = tuple(_PARTS)
 """State record versions ``parse_record`` reads; any other is reported and ignored."""
@@ -125,6 +132,67 @@ class SensorStore:
     def anchor(self, sensor: str, position: int, count: int) -> None:
         """Continue the sensor's ring exactly from a replay that starts at ``position``."""
         self.windows.set_anchor(self.index.slot(sensor), position, count)
+
+    def saved_ring(self, sensor: str) -> dict[str, Any]:
+        """The sensor's ring as a state record's saved ring (JSON-ready; it must hold samples).
+
+        The values as packed float32 (what the ring holds), the window starts' timestamps
+        as packed float64: a copy, unaffected by later samples.
+        """
+        r = self.windows.copy_ring(self.index.slot(sensor))
+        return {
+            "count": r.count,
+            "last_ts": r.last_ts,
+            "last_pos": r.last_pos,
+            "values": pack_floats(r.values.ravel(), "<f4"),
+            "start_ts": pack_floats(r.start_ts),
+            "start_pos": r.start_pos.tolist(),
+        }
+
+    def ring_copy(self, saved: Mapping[str, Any]) -> RingCopy:
+        """A saved ring read back, checked against this stream's shape; StateError says why not."""
+        windows = self.windows
+        count, last_pos, last_ts = saved.get("count"), saved.get("last_pos"), saved.get("last_ts")
+        if not (_is_int(count) and count >= 1 and _is_int(last_pos) and last_pos >= 0):
+            raise StateError(f"saved ring count {count!r} or last_pos {last_pos!r} is invalid")
+        if not (isinstance(last_ts, int | float) and math.isfinite(last_ts)):
+            raise StateError(f"saved ring last_ts must be a finite number, got {last_ts!r}")
+        starts = saved.get("start_pos")
+        if not (isinstance(starts, list) and all(_is_int(v) for v in starts)):
+            raise StateError("saved ring start_pos must be a list of integers")
+        try:
+            values = unpack_floats(str(saved.get("values")), "<f4").astype(np.float32)
+            start_ts = unpack_floats(str(saved.get("start_ts")))
+        except ValueError as exc:
+            raise StateError(f"saved ring: {exc}") from None
+        w, c = windows.window, windows.channels
+        if values.size != w * c:
+            raise StateError(
+                f"saved ring holds {values.size} values, this stream's window x channels is "
+                f"{w} x {c}"
+            )
+        n_starts = -(-w // windows.stride)
+        if start_ts.size != n_starts or len(starts) != n_starts:
+            raise StateError(
+                f"saved ring holds {start_ts.size} window starts, this stream's window and "
+                f"stride ({w}, {windows.stride}) need {n_starts}"
+            )
+        return RingCopy(
+            count,
+            float(last_ts),
+            last_pos,
+            values.reshape(w, c),
+            start_ts,
+            np.asarray(starts, dtype=np.int64),
+        )
+
+    def load_ring(self, sensor: str, ring: RingCopy) -> None:
+        """Give the sensor the ring a saved record held (``ring_copy``); StateError if unfit."""
+        try:
+            self.windows.load_ring(self.index.slot(sensor), ring)
+        except DataError as exc:
+            self.index.release([sensor])
+            raise StateError(f"saved ring: {exc}") from None
 
     def missed_anchors(self, passed: Callable[[int], bool]) -> list[tuple[str, int, bool]]:
         """Void the anchors whose position the replay went past (``passed(position)``).
@@ -209,27 +277,34 @@ class SensorRecord:
     alerts: dict[str, Any] | None
     # anchor_offset, anchor_count: both present, offset >= 0, count >= 1.
     ring: dict[str, int] | None
+    # A saved ring (SensorStore.saved_ring) instead of an anchor: unchecked here, since
+    # only the store knows its shape (SensorStore.ring_copy checks it).
+    saved: dict[str, Any] | None = None
 
 
 def encode_record(
     sensor: str,
     partition: int,
     upto: int,
-    ring: dict[str, int] | None,
+    ring: dict[str, Any] | None,
     threshold: dict[str, Any] | None,
     alerts: dict[str, Any],
 ) -> bytes:
     """A sensor's state record (sorted keys, stable bytes), from its parts' fresh exports.
 
-    The parts' own ``version`` fields are taken out (the record's version fixes them);
-    the dicts are the exports made for this record, so they are changed in place.
+    ``ring``: an anchor (``anchor_offset``, ``anchor_count``), ``{"saved": ...}`` (a
+    version 3 record) or None. The parts' own ``version`` fields are taken out (the
+    record's version fixes them); the dicts are the exports made for this record, so
+    they are changed in place.
     """
     if threshold is not None:
         threshold.pop("version", None)
     alerts.pop("version", None)
     return orjson.dumps(
         {
-            "version": RECORD_VERSION,
+            "version": RECORD_VERSION
+            if ring is not None and "saved" in ring
+            else _ANCHORED_VERSION,
             "sensor": sensor,
             "partition": partition,
             "upto": upto,
@@ -262,7 +337,11 @@ def parse_record(key: bytes, value: bytes, partition: int) -> SensorRecord:
     upto = rec.get("upto")
     if not _is_int(upto):
         raise StateError(f"upto must be an integer, got {upto!r}")
-    ring = rec.get("ring")
+    ring, saved = rec.get("ring"), None
+    if version >= 3 and isinstance(ring, dict) and "saved" in ring:
+        saved, ring = ring["saved"], None
+        if not isinstance(saved, dict):
+            raise StateError(f"saved ring must be an object, got {type(saved).__name__}")
     if ring is not None:
         ok = isinstance(ring, dict) and all(
             _is_int(ring.get(k)) for k in ("anchor_offset", "anchor_count")
@@ -286,4 +365,4 @@ def parse_record(key: bytes, value: bytes, partition: int) -> SensorRecord:
                     f"a version {version} record's {name} carries version {part['version']!r}"
                     f" (it implies {part_version})"
                 )
-    return SensorRecord(sensor, partition, upto, threshold, alerts, ring)
+    return SensorRecord(sensor, partition, upto, threshold, alerts, ring, saved)

@@ -45,9 +45,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streamer.errors import ConfigError, DataError
-from streamer.windows_store import SortedRun, WindowBatch, WindowStore
+from streamer.windows_store import RingCopy, SortedRun, WindowBatch, WindowStore
 
-__all__ = ["PushResult", "RingWindows", "SensorIndex", "WindowBatch"]
+__all__ = ["PushResult", "RingCopy", "RingWindows", "SensorIndex", "WindowBatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +356,26 @@ class RingWindows:
     def anchors(self) -> dict[int, tuple[int, int]]:
         """Pending anchors: slot -> (position, count)."""
         return dict(self._anchors)
+
+    def copy_ring(self, slot: int) -> RingCopy:
+        """A copy of what ``slot`` holds: ``load_ring`` continues it exactly, anywhere."""
+        if self.count(slot) == 0:
+            raise DataError(f"slot {slot} holds no samples")
+        return self._store.copy_slot(slot)
+
+    def load_ring(self, slot: int, ring: RingCopy) -> None:
+        """Make ``slot`` hold a ring copied before (a restart); DataError if it does not fit.
+
+        Unlike an anchor this needs no replay: the samples are in the copy. The slot's
+        next sample continues it (gap and order checks against the copy's newest).
+        """
+        if slot < 0:
+            raise DataError(f"slot must be >= 0, got {slot}")
+        try:
+            self._store.load_slot(slot, ring)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        self._anchors.pop(slot, None)
 
     def reset(self, slots: NDArray[np.int64] | Sequence[int]) -> None:
         """Forget everything held for ``slots`` (released or evicted sensors)."""

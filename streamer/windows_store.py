@@ -12,12 +12,25 @@ This module imports numpy only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["SortedRun", "WindowBatch", "WindowStore"]
+__all__ = ["RingCopy", "SortedRun", "WindowBatch", "WindowStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class RingCopy:
+    """Everything a slot holds, copied: loaded into a slot, it continues exactly."""
+
+    count: int
+    last_ts: float
+    last_pos: int
+    values: NDArray[np.float32]  # (window, channels), in ring order
+    start_ts: NDArray[np.float64]  # (n_starts,)
+    start_pos: NDArray[np.int64]  # (n_starts,)
 
 
 class WindowBatch(NamedTuple):
@@ -142,6 +155,36 @@ class WindowStore:
         """Start ``slots`` afresh: no samples held, and their next one is their first."""
         self.count[slots] = 0
         self.last_ts[slots] = -np.inf
+
+    def copy_slot(self, slot: int) -> RingCopy:
+        """A copy of what ``slot`` holds (unaffected by later pushes)."""
+        return RingCopy(
+            int(self.count[slot]),
+            float(self.last_ts[slot]),
+            int(self.last_pos[slot]),
+            self.values[slot].copy(),
+            self.start_ts[slot].copy(),
+            self.start_pos[slot].copy(),
+        )
+
+    def load_slot(self, slot: int, ring: RingCopy) -> None:
+        """Make ``slot`` hold what ``ring`` copied; ValueError if it is shaped for another store."""
+        shapes = (ring.values.shape, ring.start_ts.shape, ring.start_pos.shape)
+        wanted = ((self.window, self.channels), (self.n_starts,), (self.n_starts,))
+        if shapes != wanted:
+            raise ValueError(
+                f"a ring of window, channels and starts {shapes} does not fit this stream's "
+                f"{wanted} (window {self.window}, stride {self.stride})"
+            )
+        if ring.count < 1:
+            raise ValueError(f"a ring copy holds at least one sample, got count {ring.count}")
+        self.grow(slot + 1)
+        self.count[slot] = ring.count
+        self.last_ts[slot] = ring.last_ts
+        self.last_pos[slot] = ring.last_pos
+        self.values[slot] = ring.values
+        self.start_ts[slot] = ring.start_ts
+        self.start_pos[slot] = ring.start_pos
 
     def empty(self) -> WindowBatch:
         """A batch of no windows, shaped like this store's."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from streamer.codec import to_position
@@ -88,3 +89,36 @@ def test_missed_anchors_are_voided_and_say_whether_the_ring_is_empty() -> None:
     missed = s.missed_anchors(lambda pos: int(pos) & ((1 << 40) - 1) <= 10)
     assert sorted(missed) == [("gone", to_position(0, 5), True), ("held", to_position(0, 9), False)]
     assert list(s.windows.anchors.values()) == [(to_position(0, 50), 1)]
+
+
+def test_a_saved_ring_goes_through_json_and_continues_in_another_store() -> None:
+    s = store()
+    feed(s, "x", 3, first_offset=40)
+    saved = orjson.loads(orjson.dumps(s.saved_ring("x")))
+    other = store()
+    other.load_ring("x", other.ring_copy(saved))
+    assert other.rings(["x"]).oldest_pos.tolist() == s.rings(["x"]).oldest_pos.tolist()
+    slot = other.index.slot("x")
+    assert other.windows.copy_ring(slot).values.tobytes() == (
+        s.windows.copy_ring(s.index.slot("x")).values.tobytes()
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"count": 0}, "count 0"),
+        ({"last_pos": -1}, "last_pos -1"),
+        ({"last_ts": None}, "last_ts must be a finite number"),
+        ({"start_pos": ["a"]}, "start_pos must be a list of integers"),
+        ({"values": "%%"}, "not base64"),
+        ({"values": "AAAAAA=="}, "holds 1 values, this stream's window x channels is 4 x 2"),
+        ({"start_ts": "AAAAAAAAAAA="}, "holds 1 window starts"),
+    ],
+)
+def test_a_bad_saved_ring_says_what_is_wrong(change: dict[str, object], why: str) -> None:
+    s = store()
+    feed(s, "x", 3)
+    saved = {**s.saved_ring("x"), **change}
+    with pytest.raises(StateError, match=why):
+        s.ring_copy(saved)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import pytest
@@ -370,3 +371,70 @@ class TestClockJumps:
         assert res.rejected.size == 0 and res.resets.tolist() == [0]
         res = ring.push(one, np.array([1002.0]), vals, np.array([3]))
         assert res.windows.end_ts.tolist() == [1002.0]
+
+
+class TestRingCopy:
+    """A slot's ring copied and loaded elsewhere (a parked sensor's restart) continues exactly."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        data=samples,
+        window=st.integers(2, 6),
+        stride_frac=st.integers(1, 6),
+        cut_frac=st.floats(0.0, 1.0),
+        max_gap=st.sampled_from([5.0, 8.0, 1e9]),
+    )
+    def test_loaded_copy_emits_the_original_windows(
+        self,
+        data: list[tuple[int, int]],
+        window: int,
+        stride_frac: int,
+        cut_frac: float,
+        max_gap: float,
+    ) -> None:
+        """After the cut, a ring loaded from copies emits what the original emits, bytes and all."""
+        stride = min(stride_frac, window)
+        clock: dict[int, float] = defaultdict(float)
+        slots_l, ts_l = [], []
+        for slot, inc in data:
+            clock[slot] += inc
+            slots_l.append(slot)
+            ts_l.append(clock[slot])
+        n = len(slots_l)
+        slots = np.array(slots_l, dtype=np.int64)
+        ts = np.array(ts_l, dtype=np.float64)
+        vals = np.random.default_rng(n).normal(size=(n, 3)).astype(np.float32)
+        pos = np.arange(n, dtype=np.int64) + 500
+        cut = int(cut_frac * n)
+
+        def emitted(ring: RingWindows, lo: int, hi: int, moved: int = 0) -> list[tuple[Any, ...]]:
+            wb = ring.push(slots[lo:hi] + moved, ts[lo:hi], vals[lo:hi], pos[lo:hi]).windows
+            return [
+                (
+                    int(wb.slots[k]) - moved,
+                    wb.data[k].tobytes(),
+                    float(wb.start_ts[k]),
+                    float(wb.end_ts[k]),
+                    int(wb.start_pos[k]),
+                    int(wb.end_pos[k]),
+                )
+                for k in range(len(wb))
+            ]
+
+        original = RingWindows(channels=3, window=window, stride=stride, max_gap_s=max_gap)
+        emitted(original, 0, cut)
+        # Loaded into other slots of a fresh ring, as a restart's slot numbering would.
+        loaded = RingWindows(channels=3, window=window, stride=stride, max_gap_s=max_gap)
+        for slot in sorted(set(slots_l[:cut])):
+            loaded.load_ring(slot + 7, original.copy_ring(slot))
+        assert emitted(loaded, cut, n, moved=7) == emitted(original, cut, n)
+
+    def test_a_copy_for_another_shape_is_refused_and_an_empty_slot_has_none(self) -> None:
+        ring = RingWindows(channels=2, window=4, stride=2)
+        ring.push(np.zeros(3, np.int64), np.arange(3.0), np.ones((3, 2)), np.arange(3))
+        copy = ring.copy_ring(0)
+        assert copy.count == 3 and copy.last_pos == 2 and copy.last_ts == 2.0
+        with pytest.raises(DataError, match=r"does not fit .*window 5, stride 2"):
+            RingWindows(channels=2, window=5, stride=2).load_ring(0, copy)
+        with pytest.raises(DataError, match="holds no samples"):
+            ring.copy_ring(1)

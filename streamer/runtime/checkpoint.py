@@ -77,17 +77,21 @@ class Checkpointer:
         """
         p, h = c.partition, c.h
         part = self.table.parts[p]
-        anchor_offset = self.table.anchor_offset
+        anchor_offset, saved = self.table.anchor_offset, self.table.saved
         # Keep what was learned by evicted sensors; only the ring anchor is gone.
-        records: list[tuple[str, dict[str, int] | None]] = [(s, None) for s in sorted(c.evicted)]
+        records: list[tuple[str, dict[str, Any] | None]] = [(s, None) for s in sorted(c.evicted)]
         c.evicted = set()
         at_h = c.index() if part.dirty else {}
         dirty = sorted(s for s in part.dirty if s in at_h and s in part.sensors)
         part.dirty.difference_update(dirty)
         for s in dirty:
-            ring = None
-            anchor = c.anchor(s)
-            if anchor is not None:
+            ring: dict[str, Any] | None = None
+            parked = saved.get(s)
+            anchor = c.anchor(s) if parked is None else None
+            if parked is not None:
+                # Its ring as of the snapshot at H (PartitionTable.snapshot saved it then).
+                ring = {"saved": parked[1]}
+            elif anchor is not None:
                 ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
                 anchor_offset[s] = anchor[0]
             records.append((s, ring))
@@ -114,7 +118,7 @@ class Checkpointer:
         sensor: str,
         p: int,
         h: int,
-        ring: dict[str, int] | None,
+        ring: dict[str, Any] | None,
         threshold: Threshold | None,
         alerts: dict[str, Any],
     ) -> bytes | None:
@@ -141,6 +145,6 @@ class Checkpointer:
         """An abandoned round's evictions and unsent sensors are for the next round."""
         self.table.give_back(checkpoints, unsent)
 
-    def committed(self, heads: dict[int, int]) -> None:
-        """The coordinator accepted a commit of these partitions' H."""
-        self.table.committed(heads)
+    def committed(self, heads: dict[int, int], offsets: dict[int, int]) -> None:
+        """The coordinator accepted a commit of these partitions' H, at these offsets."""
+        self.table.committed(heads, offsets)

@@ -4,6 +4,10 @@ A sensor is evicted when it is *silent* (its latest sample is more than
 ``stream.max_gap_s`` behind the partition's clock), *idle* (no message for
 ``stream.max_idle_s`` of wall-clock time, whatever its timestamps say), or when its
 ring anchor pins the replay more than ``stream.max_replay_messages`` behind H.
+
+A sensor silent for ``stream.park_after_s`` (by either clock) and not evicted is
+*parked*: its partial window is saved with its state instead of anchored in the
+input topic, so it stops holding the commit back (``PartitionTable.snapshot``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Eviction:
     silent_s: NDArray[np.float64]  # the partition's clock minus the sensor's latest sample
     idle_s: NDArray[np.float64]  # wall-clock seconds since its last message
     behind_by: NDArray[np.int64]  # messages between its anchor and H
+    park: NDArray[np.bool_]  # silent for stream.park_after_s, not evicted: save its ring
 
     @property
     def any(self) -> bool:
@@ -77,12 +82,17 @@ def choose_evictions(
     silent |= idle
     behind_by = h - anchor
     behind = behind_by > stream.max_replay_messages
+    out = silent | behind
+    park_s = stream.park_after_s
+    quiet = (now_ts - last_ts > park_s) | (idle_s > park_s)
+    park = has_samples & ~out & quiet if park_s > 0 else np.zeros_like(out)
     return Eviction(
-        out=silent | behind,
+        out=out,
         silent=silent,
         idle=idle,
         replay_bound=behind & ~silent,
         silent_s=now_ts - last_ts,
         idle_s=idle_s,
         behind_by=behind_by,
+        park=park,
     )

@@ -86,6 +86,11 @@ class Ingest:
         samples, dead = self.decoder.decode(batch.values, batch.keys, positions)
         for d in dead:
             self._dead_letter(batch, d)
+        if self.table.resume:
+            # Replayed samples a restored parked sensor's saved ring holds already.
+            held = self.table.held(samples.keys, samples.positions)
+            if held.any():
+                samples = samples.take(np.flatnonzero(~held))
         samples = self._refuse_future(batch, samples)
         s_parts = part_arr[samples.index]
         refused = self.table.track(samples.keys, s_parts)
@@ -165,11 +170,4 @@ class Ingest:
         """Dead-letter the samples ``bad`` marks (``reason(row)`` says why); the others."""
         for r in np.flatnonzero(bad).tolist():
             self._dead_letter(batch, DeadLetter(int(samples.index[r]), kind, reason(r)))
-        keep = ~bad
-        return DecodedSamples(
-            samples.keys[keep],
-            samples.ts[keep],
-            samples.values[keep],
-            samples.positions[keep],
-            samples.index[keep],
-        )
+        return samples.take(np.flatnonzero(~bad))

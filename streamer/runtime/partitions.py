@@ -4,8 +4,10 @@ Per assigned input partition a ``Partition`` (offsets and the sensor sets a comm
 round reads); per live sensor its partition, the ring anchor last written for it and
 when its last message arrived; per evicted sensor whose learned state is kept, since
 when. The table decides who is registered (``track``, under ``stream.max_sensors``),
-who is evicted (``snapshot``: silent, idle, or pinning the replay too far back) and
-whose state a round must write (``Partition.dirty`` and ``Partition.evicted``).
+who is evicted (``snapshot``: silent, idle, or pinning the replay too far back), who
+is parked (silent for ``stream.park_after_s``: its partial window is saved with its
+state rather than anchored in the input topic, so it no longer holds the commit back)
+and whose state a round must write (``Partition.dirty`` and ``Partition.evicted``).
 
 The sensor state itself (rings, thresholds, alerts) lives in the engine's
 ``SensorStore``; the table only says which sensors it holds for which partition.
@@ -49,6 +51,8 @@ class Partition:
     consumed: int = -1
     # H of the last commit (read from the commit metadata at assignment, then ours).
     committed_h: int = -1
+    # The offset last committed: a restart replays from it (-1: none yet).
+    committed_offset: int = -1
     # Windows and dead letters at or below this offset were already published.
     restored_h: int = -1
     # Sensor -> offset up to which its windows were published (state newer than commit).
@@ -87,6 +91,12 @@ class PartitionTable:
         # Evicted sensors whose threshold and alert state is kept in memory: since when
         # (monotonic) and their partition, oldest first (see expire_evicted).
         self.evicted_at: dict[str, tuple[float, int]] = {}
+        # Parked sensors: their newest sample's timestamp when their ring was saved, and
+        # the saved ring their state records carry instead of an anchor (as of that H).
+        self.saved: dict[str, tuple[float, dict[str, Any]]] = {}
+        # Restored parked sensors: the position of the newest sample in their saved
+        # ring. A replay drops their samples up to it (they are in the ring already).
+        self.resume: dict[str, int] = {}
         # Sensor-limit events since the last sensor_limit_reached line (one per interval).
         self.limit_counts = {"evicted": 0, "refused_samples": 0, "refused_sensors": 0}
         self.limit_logged = 0.0
@@ -247,6 +257,8 @@ class PartitionTable:
         self.sensor_part.pop(sensor, None)
         self.anchor_offset.pop(sensor, None)
         self.last_seen.pop(sensor, None)
+        self.saved.pop(sensor, None)
+        self.resume.pop(sensor, None)
 
     def _expire_anchors(self, part: Partition) -> None:
         """Anchors the replay went past without meeting (record older than the log) are void."""
@@ -273,18 +285,73 @@ class PartitionTable:
             return None  # nothing consumed since the last commit (or still replaying)
         h = part.consumed
         self._expire_anchors(part)
-        names, oldest_pos, oldest_count = self._evict(part, h)
+        if self.resume:
+            self._expire_resume(part)
+        names, oldest_pos, oldest_count, park = self._evict(part, h)
+        self._park([names[i] for i in np.flatnonzero(park).tolist()], part)
         evicted, part.evicted = part.evicted, set()
         return Checkpoint(p, h, names, oldest_pos, oldest_count, evicted)
 
+    def _park(self, quiet: list[str], part: Partition) -> None:
+        """Save the rings of sensors gone quiet; keep parked ones' saved rings current.
+
+        A parked sensor's record carries its ring (``Checkpointer``) and it leaves the
+        commit offset's minimum. One that spoke again gets its ring saved afresh, and is
+        anchored again once its next window needs no sample the last commit covered
+        (at or after the offset last committed: an anchor before it would pull the commit
+        back, and a restart from that commit would not meet it).
+        """
+        saved, sensors = self.saved, self.sensors
+        p = part.partition
+        mine = [s for s in saved if self.sensor_part.get(s) == p] if saved else []
+        quiet_set = set(quiet)
+        if mine:
+            rings = sensors.rings(mine)
+            floor = part.committed_offset
+            unpark = (rings.oldest_count > 0) & (offset_of(rings.oldest_pos) >= floor)
+            for s, gone, ts in zip(mine, unpark.tolist(), rings.last_ts.tolist(), strict=True):
+                if gone and s not in quiet_set:
+                    del saved[s]  # anchored at this round
+                    part.dirty.add(s)
+                elif ts != saved[s][0]:
+                    saved[s] = (ts, sensors.saved_ring(s))
+                    part.dirty.add(s)
+        new = [s for s in quiet if s not in saved]
+        for s, ts in zip(new, sensors.rings(new).last_ts.tolist(), strict=True):
+            saved[s] = (ts, sensors.saved_ring(s))
+            self.anchor_offset.pop(s, None)
+            part.dirty.add(s)
+        if new:
+            self.metrics.sensors_parked.inc(len(new))
+            log.info("sensors_parked", partition=p, sensors=len(new), parked=len(saved))
+
+    def held(self, keys: NDArray[np.object_], positions: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which samples a restored parked sensor's saved ring holds already (a replay's)."""
+        resume = self.resume
+        return np.fromiter(
+            (
+                resume.get(k, -1) >= pos
+                for k, pos in zip(keys.tolist(), positions.tolist(), strict=True)
+            ),
+            dtype=bool,
+            count=len(keys),
+        )
+
+    def _expire_resume(self, part: Partition) -> None:
+        """Resume marks the partition's replay went past are done with."""
+        p, done = part.partition, part.consumed
+        for s, pos in list(self.resume.items()):
+            if partition_of(pos) == p and offset_of(pos) <= done:
+                del self.resume[s]
+
     def _evict(
         self, part: Partition, h: int
-    ) -> tuple[list[str], NDArray[np.int64], NDArray[np.int64]]:
+    ) -> tuple[list[str], NDArray[np.int64], NDArray[np.int64], NDArray[np.bool_]]:
         """Evict silent sensors and those that would make the replay too long.
 
         Returns the sensors kept, with the position and count of the oldest sample a
-        future window of theirs needs (``RingWindows.oldest``). Vectorised: at 100,000
-        sensors it runs at every commit round.
+        future window of theirs needs (``RingWindows.oldest``) and whether each is quiet
+        enough to park. Vectorised: at 100,000 sensors it runs at every commit round.
         """
         names = list(part.sensors)
         rings = self.sensors.rings(names)
@@ -314,9 +381,14 @@ class PartitionTable:
         for i in order:
             self.evicted(names[i], part, ev.reason(i))
         if not ev.any:
-            return names, oldest_pos, oldest_count
+            return names, oldest_pos, oldest_count, ev.park
         kept = np.flatnonzero(~ev.out)
-        return [names[i] for i in kept.tolist()], oldest_pos[kept], oldest_count[kept]
+        return (
+            [names[i] for i in kept.tolist()],
+            oldest_pos[kept],
+            oldest_count[kept],
+            ev.park[kept],
+        )
 
     def _log_evictions(
         self,
@@ -360,7 +432,10 @@ class PartitionTable:
             )
 
     def commit_offset(self, part: Partition, h: int) -> int:
-        """The offset to commit: the oldest anchor written for a live sensor, else H + 1."""
+        """The offset to commit: the oldest anchor written for a live sensor, else H + 1.
+
+        Parked sensors have no anchor: their records carry the samples themselves.
+        """
         nothing = itertools.repeat(h + 1)
         return min(map(self.anchor_offset.get, part.sensors, nothing), default=h + 1)
 
@@ -375,14 +450,15 @@ class PartitionTable:
             if part is not None:
                 (part.dirty if sensor in part.sensors else part.evicted).add(sensor)
 
-    def committed(self, heads: dict[int, int]) -> None:
-        """The coordinator accepted a commit of these partitions' H."""
+    def committed(self, heads: dict[int, int], offsets: dict[int, int]) -> None:
+        """The coordinator accepted a commit of these partitions' H, at these offsets."""
         for p, h in heads.items():
             part = self.parts.get(p)
             if part is not None:
                 # An answer can come after a later (revocation) commit or a reassignment
                 # that already moved H on; never move it back.
                 part.committed_h = max(part.committed_h, h)
+                part.committed_offset = max(part.committed_offset, offsets.get(p, -1))
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -390,6 +466,8 @@ class PartitionTable:
         """Restore one sensor of ``part`` from its state record; ``start``: the commit."""
         sensors = self.sensors
         sensor = rec.sensor
+        # Checked before anything is installed: a record is restored whole or not at all.
+        saved = sensors.ring_copy(rec.saved) if rec.saved is not None else None
         part.known.add(sensor)
         # Stale: written under another model, so the threshold starts from the current
         # model's calibration; alerts and the ring anchor still apply.
@@ -398,13 +476,19 @@ class PartitionTable:
             part.skip[sensor] = rec.upto
             part.replay_until = max(part.replay_until, rec.upto)
         ring = rec.ring
-        if ring is not None and ring["anchor_offset"] >= start:
-            position = to_position(part.partition, int(ring["anchor_offset"]))
-            sensors.anchor(sensor, position, ring["anchor_count"])
-            self.anchor_offset[sensor] = ring["anchor_offset"]
+        live = saved is not None or (ring is not None and ring["anchor_offset"] >= start)
+        if live:
             self.sensor_part[sensor] = part.partition
             self.last_seen[sensor] = time.monotonic()
             part.sensors.add(sensor)
+        if saved is not None and rec.saved is not None:
+            sensors.load_ring(sensor, saved)
+            self.saved[sensor] = (saved.last_ts, rec.saved)
+            self.resume[sensor] = saved.last_pos
+        elif ring is not None and live:
+            position = to_position(part.partition, int(ring["anchor_offset"]))
+            sensors.anchor(sensor, position, ring["anchor_count"])
+            self.anchor_offset[sensor] = ring["anchor_offset"]
         elif sensors.learned(sensor):
             # Evicted before the record was written: its state is kept as any eviction's.
             self.evicted_at[sensor] = (time.monotonic(), part.partition)

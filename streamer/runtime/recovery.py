@@ -79,7 +79,13 @@ class Recovery:
                 c = committed.get(p)
                 start = c.offset if c is not None and c.offset >= 0 else 0
                 h = commit_head(c.metadata if c is not None else None, c.offset if c else -1)
-                part = Partition(partition=p, committed_h=h, restored_h=h, replay_until=h)
+                part = Partition(
+                    partition=p,
+                    committed_h=h,
+                    committed_offset=c.offset if c is not None else -1,
+                    restored_h=h,
+                    replay_until=h,
+                )
                 self.table.parts[p] = part
                 self._restore(part, start, state[p], started)
         finally:

@@ -85,8 +85,8 @@ class Checkpoint:
         return (offset_of(int(self.oldest_pos[i])), count) if count > 0 else None
 
 
-# sensor, partition, H, ring anchor, threshold snapshot, alerts state
-StateAtH = tuple[str, int, int, dict[str, int] | None, Threshold | None, dict[str, Any]]
+# sensor, partition, H, ring (anchor or saved), threshold snapshot, alerts state
+StateAtH = tuple[str, int, int, dict[str, Any] | None, Threshold | None, dict[str, Any]]
 
 
 @dataclass(slots=True)
@@ -181,8 +181,8 @@ class StateWriter(Protocol):
     def give_back(self, checkpoints: list[Checkpoint], unsent: Iterable[StateAtH]) -> None:
         """A round was abandoned: what it did not produce is for the next round."""
 
-    def committed(self, heads: dict[int, int]) -> None:
-        """The coordinator accepted a commit of these partitions' H."""
+    def committed(self, heads: dict[int, int], offsets: dict[int, int]) -> None:
+        """The coordinator accepted a commit of these partitions' H, at these offsets."""
 
     def round_size(self, checkpoints: list[Checkpoint]) -> int:
         """An upper bound on the records the round writes."""
@@ -397,7 +397,7 @@ class CommitRounds:
         extra: dict[str, Any],
     ) -> None:
         """Book a commit the coordinator accepted."""
-        self.writer.committed(heads)
+        self.writer.committed(heads, offsets)
         self.commits += 1
         now = time.perf_counter()
         if self.on_done is not None:

@@ -22,6 +22,7 @@ from streamer.dev.broker import LocalBroker
 from tests.conftest import NewTopicFactory
 from tests.helpers import Timeout
 from tests.integration.helpers import (
+    T0,
     DaemonProcess,
     Sample,
     Topics,
@@ -534,6 +535,74 @@ class TestSilentSensors:
         )
         assert back[0]["window_start"] == 1_764_201_600.0 + 400
         assert back[0]["window_end"] == 1_764_201_600.0 + 400 + W - 1
+
+    def test_a_parked_window_survives_a_restart_and_completes_on_return(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """Silent past park_after_s, a sensor stops pinning the commit; its partial window,
+        saved with its state, outlives a restart and completes when the sensor speaks again.
+        """
+        timeout = Timeout(180)
+        topics = make_topics(new_topic, 1)
+        samples = plant_samples(4, 600, seed=13)
+        # sensor-3 is silent from row 102 to row 399: 298 s, under max_gap_s, so its window
+        # continues across the silence (rows 88-101 and 400-401 make its next window).
+        samples = [s for s in samples if not (s.sensor == "sensor-3" and 102 <= s.row < 400)]
+        phase1 = [s for s in samples if s.row < 400]
+        phase2 = [s for s in samples if s.row >= 400]
+        cfg = write_config(
+            tmp_path / "c.yaml",
+            kafka_bootstrap,
+            topics,
+            group_id,
+            model_dir,
+            stream={"max_gap_s": 400.0, "park_after_s": 30.0},
+        )
+        first = DaemonProcess(cfg)
+        daemons.append(first.start())
+        produce(kafka_bootstrap, topics.input, phase1)
+        parked = first.wait_event("sensors_parked", timeout)
+        assert parked["sensors"] == 1, first.tail(40)
+        # Not evicted, yet the commit moves past its last sample: it no longer pins it.
+        last_before = max(s.offset for s in samples if s.sensor == "sensor-3" and s.row < 102)
+        probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group_id})
+        committed = -1
+        while not timeout.expired and committed <= last_before + 500:
+            committed = probe.committed([TopicPartition(topics.input, 0)], timeout=10)[0].offset
+            time.sleep(0.5)
+        probe.close()
+        assert committed > last_before + 500, f"commit pinned at {committed}\n{first.tail(40)}"
+        assert first.stop() == 0, first.tail()
+        assert not first.seen("sensor_evicted")
+        states = [orjson.loads(v) for v in read_topic(kafka_bootstrap, topics.state) if v]
+        saved = [r for r in states if r["sensor"] == "sensor-3"][-1]
+        assert saved["version"] == 3 and saved["ring"]["saved"]["count"] == 102
+
+        second = DaemonProcess(cfg)
+        daemons.append(second.start())
+        produce(kafka_bootstrap, topics.input, phase2)
+        expected = set(expected_windows(topics.input, samples, W, S))
+        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, daemons)
+        assert second.stop() == 0, second.tail()
+        assert_complete(by_id, expected, daemons)
+        assert all(len(v) == 1 for v in by_id.values()), "a clean stop repeats nothing"
+        recs = [orjson.loads(v[0]) for v in by_id.values()]
+        across = sorted(
+            (
+                (r["window_start"] - T0, r["window_end"] - T0)
+                for r in recs
+                if r["sensor"] == "sensor-3"
+                and r["window_start"] < T0 + 102 < T0 + 400 <= r["window_end"]
+            ),
+        )
+        assert across == [(88, 401), (92, 405), (96, 409), (100, 413)], second.tail(40)
+        assert not read_topic(kafka_bootstrap, topics.dlq, timeout_s=3)
 
 
 class TestCorruptState:
