@@ -8,6 +8,14 @@ records as hours at a few hundred, so restarts a few minutes apart show what day
     .venv/bin/python benchmarks/soak.py --sensors 10000 --rate 20000 --interval 90 --restarts 4
     .venv/bin/python benchmarks/soak.py ... --state-topic broker-defaults   # the old topic
 
+With ``--cycles N`` a second daemon then joins and leaves N times (``--cycle-s`` seconds
+each way) while the first runs on: for each cycle the first daemon's resident memory once
+it has its partitions back, and the p99 latency (score published minus the window's last
+sample) of the partitions it kept throughout, during the join and during the takeover,
+against the same partitions' steady p99 before the first join::
+
+    .venv/bin/python benchmarks/soak.py --sensors 10000 --rate 20000 --restarts 0 --cycles 8
+
 ``--state-topic daemon`` lets the daemon create the state topic (its bounded-tail
 settings); ``broker-defaults`` creates it beforehand with ``cleanup.policy=compact`` and
 nothing else, as a topic made by hand often is. For each restart the report gives the
@@ -20,11 +28,15 @@ Benchmarks print figures; they assert nothing.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import orjson
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +47,7 @@ from e2e_parts.daemons import log_events, start_daemon, stop_daemon, write_confi
 from e2e_parts.stream import (
     broker_and_tmp,
     client,
+    consumer_from_start,
     make_topics,
     produce_stream,
     topic_records,
@@ -65,6 +78,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=90.0, help="seconds between restarts")
     ap.add_argument("--restarts", type=int, default=4)
     ap.add_argument("--state-topic", choices=["daemon", "broker-defaults"], default="daemon")
+    ap.add_argument("--cycles", type=int, default=0, help="join and leave cycles of a second")
+    ap.add_argument("--cycle-s", type=float, default=40.0, help="seconds it stays, and away")
     args = ap.parse_args()
 
     with broker_and_tmp(args.bootstrap, "streamer-soak-") as (bootstrap, tmp):
@@ -93,7 +108,7 @@ def run(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
         args.channels,
         kafka={"create_topics": True},
     )
-    total_s = args.interval * (args.restarts + 1) + 120
+    total_s = args.interval * (args.restarts + 1) + 120 + args.cycles * (2 * args.cycle_s + 60)
     rows_per_s = args.rate / args.sensors
     producer = threading.Thread(
         target=produce_stream,
@@ -129,8 +144,105 @@ def run(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
             f"| {i} | {uptime:.0f} | {held:,} | {records:,} | {slowest:.1f} | {ready_s:.1f} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
+    if args.cycles:
+        lines += cycles(bootstrap, tmp, cfg, topics["scores"], proc, log, args)
     stop_daemon(proc)
     return lines
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now (VmRSS), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_events(log: Path, event: str, count: int, timeout_s: float = 600) -> float:
+    """Wall-clock time once ``log`` holds ``count`` ``event`` lines (NaN if it never does)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if log.exists() and len(log_events(log, event)) >= count:
+            return time.time()
+        time.sleep(0.1)
+    return float("nan")
+
+
+def cycles(
+    bootstrap: str,
+    tmp: Path,
+    cfg: Path,
+    scores: str,
+    first: subprocess.Popen[bytes],
+    first_log: Path,
+    args: argparse.Namespace,
+) -> list[str]:
+    """A second daemon joins and leaves ``args.cycles`` times; RSS and kept partitions' p99."""
+    time.sleep(args.cycle_s)  # the steady slice
+    slices: list[tuple[str, float, float]] = [("steady", time.time() - args.cycle_s, time.time())]
+    rss = []
+    kept: set[int] = set()
+    restored = len(log_events(first_log, "partitions_restored"))
+    for i in range(1, args.cycles + 1):
+        log = tmp / f"second-{i}.log"
+        joined = time.time()
+        second = start_daemon(cfg, log)
+        wait_events(log, "partitions_restored", 1)
+        revoked = log_events(first_log, "partitions_revoked")
+        kept = set(revoked[-1]["owned"]) if revoked else kept
+        time.sleep(args.cycle_s)
+        slices.append((f"{i}: join", joined, joined + args.cycle_s))
+        left = time.time()
+        stop_daemon(second)
+        restored += 1
+        back = wait_events(first_log, "partitions_restored", restored)
+        time.sleep(args.cycle_s)
+        slices.append((f"{i}: takeover ({back - left:.1f} s)", left, left + args.cycle_s))
+        rss.append(rss_mb(first.pid))
+        print(f"cycle {i}: RSS {rss[-1]:.0f} MiB, kept {sorted(kept)}", file=sys.stderr, flush=True)
+    lat = score_latencies(bootstrap, scores, kept, slices[0][1])
+    lines = [
+        "",
+        f"## {args.cycles} join and leave cycles of a second daemon ({args.cycle_s:.0f} s each "
+        f"way); the first keeps partitions {sorted(kept)} throughout",
+        "",
+        "| slice | windows of kept partitions | p99 ms | p99 / steady | RSS after, MiB |",
+        "|---|---|---|---|---|",
+    ]
+    steady = float("nan")
+    for n, (name, lo, hi) in enumerate(slices):
+        sel = lat[(lat[:, 0] >= lo) & (lat[:, 0] < hi), 1] * 1000
+        p99 = float(np.percentile(sel, 99)) if sel.size else float("nan")
+        steady = p99 if n == 0 else steady
+        after = f"{rss[n // 2 - 1]:.0f}" if n and n % 2 == 0 else ""
+        lines.append(f"| {name} | {sel.size:,} | {p99:.1f} | {p99 / steady:.2f} | {after} |")
+    lines.append("")
+    lines.append(
+        f"RSS after the last cycle / after the first: {rss[-1] / rss[0]:.3f} "
+        f"({rss[0]:.0f} -> {rss[-1]:.0f} MiB)"
+    )
+    return lines
+
+
+def score_latencies(bootstrap: str, topic: str, partitions: set[int], since: float) -> Any:
+    """(published, latency s) of every score of ``partitions`` published after ``since``."""
+    consumer = consumer_from_start(bootstrap, topic, "soak-latency")
+    out: list[tuple[float, float]] = []
+    idle = 0
+    try:
+        while idle < 3:
+            batch = consumer.consume(10_000, 1.0)
+            idle = 0 if batch else idle + 1
+            for m in batch:
+                stamp = m.timestamp()[1] / 1000.0
+                if m.error() is not None or stamp < since:
+                    continue
+                rec = orjson.loads(m.value() or b"")
+                if rec["partition"] in partitions:
+                    out.append((stamp, stamp - rec["window_end"]))
+    finally:
+        consumer.close()
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ at shutdown and on revocation instead drain and flush first, and are done when
 they return.
 
 On assignment the partition's state is read back before any of its messages: the
-thresholds and alerts are restored, the anchors are set on the ring buffers, and
-a window is emitted only if its last offset is above ``max(h, upto)`` of its
-sensor. The replay from C_p rebuilds the rings (the anchors keep the stride phase
-of the original run), so a clean restart emits every window exactly once and a
-crash re-emits only byte-identical records.
+partition is paused, its state read on a thread of its own and installed a slice per
+loop iteration (the partitions already held go on meanwhile), then it is resumed from
+C_p. The thresholds and alerts are restored, the anchors are set on the ring buffers
+(a parked sensor's ring is restored whole), and a window is emitted only if its last
+offset is above ``max(h, upto)`` of its sensor. The replay from C_p rebuilds the rings
+(the anchors keep the stride phase of the original run), so a clean restart emits
+every window exactly once and a crash re-emits only byte-identical records.
 
 Operations (``streamer.metrics``, ``streamer.notify``, ``streamer.reload``): the
 loop beats a heartbeat each iteration, which drives ``/healthz`` and the systemd
@@ -79,7 +81,7 @@ from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
 from streamer.runtime.checkpoint import Checkpointer
 from streamer.runtime.counters import Counters
-from streamer.runtime.heap import SensorGrowth, settle_heap
+from streamer.runtime.heap import SensorGrowth, settle_heap, trim_heap
 from streamer.runtime.ingest import Ingest
 from streamer.runtime.logs import configure_logging
 from streamer.runtime.ops import AccessWatch, Gauges, Reloads, Services
@@ -170,11 +172,14 @@ class Daemon:
             self.stats,
             limit_log_every_s=cfg.metrics.stats_interval_s,
         )
-        self.recovery = Recovery(cfg.kafka, self.topics.state, self.table, self.health, self.stats)
+        self.recovery = Recovery(
+            cfg.kafka, self.topics.state, self.table, self.health, self.stats, self.metrics
+        )
         self.backpressure = Backpressure(
             self.engine.worker,
             cfg.kafka.pause_after_s,
-            lambda: list(self.table.parts),
+            # Restoring partitions stay paused whatever the queue does (Recovery resumes them).
+            self.table.serving,
             self._paused,
         )
         self.services = Services(self.metrics, self.health, self.notifier)
@@ -274,6 +279,7 @@ class Daemon:
         finally:
             # Frozen objects are not freed at exit, and some extensions report them as leaks.
             gc.unfreeze()
+            self.recovery.close()
             self.services.stop()
             self.engine.close()
             if self.sink is not None:
@@ -361,6 +367,8 @@ class Daemon:
                 log.info("daemon_ready", input=self.topics.input)
             if batch:
                 ingest.process(batch)
+            if self.recovery.pending:
+                self._restored(source, self.recovery.step())
             if backpressure.paused:
                 publisher.publish_done(block_s=0.05)
             else:
@@ -405,6 +413,7 @@ class Daemon:
             "shutdown_started", signal=self._stop_signal, pending_batches=len(publisher.pending)
         )
         self.notifier.stopping("draining, flushing and committing")
+        self.recovery.close()
         rounds.abandon()
         rounds.run(list(self.table.parts), reason="shutdown", drain=publisher.drain)
         # Leaving the group revokes everything: the callback finds nothing left to commit.
@@ -428,15 +437,37 @@ class Daemon:
             log.info("partitions_assigned_while_leaving", partitions=partitions)
             return
         assert self.source is not None
-        self.recovery.assign(partitions, self.source.committed(partitions))
-        if self.backpressure.client_paused:
-            self.source.pause(partitions)
-        owned = sorted(self.table.parts)
+        # Nothing of theirs is fetched until their state is in place; the partitions held
+        # already go on meanwhile (the loop installs the state a slice at a time).
+        self.source.pause(partitions)
+        self.recovery.begin(partitions, self.source.committed(partitions))
+        restoring = self.recovery.pending
+        log.info(
+            "partitions_assigned",
+            partitions=partitions,
+            owned=sorted(set(self.table.parts).union(restoring)),
+            restoring=restoring,
+        )
+
+    def _restored(self, source: Source, ready: list[tuple[int, int]]) -> None:
+        """Partitions whose state is in place: fetch them from their commit."""
+        if not ready:
+            return
+        for p, offset in ready:
+            # A message fetched before the pause was dropped by ingest: fetch it again.
+            source.seek(p, offset)
+        if not self.backpressure.client_paused:
+            source.resume([p for p, _ in ready])
+        owned = sorted(self.table.serving())
         self.health.partitions = tuple(owned)
-        log.info("partitions_assigned", partitions=partitions, owned=owned)
-        settle_heap("assigned")
+        log.info("partitions_restored", partitions=[p for p, _ in ready], owned=owned)
+        # The restored state is long-lived: out of the cyclic collector's way, walking
+        # only what was made since the last settle (a full one would stall the loop).
+        settle_heap("assigned", rethaw=False)
+        trim_heap()
 
     def _on_revoke(self, partitions: list[int]) -> None:
+        self.recovery.cancel(partitions)
         mine = [p for p in partitions if p in self.table.parts]
         if not mine:
             return
@@ -454,6 +485,7 @@ class Daemon:
         log.info("partitions_revoked", partitions=mine, owned=sorted(self.table.parts))
 
     def _on_lost(self, partitions: list[int]) -> None:
+        self.recovery.cancel(partitions)
         mine = [p for p in partitions if p in self.table.parts]
         if not mine:
             return
@@ -468,7 +500,8 @@ class Daemon:
 
     def _drop(self, partitions: list[int]) -> None:
         self.table.drop(partitions)
-        self.health.partitions = tuple(sorted(self.table.parts))
+        self.health.partitions = tuple(sorted(self.table.serving()))
+        trim_heap()
 
 
 def run_daemon(cfg: Config) -> int:

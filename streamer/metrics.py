@@ -343,6 +343,16 @@ class Metrics:
         self.partitions_assigned = Gauge(
             _name("partitions_assigned"), "Input partitions assigned.", registry=reg
         )
+        self.partitions_restoring = Gauge(
+            _name("partitions_restoring"),
+            "Input partitions assigned whose state is still being restored (not yet consumed).",
+            registry=reg,
+        )
+        self.state_restore_records = Gauge(
+            _name("state_restore_records"),
+            "State records read so far by the restores in progress (0: none in progress).",
+            registry=reg,
+        )
         self.partitions_paused = Gauge(
             _name("partitions_paused"),
             "Input partitions paused for backpressure (queue to the worker full).",

@@ -6,6 +6,7 @@ newest state record, without joining a group or committing anything.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ def read_latest(
     stall_s: float,
     on_progress: Callable[[int, list[int]], None] | None = None,
     progress_every_s: float = 1.0,
+    stop: threading.Event | None = None,
 ) -> tuple[dict[int, LatestRecords], list[int]]:
     """The latest record of each key of a compacted topic's partitions, with one reader.
 
@@ -99,7 +101,8 @@ def read_latest(
     tail the broker has not compacted yet can hold millions of records, and giving up on
     it would fail every restart alike). ``on_progress(records, unfinished)`` is called
     about every ``progress_every_s`` while records arrive, and once at the end. The
-    reader is assigned, not subscribed: it joins no group and commits nothing.
+    reader is assigned, not subscribed: it joins no group and commits nothing. Once
+    ``stop`` is set the read ends within half a second, its partitions unfinished.
 
     It carries the daemon's own ``group.id`` (the client requires one): on a cluster
     with ACLs the daemon holds READ on its group, while a group named per reader (one
@@ -124,7 +127,7 @@ def read_latest(
         if ends:
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         advanced = told = time.monotonic()
-        while ends:
+        while ends and not (stop is not None and stop.is_set()):
             now = time.monotonic()
             if now - advanced >= stall_s:
                 break

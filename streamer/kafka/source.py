@@ -227,7 +227,15 @@ class Source:
         except BaseException as exc:
             self._failure = exc
 
-    def _assign_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+    def _assign_cb(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        # Assigned here rather than by the client after the callback returns, so that the
+        # callback can pause them before any fetch (their state is restored first).
+        try:
+            consumer.incremental_assign(parts)
+        except KafkaException as exc:
+            if self._failure is None:
+                self._failure = KafkaError(f"cannot take assigned partitions: {exc}")
+            return
         self._guard(self._on_assign, parts)
 
     def _revoke_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
@@ -419,6 +427,13 @@ class Source:
         tps = [TopicPartition(self.topic, p) for p in partitions]
         if tps:
             self._consumer.resume(tps)
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Fetch ``partition`` from ``offset`` next (it must be assigned)."""
+        try:
+            self._consumer.seek(TopicPartition(self.topic, partition, offset))
+        except KafkaException as exc:
+            raise KafkaError(f"cannot seek {self.topic}[{partition}] to {offset}: {exc}") from exc
 
     def committed(self, partitions: Sequence[int], timeout_s: float = 30.0) -> dict[int, Committed]:
         """Committed offset and metadata per partition."""

@@ -61,8 +61,11 @@ class Ingest:
         for p in np.unique(part_arr).tolist():
             sel = part_arr == p
             part = parts.get(p)
-            if part is None:
-                keep &= ~sel  # not ours (any more)
+            if part is None or part.restoring:
+                # Not ours (any more), or its state is not in place yet: it is paused, and
+                # resumed from its commit once it is (a message fetched before the pause
+                # is fetched again then).
+                keep &= ~sel
                 continue
             # Never process an offset twice in one assignment (pause/resume may refetch).
             keep &= ~(sel & (off_arr <= part.consumed))

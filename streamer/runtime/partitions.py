@@ -63,6 +63,9 @@ class Partition:
     known: set[str] = field(default_factory=set)  # every sensor seen or restored here
     dirty: set[str] = field(default_factory=set)  # state to write at the next round
     evicted: set[str] = field(default_factory=set)  # state records to clear at the next round
+    # Its state is being installed (runtime.recovery): none of its messages is processed
+    # and no round commits it until it is in place.
+    restoring: bool = False
 
 
 class PartitionTable:
@@ -281,7 +284,7 @@ class PartitionTable:
     def snapshot(self, p: int) -> Checkpoint | None:
         """Step 1 of a round for partition p: evict, and take the ring anchors at H."""
         part = self.parts.get(p)
-        if part is None or part.consumed <= part.committed_h:
+        if part is None or part.restoring or part.consumed <= part.committed_h:
             return None  # nothing consumed since the last commit (or still replaying)
         h = part.consumed
         self._expire_anchors(part)
@@ -492,6 +495,10 @@ class PartitionTable:
         elif sensors.learned(sensor):
             # Evicted before the record was written: its state is kept as any eviction's.
             self.evicted_at[sensor] = (time.monotonic(), part.partition)
+
+    def serving(self) -> list[int]:
+        """The assigned partitions whose state is in place (not restoring)."""
+        return [p for p, part in self.parts.items() if not part.restoring]
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget revoked or lost partitions and every sensor's state they held."""

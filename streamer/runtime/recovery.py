@@ -5,12 +5,22 @@ latest state record of each of its sensors from the compacted state topic, and f
 them thresholds, alerts and ring anchors in the engine's stores, and the replay marks
 (``restored_h``, per-sensor ``upto``) that keep windows published before from being
 published again.
+
+A restore does not stop the partitions the daemon already holds. The daemon pauses a
+newly assigned partition in the consumer and ``begin`` reads its state on a thread of
+its own (a reader that joins no group). The loop calls ``step`` once per iteration: once
+a read is done, it installs the records a slice at a time (a few milliseconds of the
+loop's time per iteration), and hands back each partition whose state is in place, for
+the daemon to resume. Until then the partition is in the table marked ``restoring``:
+no message of it is processed and no round commits it.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -19,7 +29,7 @@ from streamer.config import KafkaConfig
 from streamer.errors import KafkaError, StateError
 from streamer.kafka.compacted import LatestRecords, read_latest
 from streamer.kafka.source import Committed
-from streamer.metrics import Health
+from streamer.metrics import Health, Metrics
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import Partition, PartitionTable
 from streamer.runtime.state import commit_head
@@ -31,6 +41,36 @@ log = structlog.get_logger("streamer.daemon")
 
 # A long state restore says how far it got this often.
 _RESTORE_LOG_S = 5.0
+# Loop time a restore may take per iteration to install records: the partitions already
+# held are scored between slices (about 60-100 us per record: some 100 records a slice).
+_SLICE_S = 0.008
+
+
+class _Read:
+    """One assignment's state read, on a thread of its own."""
+
+    def __init__(self, partitions: list[int], committed: Mapping[int, Committed]) -> None:
+        self.partitions = partitions
+        self.committed = dict(committed)
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.records = 0
+        self.state: dict[int, LatestRecords] = {}
+        self.unfinished: list[int] = []
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+
+class _Install:
+    """Installing one partition's latest records into the table, a slice at a time."""
+
+    def __init__(self, part: Partition, start: int, latest: LatestRecords, started: float) -> None:
+        self.part = part
+        self.start = start
+        self.latest = latest
+        self.started = started
+        self.restored = self.corrupt = self.anchors = 0
 
 
 class Recovery:
@@ -43,118 +83,224 @@ class Recovery:
         table: PartitionTable,
         health: Health,
         counters: Counters,
+        metrics: Metrics | None = None,
     ) -> None:
         self.kafka = kafka
         self.topic = state_topic
         self.table = table
         self.health = health
         self.counters = counters
+        self.metrics = metrics
+        self.reads: list[_Read] = []
+        self.installs: deque[_Install] = deque()
 
-    def assign(self, partitions: list[int], committed: Mapping[int, Committed]) -> None:
-        """Read the partitions' state and restore it; KafkaError if the read stalls."""
-        started = time.monotonic()
-        stall_s = self.kafka.restore_timeout_s
+    @property
+    def pending(self) -> list[int]:
+        """Partitions assigned whose state is not in place yet."""
+        out = [p for r in self.reads for p in r.partitions]
+        return sorted(out + [i.part.partition for i in self.installs])
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def begin(self, partitions: list[int], committed: Mapping[int, Committed]) -> None:
+        """Start reading the partitions' state (the daemon has paused them)."""
+        read = _Read(list(partitions), committed)
+        read.thread = threading.Thread(
+            target=self._read, args=(read,), name="state-restore", daemon=True
+        )
+        self.reads.append(read)
+        read.thread.start()
+        self._show()
+
+    def _read(self, read: _Read) -> None:
+        """The reading thread: every partition's latest records, or the error that stopped it."""
         try:
-            state, unfinished = read_latest(
+            read.state, read.unfinished = read_latest(
                 self.kafka,
                 self.topic,
-                partitions,
-                stall_s,
-                on_progress=self._progress(partitions, started),
+                read.partitions,
+                self.kafka.restore_timeout_s,
+                on_progress=self._progress(read),
+                stop=read.stop,
             )
+        except BaseException as exc:  # handed to the loop, which fails with it
+            read.error = exc
         finally:
-            self.health.restoring = None
-        if unfinished:
-            raise KafkaError(
-                f"restoring {self.topic} partitions {unfinished} made no progress for "
-                f"{stall_s}s (kafka.restore_timeout_s)"
-            )
-        # A restore makes only long-lived objects (each sensor's state): the collections
-        # their allocations would trigger free nothing, and at 100,000 sensors cost seconds.
-        # The daemon's heap settle afterwards walks them once instead.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            for p in partitions:
-                c = committed.get(p)
-                start = c.offset if c is not None and c.offset >= 0 else 0
-                h = commit_head(c.metadata if c is not None else None, c.offset if c else -1)
-                part = Partition(
-                    partition=p,
-                    committed_h=h,
-                    committed_offset=c.offset if c is not None else -1,
-                    restored_h=h,
-                    replay_until=h,
-                )
-                self.table.parts[p] = part
-                self._restore(part, start, state[p], started)
-        finally:
-            if collecting:
-                gc.enable()
+            read.done.set()
 
-    def _progress(self, partitions: list[int], started: float) -> Callable[[int, list[int]], None]:
-        """What a state restore does while it reads: heartbeat, /readyz, a line every 5 s.
+    def _progress(self, read: _Read) -> Callable[[int, list[int]], None]:
+        """What a read does as it goes: counts (for /readyz and metrics), a line every 5 s.
 
-        A restore runs inside the loop's consume call. While it advances the loop counts as
-        alive (a long uncompacted state tail must not trip the watchdog and kill a daemon
-        that would finish), and /readyz says what it is doing.
+        Runs on the reading thread: it only sets plain attributes and logs.
         """
-        logged = [started]
+        logged = [read.started]
 
         def progress(records: int, unfinished: list[int]) -> None:
             now = time.monotonic()
-            self.health.beat()
-            self.health.restoring = (
-                f"{self.topic} {partitions}: {records:,} records read in {now - started:.0f} s"
-            )
+            read.records = records
             if unfinished and now - logged[0] >= _RESTORE_LOG_S:
                 logged[0] = now
                 log.info(
                     "state_restore_progress",
-                    partitions=partitions,
+                    partitions=read.partitions,
                     unfinished=unfinished,
                     records=records,
-                    seconds=round(now - started, 1),
+                    seconds=round(now - read.started, 1),
                 )
 
         return progress
 
-    def _restore(self, part: Partition, start: int, latest: LatestRecords, started: float) -> None:
-        """Restore every sensor of the partition from its latest state record."""
-        p = part.partition
-        restored = corrupt = anchors = 0
-        values = latest.values
-        anchor_offset = self.table.anchor_offset
-        for key in list(values):
-            # Taken out as it is applied: each record's bytes are freed once restored.
-            value = values.pop(key)
-            if value is None:
-                continue
+    # -- installing, from the loop ---------------------------------------------------------
+
+    def step(self, budget_s: float = _SLICE_S) -> list[tuple[int, int]]:
+        """Install what finished reads brought, for about ``budget_s`` of loop time.
+
+        Returns (partition, offset) for each partition whose state is now in place: the
+        daemon resumes it from that offset (its commit). KafkaError if a read failed or
+        stalled for ``kafka.restore_timeout_s``.
+        """
+        if not self.reads and not self.installs:
+            return []
+        for read in [r for r in self.reads if r.done.is_set()]:
+            self.reads.remove(read)
+            self._finished(read)
+        ready = []
+        if self.installs:
+            deadline = time.perf_counter() + budget_s
+            # A restore makes only long-lived objects (each sensor's state): collections
+            # their allocations trigger free nothing, and at 100,000 sensors cost seconds.
+            collecting = gc.isenabled()
+            gc.disable()
             try:
-                rec = parse_record(key, value, p)
-                self.table.apply(part, rec, start)
-            except StateError as exc:
-                corrupt += 1
-                self.counters.state_corrupt += 1
-                log.warning(
-                    "state_corrupt",
-                    partition=p,
-                    sensor=key.decode(errors="replace")[:256],
-                    error=str(exc),
-                )
-                continue
-            restored += 1
-            anchors += rec.sensor in anchor_offset
+                # At least one slice per call, however short the budget.
+                while self.installs:
+                    job = self.installs[0]
+                    if self._install(job, deadline):
+                        self.installs.popleft()
+                        job.part.restoring = False
+                        self._restored(job)
+                        ready.append((job.part.partition, job.start))
+                    if time.perf_counter() >= deadline:
+                        break
+            finally:
+                if collecting:
+                    gc.enable()
+        self._show()
+        return ready
+
+    def _finished(self, read: _Read) -> None:
+        """A read is done: fail on its error, else queue its partitions for installing."""
+        if read.error is not None:
+            if isinstance(read.error, KafkaError):
+                raise read.error
+            raise KafkaError(f"restoring {self.topic} failed: {read.error}") from read.error
+        if read.unfinished:
+            raise KafkaError(
+                f"restoring {self.topic} partitions {read.unfinished} made no progress for "
+                f"{self.kafka.restore_timeout_s}s (kafka.restore_timeout_s)"
+            )
+        for p in read.partitions:
+            c = read.committed.get(p)
+            start = c.offset if c is not None and c.offset >= 0 else 0
+            h = commit_head(c.metadata if c is not None else None, c.offset if c else -1)
+            part = Partition(
+                partition=p,
+                committed_h=h,
+                committed_offset=c.offset if c is not None else -1,
+                restored_h=h,
+                replay_until=h,
+                restoring=True,
+            )
+            self.table.parts[p] = part
+            latest = read.state.get(p, LatestRecords())
+            self.installs.append(_Install(part, start, latest, read.started))
+
+    def _install(self, job: _Install, deadline: float) -> bool:
+        """Install records of one partition until ``deadline``; True once all are in."""
+        part, values = job.part, job.latest.values
+        p, table = part.partition, self.table
+        n = 0
+        while values:
+            # Taken out as it is applied: each record's bytes are freed once restored.
+            key, value = values.popitem()
+            n += 1
+            if value is not None:
+                try:
+                    rec = parse_record(key, value, p)
+                    table.apply(part, rec, job.start)
+                except StateError as exc:
+                    job.corrupt += 1
+                    self.counters.state_corrupt += 1
+                    log.warning(
+                        "state_corrupt",
+                        partition=p,
+                        sensor=key.decode(errors="replace")[:256],
+                        error=str(exc),
+                    )
+                else:
+                    job.restored += 1
+                    job.anchors += rec.sensor in table.anchor_offset
+            if n % 32 == 0 and time.perf_counter() >= deadline:
+                return not values
+        return True
+
+    def _restored(self, job: _Install) -> None:
+        part = job.part
         log.info(
             "state_restored",
-            partition=p,
-            sensors=restored,
-            corrupt=corrupt,
+            partition=part.partition,
+            sensors=job.restored,
+            corrupt=job.corrupt,
             stale_thresholds=part.stale,
-            anchors=anchors,
-            records=latest.records,
-            start_offset=start,
+            anchors=job.anchors,
+            parked=sum(1 for s in part.sensors if s in self.table.saved),
+            records=job.latest.records,
+            start_offset=job.start,
             committed_h=part.restored_h,
             replay_until=part.replay_until,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(time.monotonic() - job.started, 3),
         )
+
+    # -- revocation and shutdown -----------------------------------------------------------
+
+    def cancel(self, partitions: list[int]) -> None:
+        """These partitions left before their state was in place: stop restoring them.
+
+        What was installed already stays in the table for the daemon to drop with them.
+        """
+        gone = set(partitions)
+        for read in list(self.reads):
+            read.partitions = [p for p in read.partitions if p not in gone]
+            if not read.partitions:
+                read.stop.set()
+                self.reads.remove(read)
+        self.installs = deque(i for i in self.installs if i.part.partition not in gone)
+        self._show()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every read in flight and wait for its thread (shutdown)."""
+        for read in self.reads:
+            read.stop.set()
+        for read in self.reads:
+            if read.thread is not None:
+                read.thread.join(timeout_s)
+        self.reads.clear()
+        self.installs.clear()
+        self._show()
+
+    def _show(self) -> None:
+        """/readyz and the metrics say what is being restored, and how far it got."""
+        records = sum(r.records for r in self.reads)
+        installing = sum(len(i.latest.values) for i in self.installs)
+        pending = self.pending
+        if pending:
+            since = min([r.started for r in self.reads] + [i.started for i in self.installs])
+            self.health.restoring = (
+                f"{self.topic} {pending}: {records:,} records read in "
+                f"{time.monotonic() - since:.0f} s, {installing:,} to install"
+            )
+        else:
+            self.health.restoring = None
+        if self.metrics is not None:
+            self.metrics.partitions_restoring.set(len(pending))
+            self.metrics.state_restore_records.set(records)

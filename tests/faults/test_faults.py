@@ -9,8 +9,10 @@ Run only them with ``.venv/bin/python -m pytest tests/faults``.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,92 @@ class TestPartitionMove:
             if rec["state"] == "open" and rec["sensor"] in moved_sensors:
                 same = [r for r in alerts if r["id"] == rec["id"]]
                 assert [r["state"] for r in same] == ["open", "closed"]
+
+    def test_the_kept_partition_scores_while_a_taken_one_restores(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """A takes B's partition back: while A reads its long state tail, A's own scores go on."""
+        timeout = Timeout(300)
+        topics = make_topics(new_topic, 2)
+        # An uncompacted state tail in both partitions (whichever moves): seconds to read.
+        fill_state_tail(kafka_bootstrap, topics.state, records_per_partition=600_000)
+        a = DaemonProcess(group_config(tmp_path, "a", kafka_bootstrap, topics, group_id, model_dir))
+        daemons.append(a.start())
+        a.wait_event("partitions_restored", timeout)
+        b = DaemonProcess(group_config(tmp_path, "b", kafka_bootstrap, topics, group_id, model_dir))
+        daemons.append(b.start())
+        (moved,) = b.wait_event("partitions_restored", timeout)["partitions"]
+        samples = plant_samples(6, 400, seed=17)
+        writer = threading.Thread(
+            target=produce,
+            args=(kafka_bootstrap, topics.input, samples),
+            kwargs={"rate_per_s": 600.0},
+        )
+        writer.start()
+        time.sleep(1.0)
+        assert b.stop() == 0, b.tail()
+        while not timeout.expired and len(a.seen("partitions_restored")) < 2:
+            time.sleep(0.1)
+        writer.join(timeout.remaining)
+        expected = set(expected_windows(topics.input, samples, W, S))
+        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [a])
+        assert a.stop() == 0, a.tail()
+        assert_complete(by_id, expected, daemons)
+        assert all(len(v) == 1 for v in by_id.values()), "a clean handover repeats nothing"
+
+        taken = [e for e in a.seen("partitions_assigned") if e["partitions"] == [moved]][-1]
+        restored = a.seen("partitions_restored")[-1]
+        assert restored["partitions"] == [moved], a.tail(40)
+        began, ended = (
+            datetime.fromisoformat(e["timestamp"]).timestamp() for e in (taken, restored)
+        )
+        assert ended - began > 1.0, f"the restore took {ended - began:.2f} s: no tail to read"
+        kept = {s.sensor for s in samples if s.partition != moved}
+        during = [r for r in score_times(kafka_bootstrap, topics.scores) if began < r[1] < ended]
+        assert any(sensor in kept for sensor, _ in during), (
+            f"no score of the kept partition in the {ended - began:.1f} s restore\n{a.tail(40)}"
+        )
+        assert not any(sensor not in kept for sensor, _ in during)
+
+
+def fill_state_tail(bootstrap: str, topic: str, records_per_partition: int) -> None:
+    """Tombstones of ten keys in every partition of a state topic: read through, install nothing."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "batch.size": 1_000_000})
+    parts = producer.list_topics(topic, timeout=10).topics[topic].partitions
+    for p in parts:
+        for i in range(records_per_partition):
+            while True:
+                try:
+                    producer.produce(topic, None, key=b"tail-%d" % (i % 10), partition=p)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+
+def score_times(bootstrap: str, topic: str) -> list[tuple[str, float]]:
+    """(sensor, broker timestamp in epoch seconds) of every score record."""
+    consumer = from_start(bootstrap, topic)
+    out: list[tuple[str, float]] = []
+    try:
+        idle = 0
+        while idle < 3:
+            batch = consumer.consume(5000, 0.5)
+            idle = 0 if batch else idle + 1
+            for m in batch:
+                if m.error() is None:
+                    out.append((orjson.loads(m.value() or b"")["sensor"], m.timestamp()[1] / 1000))
+    finally:
+        consumer.close()
+    return out
 
 
 class TestInstanceFailures:
