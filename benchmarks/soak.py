@@ -16,11 +16,18 @@ against the same partitions' steady p99 before the first join::
 
     .venv/bin/python benchmarks/soak.py --sensors 10000 --rate 20000 --restarts 0 --cycles 8
 
+``--tail N`` ends the run with the tail a long uptime leaves: the daemon is stopped, the
+state topic's records are written again until it holds N more, and the time the next
+start takes to restore them (and how often it said how far it got) is reported. With
+``--state-topic broker-defaults`` nothing of that tail is compacted away meanwhile::
+
+    .venv/bin/python benchmarks/soak.py --state-topic broker-defaults --restarts 1 --tail 3000000
+
 ``--state-topic daemon`` lets the daemon create the state topic (its bounded-tail
 settings); ``broker-defaults`` creates it beforehand with ``cleanup.policy=compact`` and
 nothing else, as a topic made by hand often is. For each restart the report gives the
 uptime before it, the state records the new process read back (all partitions), the
-slowest partition's restore and the time from start to ready.
+slowest partition's restore and the time from start until every partition is restored.
 
 Benchmarks print figures; they assert nothing.
 """
@@ -37,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,16 +63,6 @@ from e2e_parts.stream import (
 )
 
 
-def wait_ready(log: Path, timeout_s: float = 600) -> float:
-    """Seconds until the daemon logging to ``log`` says it is ready (NaN if it never does)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if log.exists() and log_events(log, "daemon_ready"):
-            return time.monotonic() - started
-        time.sleep(0.1)
-    return float("nan")
-
-
 def main() -> None:
     """Run the soak and print a Markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -77,9 +75,19 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--interval", type=float, default=90.0, help="seconds between restarts")
     ap.add_argument("--restarts", type=int, default=4)
+    ap.add_argument(
+        "--last-interval", type=float, default=None, help="uptime before the last restart, s"
+    )
     ap.add_argument("--state-topic", choices=["daemon", "broker-defaults"], default="daemon")
     ap.add_argument("--cycles", type=int, default=0, help="join and leave cycles of a second")
     ap.add_argument("--cycle-s", type=float, default=40.0, help="seconds it stays, and away")
+    ap.add_argument("--tail", type=int, default=0, help="state records to write before a start")
+    ap.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="no local state snapshot (kafka.state_snapshot_dir unset): every restore reads "
+        "the state topic",
+    )
     args = ap.parse_args()
 
     with broker_and_tmp(args.bootstrap, "streamer-soak-") as (bootstrap, tmp):
@@ -106,9 +114,13 @@ def run(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
         args.window,
         args.stride,
         args.channels,
-        kafka={"create_topics": True},
+        kafka={
+            "create_topics": True,
+            **({} if args.no_snapshot else {"state_snapshot_dir": str(tmp / "snapshots")}),
+        },
     )
     total_s = args.interval * (args.restarts + 1) + 120 + args.cycles * (2 * args.cycle_s + 60)
+    total_s += max((args.last_interval or 0) - args.interval, 0)
     rows_per_s = args.rate / args.sensors
     producer = threading.Thread(
         target=produce_stream,
@@ -119,35 +131,94 @@ def run(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
     producer.start()
     lines = [
         f"# Soak: {args.sensors:,} sensors, {args.rate:,.0f} samples/s, {args.partitions} "
-        f"partitions, a restart every {args.interval:.0f} s, state topic: {args.state_topic}",
+        f"partitions, a restart every {args.interval:.0f} s, state topic: {args.state_topic}, "
+        f"local snapshots: {'no' if args.no_snapshot else 'yes'}",
         "",
-        "| restart | uptime before s | state records written | restore records | "
-        "slowest restore s | start to ready s |",
+        "| restart | uptime before s | state records written | restore records "
+        "(topic / snapshot) | slowest restore s | start to restored s |",
         "|---|---|---|---|---|---|",
     ]
     log = tmp / "run-0.log"
     proc = start_daemon(cfg, log)
-    wait_ready(log)
+    wait_restored(log, args.partitions)
     for i in range(1, args.restarts + 1):
         up = time.monotonic()
-        time.sleep(args.interval)
+        last = i == args.restarts and args.last_interval is not None
+        time.sleep(args.last_interval if last else args.interval)
         uptime = time.monotonic() - up
         stop_daemon(proc)
         held = topic_records(bootstrap, topics["state"])
         log = tmp / f"run-{i}.log"
         proc = start_daemon(cfg, log)
-        ready_s = wait_ready(log)
+        ready_s = wait_restored(log, args.partitions)
         restored = log_events(log, "state_restored")
         records = sum(int(e.get("records", 0)) for e in restored)
+        known = sum(int(e.get("from_snapshot", 0)) for e in restored)
         slowest = max((float(e["seconds"]) for e in restored), default=float("nan"))
         lines.append(
-            f"| {i} | {uptime:.0f} | {held:,} | {records:,} | {slowest:.1f} | {ready_s:.1f} |"
+            f"| {i} | {uptime:.0f} | {held:,} | {records:,} / {known:,} | {slowest:.1f} "
+            f"| {ready_s:.1f} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
     if args.cycles:
         lines += cycles(bootstrap, tmp, cfg, topics["scores"], proc, log, args)
+    if args.tail:
+        stop_daemon(proc)
+        written = rewrite_state(bootstrap, topics["state"], args.tail)
+        log = tmp / "run-tail.log"
+        proc = start_daemon(cfg, log)
+        restored_s = wait_restored(log, args.partitions, timeout_s=1800)
+        read = sum(int(e.get("records", 0)) for e in log_events(log, "state_restored"))
+        told = len(log_events(log, "state_restore_progress"))
+        failed = log_events(log, "daemon_failed")
+        lines += [
+            "",
+            f"After {written:,} state records more (written again, as a long uptime leaves "
+            f"them): {read:,} read, every partition restored {restored_s:.1f} s after the "
+            f"start, {told} progress lines, "
+            + (f"failed: {failed[0].get('error')}" if failed else "no failure"),
+        ]
     stop_daemon(proc)
     return lines
+
+
+def wait_restored(log: Path, partitions: int, timeout_s: float = 600) -> float:
+    """Seconds until the daemon logging to ``log`` has restored ``partitions`` (NaN: never)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if log.exists():
+            done = log_events(log, "partitions_restored")
+            if sum(len(e["partitions"]) for e in done) >= partitions:
+                return time.monotonic() - started
+            if log_events(log, "daemon_failed"):
+                break
+        time.sleep(0.1)
+    return float("nan")
+
+
+def rewrite_state(bootstrap: str, topic: str, records: int) -> int:
+    """Write the topic's records again, in turn, until ``records`` more are written."""
+    consumer = consumer_from_start(bootstrap, topic, "soak-tail")
+    held: list[tuple[int, bytes | None, bytes | None]] = []
+    idle = 0
+    while idle < 3:
+        batch = consumer.consume(10_000, 1.0)
+        idle = 0 if batch else idle + 1
+        held += [(m.partition() or 0, m.key(), m.value()) for m in batch if m.error() is None]
+    consumer.close()
+    producer = Producer(client(bootstrap, **{"linger.ms": 50, "compression.type": "lz4"}))
+    written = 0
+    while held and written < records:
+        for p, key, value in held[: records - written]:
+            while True:
+                try:
+                    producer.produce(topic, value, key, partition=p)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+        written += min(len(held), records - written)
+    producer.flush(600)
+    return written
 
 
 def rss_mb(pid: int) -> float:

@@ -110,6 +110,11 @@ class KafkaConfig(_Section):
     # restore that keeps advancing is not cut short, however long the topic's uncompacted
     # tail (it says how far it got every 5 s, and /readyz shows it).
     restore_timeout_s: PositiveFloat = 60.0
+    # Where a clean stop leaves each owned partition's state (runtime.snapshot), so that
+    # the next start on this host reads that file rather than the state topic when nothing
+    # changed since. Unset: $STATE_DIRECTORY/snapshots under systemd (StateDirectory=),
+    # else none. Relative to the config file's folder when written in it.
+    state_snapshot_dir: Path | None = None
     # At start-up, how long to wait for the cluster to answer (list or create the
     # topics) before stopping with "cannot reach Kafka at ...".
     connect_timeout_s: PositiveFloat = 30.0
@@ -535,7 +540,8 @@ def load_config(
     ``path`` None: the built-in defaults. Then, in this order, ``STREAMER__SECTION__KEY``
     variables of ``env`` (default: the process environment) and ``sets``
     (``section.key=value``, as ``--set`` gives them) override single keys. A relative
-    ``model.path`` written in the file is relative to the file's folder.
+    ``model.path`` or ``kafka.state_snapshot_dir`` written in the file is relative to the
+    file's folder.
     """
     data: Any = {}
     source = "<defaults>"
@@ -554,11 +560,12 @@ def load_config(
             data = {}
         if not isinstance(data, dict):
             return parse_config(data, source)
-        model = data.get("model")
-        if isinstance(model, dict) and isinstance(model.get("path"), str):
-            written = Path(model["path"])
-            if not written.is_absolute():
-                model["path"] = str(path.parent / written)
+        for section, key in (("model", "path"), ("kafka", "state_snapshot_dir")):
+            part = data.get(section)
+            if isinstance(part, dict) and isinstance(part.get(key), str):
+                written = Path(part[key])
+                if not written.is_absolute():
+                    part[key] = str(path.parent / written)
     environment = os.environ if env is None else env
     for name in sorted(environment):
         if name.startswith(ENV_PREFIX):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
@@ -23,18 +23,29 @@ __all__ = ["LatestRecords", "read_latest"]
 
 @dataclass
 class LatestRecords:
-    """The latest value of each key in one partition (None: a tombstone), and the count read."""
+    """The latest value of each key in one partition (None: a tombstone), and the count read.
+
+    ``known``: how many of them were given (``read_latest``'s ``known``) instead of read.
+    """
 
     values: dict[bytes, bytes | None] = field(default_factory=dict)
     records: int = 0
+    known: int = 0
 
 
 def _ends_to_read(
-    consumer: Consumer, topic: str, partitions: Sequence[int], timeout_s: float
+    consumer: Consumer,
+    topic: str,
+    partitions: Sequence[int],
+    timeout_s: float,
+    known: Mapping[int, tuple[int, dict[bytes, bytes]]],
+    out: dict[int, LatestRecords],
 ) -> dict[int, int]:
-    """The high watermark, as of now, of each partition of ``topic`` that holds records.
+    """The high watermark, as of now, of each partition of ``topic`` to read.
 
-    A partition whose low and high watermarks are equal has nothing to read and is left out.
+    A partition whose low and high watermarks are equal has nothing to read, and one whose
+    latest records are ``known`` as of its end offset now is taken from there (into
+    ``out``): both are left out.
     """
     ends: dict[int, int] = {}
     for p in partitions:
@@ -44,7 +55,10 @@ def _ends_to_read(
             )
         except KafkaException as exc:
             raise KafkaError(f"cannot read watermarks of {topic}[{p}]: {exc}") from exc
-        if hi > lo:
+        given = known.get(p)
+        if given is not None and given[0] == hi:
+            out[p] = LatestRecords(dict(given[1]), 0, len(given[1]))
+        elif hi > lo:
             ends[p] = hi
     return ends
 
@@ -88,6 +102,7 @@ def read_latest(
     on_progress: Callable[[int, list[int]], None] | None = None,
     progress_every_s: float = 1.0,
     stop: threading.Event | None = None,
+    known: Mapping[int, tuple[int, dict[bytes, bytes]]] | None = None,
 ) -> tuple[dict[int, LatestRecords], list[int]]:
     """The latest record of each key of a compacted topic's partitions, with one reader.
 
@@ -103,6 +118,8 @@ def read_latest(
     about every ``progress_every_s`` while records arrive, and once at the end. The
     reader is assigned, not subscribed: it joins no group and commits nothing. Once
     ``stop`` is set the read ends within half a second, its partitions unfinished.
+    ``known``: partition -> (end offset, latest records as of it), as a local snapshot
+    holds them; such a partition is not read if it still ends there.
 
     It carries the daemon's own ``group.id`` (the client requires one): on a cluster
     with ACLs the daemon holds READ on its group, while a group named per reader (one
@@ -123,7 +140,7 @@ def read_latest(
     out = {p: LatestRecords() for p in partitions}
     read = 0
     try:
-        ends = _ends_to_read(consumer, topic, partitions, stall_s)
+        ends = _ends_to_read(consumer, topic, partitions, stall_s, known or {}, out)
         if ends:
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         advanced = told = time.monotonic()

@@ -489,6 +489,16 @@ class Source:
             self._asked[partition] = asked
         return asked[1]
 
+    def end_offset(self, topic: str, partition: int, timeout_s: float = 5.0) -> int:
+        """The end offset (high watermark) of another topic's partition, asked of the broker."""
+        try:
+            _, hi = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout_s, cached=False
+            )
+        except KafkaException as exc:
+            raise KafkaError(f"cannot read the end offset of {topic}[{partition}]: {exc}") from exc
+        return int(hi)
+
     def close(self) -> None:
         """Leave the group (revoke callbacks run) and release the consumer."""
         try:

@@ -9,9 +9,10 @@ the sensor's input partition, keyed by the sensor.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+from streamer.codec import offset_of
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, Checkpoint, StateAtH
@@ -77,7 +78,7 @@ class Checkpointer:
         """
         p, h = c.partition, c.h
         part = self.table.parts[p]
-        anchor_offset, saved = self.table.anchor_offset, self.table.saved
+        anchor_offset, parked = self.table.anchor_offset, self.table.parked
         # Keep what was learned by evicted sensors; only the ring anchor is gone.
         records: list[tuple[str, dict[str, Any] | None]] = [(s, None) for s in sorted(c.evicted)]
         c.evicted = set()
@@ -86,11 +87,11 @@ class Checkpointer:
         part.dirty.difference_update(dirty)
         for s in dirty:
             ring: dict[str, Any] | None = None
-            parked = saved.get(s)
-            anchor = c.anchor(s) if parked is None else None
-            if parked is not None:
+            saved = parked.ring(s)
+            anchor = c.anchor(s) if saved is None else None
+            if saved is not None:
                 # Its ring as of the snapshot at H (PartitionTable.snapshot saved it then).
-                ring = {"saved": parked[1]}
+                ring = {"saved": saved}
             elif anchor is not None:
                 ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
                 anchor_offset[s] = anchor[0]
@@ -108,6 +109,33 @@ class Checkpointer:
                 # commit anyway, so waiting for this slice now costs only a round trip.
                 self.producer.flush(FLUSH_TIMEOUT_S)
         return self.table.commit_offset(part, h), commit_metadata(h)
+
+    def every_record(self, p: int) -> Iterator[tuple[bytes, bytes]]:
+        """Every sensor's state record of partition ``p`` as of now (a local snapshot).
+
+        What a round writing every sensor at H would write, H the partition's last
+        consumed offset (all of it committed): live sensors with their ring (anchored at
+        the oldest sample their next window needs, or saved if parked), evicted ones that
+        learned something without one.
+        """
+        part = self.table.parts[p]
+        h = part.consumed
+        live = sorted(part.sensors)
+        rings = self.sensors.rings(live)
+        at = dict(zip(live, range(len(live)), strict=True))
+        for s in sorted(part.known):
+            ring: dict[str, Any] | None = None
+            i = at.get(s)
+            saved = self.table.parked.ring(s)
+            if saved is not None and i is not None:
+                ring = {"saved": saved}
+            elif i is not None and rings.oldest_count[i] > 0:
+                anchor = offset_of(int(rings.oldest_pos[i]))
+                ring = {"anchor_offset": anchor, "anchor_count": int(rings.oldest_count[i])}
+            state = self.sensors.snapshot(s, copy=False)
+            value = self.value(s, p, h, ring, state.threshold, dict(state.alerts))
+            if value is not None:
+                yield s.encode(), value
 
     def produce(self, state: StateAtH) -> None:
         """Serialise and produce one state record copied at H."""

@@ -15,12 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 from numpy.typing import NDArray
 
 from streamer.codec import offset_of
 from streamer.config import StreamConfig
 
-__all__ = ["Eviction", "choose_evictions"]
+__all__ = ["EVICTIONS_LOGGED", "Eviction", "choose_evictions", "log_evictions"]
+
+log = structlog.get_logger("streamer.daemon")
+
+# Per-sensor eviction warnings per partition and round; the rest are summed in one line.
+EVICTIONS_LOGGED = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +102,49 @@ def choose_evictions(
         behind_by=behind_by,
         park=park,
     )
+
+
+def log_evictions(
+    partition: int,
+    names: list[str],
+    unscored: list[int],
+    ev: Eviction,
+    order: list[int],
+    stream: StreamConfig,
+) -> None:
+    """One warning per evicted sensor (the first few), a summary, and a bound too small.
+
+    ``order``: the evicted rows (``Eviction.order``); ``unscored``: the samples each of
+    the first ``EVICTIONS_LOGGED`` of them held that no window covered (what is lost).
+    """
+    for i, dropped in zip(order[:EVICTIONS_LOGGED], unscored, strict=True):
+        log.warning(
+            "sensor_evicted",
+            sensor=names[i],
+            partition=partition,
+            reason=ev.reason(i),
+            samples_dropped=dropped,
+            silent_s=round(float(ev.silent_s[i]), 3),
+            idle_s=round(float(ev.idle_s[i]), 3),
+            messages_behind=int(ev.behind_by[i]),
+        )
+    if len(order) > EVICTIONS_LOGGED:
+        log.warning(
+            "sensors_evicted",
+            partition=partition,
+            silent=int((ev.silent & ~ev.idle).sum()),
+            idle=int(ev.idle.sum()),
+            replay_bound=int(ev.replay_bound.sum()),
+            logged=EVICTIONS_LOGGED,
+        )
+    if ev.replay_bound.sum() > len(names) // 2:
+        # Most of the partition's sensors: the bound is too small for the fleet, since
+        # a window spans `window` samples of every sensor in the partition.
+        log.error(
+            "replay_bound_too_small",
+            partition=partition,
+            max_replay_messages=stream.max_replay_messages,
+            sensors=len(names),
+            needed_at_least=stream.window * len(names),
+            hint="raise stream.max_replay_messages above window x sensors per partition",
+        )

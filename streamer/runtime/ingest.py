@@ -89,9 +89,9 @@ class Ingest:
         samples, dead = self.decoder.decode(batch.values, batch.keys, positions)
         for d in dead:
             self._dead_letter(batch, d)
-        if self.table.resume:
+        if self.table.parked.resume:
             # Replayed samples a restored parked sensor's saved ring holds already.
-            held = self.table.held(samples.keys, samples.positions)
+            held = self.table.parked.held(samples.keys, samples.positions)
             if held.any():
                 samples = samples.take(np.flatnonzero(~held))
         samples = self._refuse_future(batch, samples)

@@ -29,7 +29,8 @@ from streamer.codec import offset_of, partition_of, to_position
 from streamer.config import StreamConfig
 from streamer.metrics import Metrics
 from streamer.runtime.counters import Counters
-from streamer.runtime.eviction import Eviction, choose_evictions
+from streamer.runtime.eviction import EVICTIONS_LOGGED, choose_evictions, log_evictions
+from streamer.runtime.parking import ParkedRings
 from streamer.runtime.rounds import Checkpoint
 from streamer.sensors import SensorRecord, SensorStore
 from streamer.windows import WindowBatch
@@ -37,9 +38,6 @@ from streamer.windows import WindowBatch
 __all__ = ["Partition", "PartitionTable"]
 
 log = structlog.get_logger("streamer.daemon")
-
-# Per-sensor eviction warnings per partition and round; the rest are summed in one line.
-_EVICTIONS_LOGGED = 20
 
 
 @dataclass(slots=True)
@@ -94,12 +92,8 @@ class PartitionTable:
         # Evicted sensors whose threshold and alert state is kept in memory: since when
         # (monotonic) and their partition, oldest first (see expire_evicted).
         self.evicted_at: dict[str, tuple[float, int]] = {}
-        # Parked sensors: their newest sample's timestamp when their ring was saved, and
-        # the saved ring their state records carry instead of an anchor (as of that H).
-        self.saved: dict[str, tuple[float, dict[str, Any]]] = {}
-        # Restored parked sensors: the position of the newest sample in their saved
-        # ring. A replay drops their samples up to it (they are in the ring already).
-        self.resume: dict[str, int] = {}
+        # Silent sensors whose ring is saved with their state (runtime.parking).
+        self.parked = ParkedRings(sensors, metrics)
         # Sensor-limit events since the last sensor_limit_reached line (one per interval).
         self.limit_counts = {"evicted": 0, "refused_samples": 0, "refused_sensors": 0}
         self.limit_logged = 0.0
@@ -260,8 +254,7 @@ class PartitionTable:
         self.sensor_part.pop(sensor, None)
         self.anchor_offset.pop(sensor, None)
         self.last_seen.pop(sensor, None)
-        self.saved.pop(sensor, None)
-        self.resume.pop(sensor, None)
+        self.parked.forget(sensor)
 
     def _expire_anchors(self, part: Partition) -> None:
         """Anchors the replay went past without meeting (record older than the log) are void."""
@@ -288,64 +281,16 @@ class PartitionTable:
             return None  # nothing consumed since the last commit (or still replaying)
         h = part.consumed
         self._expire_anchors(part)
-        if self.resume:
-            self._expire_resume(part)
+        if self.parked.resume:
+            self.parked.replayed(p, part.consumed)
         names, oldest_pos, oldest_count, park = self._evict(part, h)
-        self._park([names[i] for i in np.flatnonzero(park).tolist()], part)
+        quiet = [names[i] for i in np.flatnonzero(park).tolist()]
+        write, parked = self.parked.update(p, part.committed_offset, quiet, self.sensor_part)
+        part.dirty.update(write)
+        for s in parked:
+            self.anchor_offset.pop(s, None)
         evicted, part.evicted = part.evicted, set()
         return Checkpoint(p, h, names, oldest_pos, oldest_count, evicted)
-
-    def _park(self, quiet: list[str], part: Partition) -> None:
-        """Save the rings of sensors gone quiet; keep parked ones' saved rings current.
-
-        A parked sensor's record carries its ring (``Checkpointer``) and it leaves the
-        commit offset's minimum. One that spoke again gets its ring saved afresh, and is
-        anchored again once its next window needs no sample the last commit covered
-        (at or after the offset last committed: an anchor before it would pull the commit
-        back, and a restart from that commit would not meet it).
-        """
-        saved, sensors = self.saved, self.sensors
-        p = part.partition
-        mine = [s for s in saved if self.sensor_part.get(s) == p] if saved else []
-        quiet_set = set(quiet)
-        if mine:
-            rings = sensors.rings(mine)
-            floor = part.committed_offset
-            unpark = (rings.oldest_count > 0) & (offset_of(rings.oldest_pos) >= floor)
-            for s, gone, ts in zip(mine, unpark.tolist(), rings.last_ts.tolist(), strict=True):
-                if gone and s not in quiet_set:
-                    del saved[s]  # anchored at this round
-                    part.dirty.add(s)
-                elif ts != saved[s][0]:
-                    saved[s] = (ts, sensors.saved_ring(s))
-                    part.dirty.add(s)
-        new = [s for s in quiet if s not in saved]
-        for s, ts in zip(new, sensors.rings(new).last_ts.tolist(), strict=True):
-            saved[s] = (ts, sensors.saved_ring(s))
-            self.anchor_offset.pop(s, None)
-            part.dirty.add(s)
-        if new:
-            self.metrics.sensors_parked.inc(len(new))
-            log.info("sensors_parked", partition=p, sensors=len(new), parked=len(saved))
-
-    def held(self, keys: NDArray[np.object_], positions: NDArray[np.int64]) -> NDArray[np.bool_]:
-        """Which samples a restored parked sensor's saved ring holds already (a replay's)."""
-        resume = self.resume
-        return np.fromiter(
-            (
-                resume.get(k, -1) >= pos
-                for k, pos in zip(keys.tolist(), positions.tolist(), strict=True)
-            ),
-            dtype=bool,
-            count=len(keys),
-        )
-
-    def _expire_resume(self, part: Partition) -> None:
-        """Resume marks the partition's replay went past are done with."""
-        p, done = part.partition, part.consumed
-        for s, pos in list(self.resume.items()):
-            if partition_of(pos) == p and offset_of(pos) <= done:
-                del self.resume[s]
 
     def _evict(
         self, part: Partition, h: int
@@ -380,7 +325,8 @@ class PartitionTable:
             stream=self.stream,
         )
         order = ev.order(names)
-        self._log_evictions(part, names, rings.slots, ev, order)
+        unscored = [self.sensors.unscored(int(rings.slots[i])) for i in order[:EVICTIONS_LOGGED]]
+        log_evictions(part.partition, names, unscored, ev, order, self.stream)
         for i in order:
             self.evicted(names[i], part, ev.reason(i))
         if not ev.any:
@@ -392,47 +338,6 @@ class PartitionTable:
             oldest_count[kept],
             ev.park[kept],
         )
-
-    def _log_evictions(
-        self,
-        part: Partition,
-        names: list[str],
-        slots: NDArray[np.int64],
-        ev: Eviction,
-        order: list[int],
-    ) -> None:
-        """One warning per evicted sensor (the first few), a summary, and a bound too small."""
-        for i in order[:_EVICTIONS_LOGGED]:
-            log.warning(
-                "sensor_evicted",
-                sensor=names[i],
-                partition=part.partition,
-                reason=ev.reason(i),
-                samples_dropped=self.sensors.unscored(int(slots[i])),
-                silent_s=round(float(ev.silent_s[i]), 3),
-                idle_s=round(float(ev.idle_s[i]), 3),
-                messages_behind=int(ev.behind_by[i]),
-            )
-        if len(order) > _EVICTIONS_LOGGED:
-            log.warning(
-                "sensors_evicted",
-                partition=part.partition,
-                silent=int((ev.silent & ~ev.idle).sum()),
-                idle=int(ev.idle.sum()),
-                replay_bound=int(ev.replay_bound.sum()),
-                logged=_EVICTIONS_LOGGED,
-            )
-        if ev.replay_bound.sum() > len(names) // 2:
-            # Most of the partition's sensors: the bound is too small for the fleet, since
-            # a window spans `window` samples of every sensor in the partition.
-            log.error(
-                "replay_bound_too_small",
-                partition=part.partition,
-                max_replay_messages=self.stream.max_replay_messages,
-                sensors=len(names),
-                needed_at_least=self.stream.window * len(names),
-                hint="raise stream.max_replay_messages above window x sensors per partition",
-            )
 
     def commit_offset(self, part: Partition, h: int) -> int:
         """The offset to commit: the oldest anchor written for a live sensor, else H + 1.
@@ -485,9 +390,7 @@ class PartitionTable:
             self.last_seen[sensor] = time.monotonic()
             part.sensors.add(sensor)
         if saved is not None and rec.saved is not None:
-            sensors.load_ring(sensor, saved)
-            self.saved[sensor] = (saved.last_ts, rec.saved)
-            self.resume[sensor] = saved.last_pos
+            self.parked.restored(sensor, saved, rec.saved)
         elif ring is not None and live:
             position = to_position(part.partition, int(ring["anchor_offset"]))
             sensors.anchor(sensor, position, ring["anchor_count"])

@@ -12,7 +12,9 @@ its own (a reader that joins no group). The loop calls ``step`` once per iterati
 a read is done, it installs the records a slice at a time (a few milliseconds of the
 loop's time per iteration), and hands back each partition whose state is in place, for
 the daemon to resume. Until then the partition is in the table marked ``restoring``:
-no message of it is processed and no round commits it.
+no message of it is processed and no round commits it. A partition a clean stop on this
+host left a snapshot of (``runtime.snapshot``), with nothing changed since, is read from
+that file instead of the topic.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import structlog
 
@@ -32,6 +35,7 @@ from streamer.kafka.source import Committed
 from streamer.metrics import Health, Metrics
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import Partition, PartitionTable
+from streamer.runtime.snapshot import read_snapshot, snapshot_path
 from streamer.runtime.state import commit_head
 from streamer.sensors import parse_record
 
@@ -84,6 +88,7 @@ class Recovery:
         health: Health,
         counters: Counters,
         metrics: Metrics | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.kafka = kafka
         self.topic = state_topic
@@ -91,6 +96,8 @@ class Recovery:
         self.health = health
         self.counters = counters
         self.metrics = metrics
+        # Where clean stops leave each partition's state (None: not used).
+        self.snapshot_dir = snapshot_dir
         self.reads: list[_Read] = []
         self.installs: deque[_Install] = deque()
 
@@ -122,11 +129,35 @@ class Recovery:
                 self.kafka.restore_timeout_s,
                 on_progress=self._progress(read),
                 stop=read.stop,
+                known=self._snapshots(read),
             )
         except BaseException as exc:  # handed to the loop, which fails with it
             read.error = exc
         finally:
             read.done.set()
+
+    def _snapshots(self, read: _Read) -> dict[int, tuple[int, dict[bytes, bytes]]]:
+        """The local snapshots (``runtime.snapshot``) written at the commit each partition has.
+
+        Each file is removed once read: the state moves on from here without it.
+        """
+        if self.snapshot_dir is None:
+            return {}
+        known = {}
+        group = self.kafka.group_id
+        for p in read.partitions:
+            path = snapshot_path(self.snapshot_dir, group, self.topic, p)
+            snap = read_snapshot(path, group=group, state_topic=self.topic, partition=p)
+            path.unlink(missing_ok=True)
+            if snap is None:
+                continue
+            c = read.committed.get(p)
+            h = commit_head(c.metadata if c is not None else None, c.offset if c else -1)
+            if snap.h != h:
+                log.info("state_snapshot_stale", partition=p, snapshot_h=snap.h, committed_h=h)
+                continue
+            known[p] = (snap.state_end, snap.values)
+        return known
 
     def _progress(self, read: _Read) -> Callable[[int, list[int]], None]:
         """What a read does as it goes: counts (for /readyz and metrics), a line every 5 s.
@@ -253,8 +284,9 @@ class Recovery:
             corrupt=job.corrupt,
             stale_thresholds=part.stale,
             anchors=job.anchors,
-            parked=sum(1 for s in part.sensors if s in self.table.saved),
+            parked=sum(1 for s in part.sensors if s in self.table.parked),
             records=job.latest.records,
+            from_snapshot=job.latest.known,
             start_offset=job.start,
             committed_h=part.restored_h,
             replay_until=part.replay_until,

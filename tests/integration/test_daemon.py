@@ -371,12 +371,16 @@ class TestDeadLetters:
 
 
 def restart_scenario(
-    sig: int, scenario: Scenario, between: Callable[[str, Topics], None] | None = None
+    sig: int,
+    scenario: Scenario,
+    between: Callable[[str, Topics], None] | None = None,
+    **kafka: Any,
 ) -> tuple[list[Message], dict[str, tuple[str, int, int]], int]:
     """Stream into a daemon, stop it with ``sig`` mid-stream, restart, read everything.
 
-    ``between(bootstrap, topics)`` runs after the stop, before the restart. Returns all
-    score messages, the expected windows and the first run's exit code.
+    ``between(bootstrap, topics)`` runs after the stop, before the restart; ``kafka``:
+    more settings of the config's kafka section. Returns all score messages, the
+    expected windows and the first run's exit code.
     """
     bootstrap, topics, started = scenario.bootstrap, scenario.topics, scenario.started
     group_id, model_dir, tmp_path = scenario.group, scenario.model, scenario.tmp_path
@@ -392,7 +396,7 @@ def restart_scenario(
         topics,
         group_id,
         model_dir,
-        kafka={"commit_interval_s": 0.5, "client": {"session.timeout.ms": 6000}},
+        kafka={"commit_interval_s": 0.5, "client": {"session.timeout.ms": 6000}, **kafka},
     )
     first = DaemonProcess(cfg).start()
     started.append(first)
@@ -449,6 +453,47 @@ class TestRestart:
         assert set(counts) == set(expected)
         repeated = {i: c for i, c in counts.items() if c > 1}
         assert not repeated, f"{len(repeated)} windows published twice"
+
+    def test_sigterm_leaves_a_snapshot_that_the_restart_reads_instead_of_the_topic(
+        self, scenario: Scenario
+    ) -> None:
+        """After a clean stop the restart restores from the local file: no state record read."""
+        msgs, expected, code = restart_scenario(
+            signal.SIGTERM, scenario, state_snapshot_dir="snapshots"
+        )
+        assert code == 0
+        first, second = scenario.started
+        written = first.seen("state_snapshot_written")
+        assert written and sum(written[0]["records"].values()) == 6, first.tail()
+        restored = second.seen("state_restored")
+        assert sum(e["from_snapshot"] for e in restored) == 6, second.tail()
+        assert sum(e["records"] for e in restored) == 0
+        # The files were used once and removed; the second clean stop left its own.
+        again = second.seen("state_snapshot_written")
+        files = list((scenario.tmp_path / "snapshots").iterdir())
+        assert again and len(files) == len(again[0]["records"]) == len(written[0]["records"])
+        counts = Counter(ids_of(msgs))
+        assert set(counts) == set(expected) and max(counts.values()) == 1
+
+    def test_a_snapshot_older_than_the_state_topic_is_not_used(self, scenario: Scenario) -> None:
+        """State written after the clean stop (another instance, say): the topic is read."""
+
+        def write_state(bootstrap: str, topics: Topics) -> None:
+            producer = Producer({"bootstrap.servers": bootstrap})
+            producer.produce(topics.state, None, key=b"someone-else", partition=0)
+            assert producer.flush(30) == 0
+
+        msgs, expected, _ = restart_scenario(
+            signal.SIGTERM, scenario, write_state, state_snapshot_dir="snapshots"
+        )
+        # Partition 0's state moved on: read from the topic. Any other is still its file's.
+        restored = {e["partition"]: e for e in scenario.started[1].seen("state_restored")}
+        assert restored[0]["from_snapshot"] == 0 and restored[0]["records"] > restored[0]["sensors"]
+        for p, e in restored.items():
+            if p != 0:
+                assert e["from_snapshot"] == e["sensors"] and e["records"] == 0, e
+        counts = Counter(ids_of(msgs))
+        assert set(counts) == set(expected) and max(counts.values()) == 1
 
     def test_sigkill_then_restart_identical_repeats(self, scenario: Scenario) -> None:
         """After SIGKILL mid-stream and a restart all windows appear, repeats byte-identical."""

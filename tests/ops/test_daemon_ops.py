@@ -197,7 +197,9 @@ class TestMetricsEndpoint:
                 values["streamer_windows_scored_total"] == len(expected)
                 and values["streamer_end_to_end_latency_seconds_count"] == len(expected)
                 and values.get(lag) == 0
-                # Gauges are refreshed once a second: wait for the queue's to catch up too.
+                # Gauges are refreshed once a second: wait for a refresh after the stream
+                # (a small stream is scored within one, so lag and queue read 0 before it).
+                and values.get("streamer_sensors") == 4
                 and values.get("streamer_inference_queue_depth") == 0
                 and values.get("streamer_inference_queued_windows") == 0
                 and values.get("streamer_partitions_paused") == 0

@@ -57,7 +57,7 @@ def test_a_quiet_sensor_is_parked_and_no_longer_holds_the_commit(rig: Rig) -> No
     assert records(rig)["b"]["version"] == 2 and "anchor_offset" in records(rig)["b"]["ring"]
     committed = rig.committer.sync[-1][0][0]
     assert committed == records(rig)["b"]["ring"]["anchor_offset"] > 1
-    assert "q" in rig.table.saved and "q" not in rig.table.anchor_offset
+    assert "q" in rig.table.parked and "q" not in rig.table.anchor_offset
 
 
 def test_parking_is_off_at_zero_and_the_commit_stays_at_the_partial_window(rig: Rig) -> None:
@@ -78,7 +78,7 @@ def test_a_restored_parked_sensor_continues_its_window_and_skips_what_it_holds(r
     part = table.parts[0] = Partition(partition=0, committed_h=h, restored_h=h)
     table.apply(part, parse_record(b"q", value, 0), start=rig.committer.sync[-1][0][0])
     assert table.sensor_part["q"] == 0 and "q" in part.sensors
-    assert table.resume == {"q": to_position(0, 1)} and "q" in table.saved
+    assert table.parked.resume == {"q": to_position(0, 1)} and "q" in table.parked
     # Two more samples complete q's first window: its first two rows are the saved ones.
     values = np.array([[1, 2], [3, 4]], dtype=np.float32)
     pushed = stores.windows.push(
@@ -92,12 +92,12 @@ def test_a_restored_parked_sensor_continues_its_window_and_skips_what_it_holds(r
     assert pushed.windows.start_pos.tolist() == [to_position(0, 0)]
     # A replay from the commit meets q's saved samples again: they are dropped, not pushed.
     keys = np.array(["q", "q", "b"], dtype=object)
-    held = table.held(keys, to_position(np.zeros(3, np.int64), np.array([0, 2, 1])))
+    held = table.parked.held(keys, to_position(np.zeros(3, np.int64), np.array([0, 2, 1])))
     assert held.tolist() == [True, False, False]
     # The replay went past the saved samples: the resume mark is done with.
     part.consumed = h + 2
     table.snapshot(0)
-    assert table.resume == {}
+    assert table.parked.resume == {}
 
 
 def test_a_returning_sensor_is_saved_again_then_anchored_past_the_commit(rig: Rig) -> None:
@@ -117,7 +117,7 @@ def test_a_returning_sensor_is_saved_again_then_anchored_past_the_commit(rig: Ri
     rig.producer.records.clear()
     rig.rounds.run([0], "shutdown", drain=lambda: None)
     assert records(rig)["q"]["ring"] == {"anchor_offset": third - 1, "anchor_count": 3}
-    assert "q" not in rig.table.saved and rig.table.anchor_offset["q"] == third - 1
+    assert "q" not in rig.table.parked and rig.table.anchor_offset["q"] == third - 1
 
 
 def test_an_unchanged_parked_sensor_writes_no_record_again(rig: Rig) -> None:
