@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 from streamer.errors import ConfigError, DataError
 from streamer.windows import RingWindows, SensorIndex
@@ -246,6 +247,24 @@ class TestSensorIndex:
         assert idx.slots([]).tolist() == []
 
 
+def timeline(
+    data: list[tuple[int, int]], channels: int, first_position: int
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float32], NDArray[np.int64]]:
+    """Slots, timestamps (each slot's clock moved on by its increments), values, positions."""
+    clock: dict[int, float] = defaultdict(float)
+    ts_l = []
+    for slot, inc in data:
+        clock[slot] += inc
+        ts_l.append(clock[slot])
+    n = len(data)
+    return (
+        np.array([slot for slot, _ in data], dtype=np.int64),
+        np.array(ts_l, dtype=np.float64),
+        np.random.default_rng(n).normal(size=(n, channels)).astype(np.float32),
+        np.arange(n, dtype=np.int64) + first_position,
+    )
+
+
 class TestRingWindowsAnchor:
     """A replay from a commit point, anchored, emits exactly the original run's later windows."""
 
@@ -271,17 +290,8 @@ class TestRingWindowsAnchor:
     ) -> None:
         """Windows after the commit match the original run wherever before it the replay starts."""
         stride = min(stride_frac, window)
-        clock: dict[int, float] = defaultdict(float)
-        slots_l, ts_l = [], []
-        for slot, inc in data:
-            clock[slot] += inc
-            slots_l.append(slot)
-            ts_l.append(clock[slot])
-        n = len(slots_l)
-        slots = np.array(slots_l, dtype=np.int64)
-        ts = np.array(ts_l, dtype=np.float64)
-        vals = np.random.default_rng(n).normal(size=(n, 2)).astype(np.float32)
-        pos = np.arange(n, dtype=np.int64) + 1000
+        slots, ts, vals, pos = timeline(data, channels=2, first_position=1000)
+        slots_l, n = slots.tolist(), len(slots)
 
         def run(
             ring: RingWindows, lo: int, hi: int, bounds: list[int]
@@ -394,17 +404,8 @@ class TestRingCopy:
     ) -> None:
         """After the cut, a ring loaded from copies emits what the original emits, bytes and all."""
         stride = min(stride_frac, window)
-        clock: dict[int, float] = defaultdict(float)
-        slots_l, ts_l = [], []
-        for slot, inc in data:
-            clock[slot] += inc
-            slots_l.append(slot)
-            ts_l.append(clock[slot])
-        n = len(slots_l)
-        slots = np.array(slots_l, dtype=np.int64)
-        ts = np.array(ts_l, dtype=np.float64)
-        vals = np.random.default_rng(n).normal(size=(n, 3)).astype(np.float32)
-        pos = np.arange(n, dtype=np.int64) + 500
+        slots, ts, vals, pos = timeline(data, channels=3, first_position=500)
+        slots_l, n = slots.tolist(), len(slots)
         cut = int(cut_frac * n)
 
         def emitted(ring: RingWindows, lo: int, hi: int, moved: int = 0) -> list[tuple[Any, ...]]:

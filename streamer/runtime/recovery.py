@@ -45,8 +45,8 @@ log = structlog.get_logger("streamer.daemon")
 
 # A long state restore says how far it got this often.
 _RESTORE_LOG_S = 5.0
-# Loop time a restore may take per iteration to install records: the partitions already
-# held are scored between slices (about 60-100 us per record: some 100 records a slice).
+# Loop time a restore may take per iteration to install records, by default: the
+# partitions already held are scored between slices (60-100 us a record: ~100 a slice).
 _SLICE_S = 0.008
 
 
@@ -100,6 +100,11 @@ class Recovery:
         self.snapshot_dir = snapshot_dir
         self.reads: list[_Read] = []
         self.installs: deque[_Install] = deque()
+
+    @property
+    def installing(self) -> bool:
+        """Whether records are read and waiting to be installed (the loop should not idle)."""
+        return bool(self.installs) or any(r.done.is_set() for r in self.reads)
 
     @property
     def pending(self) -> list[int]:
