@@ -249,7 +249,9 @@ def cycles(
     args: argparse.Namespace,
 ) -> list[str]:
     """A second daemon joins and leaves ``args.cycles`` times; RSS and kept partitions' p99."""
-    time.sleep(args.cycle_s)  # the steady slice
+    # The steady slice starts once every sensor has filled its first window.
+    time.sleep(args.window * args.sensors / args.rate)
+    time.sleep(args.cycle_s)
     slices: list[tuple[str, float, float]] = [("steady", time.time() - args.cycle_s, time.time())]
     rss = []
     kept: set[int] = set()

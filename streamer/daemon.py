@@ -109,10 +109,6 @@ _COMMIT_SPACING = 9.0
 # evictions, an upper bound on the records) copies their state at H and serialises and
 # produces a slice of it per loop iteration; a larger one produces them all at H.
 _DEFER_STATES_MAX = 20_000
-# Loop time per iteration for installing restored state: short while other partitions are
-# served (about 100 records; they are scored between slices), long when none is (a start).
-_INSTALL_SLICE_S = 0.008
-_INSTALL_ALONE_S = 0.5
 
 
 def _load_model(cfg: Config, device: str) -> tuple[LoadedModel, float]:
@@ -381,9 +377,7 @@ class Daemon:
             if batch:
                 ingest.process(batch)
             if self.recovery.pending:
-                # With no partition to serve meanwhile (a start), install without slicing.
-                budget = _INSTALL_SLICE_S if self.table.serving() else _INSTALL_ALONE_S
-                self._restored(source, self.recovery.step(budget))
+                self._restored(source, self.recovery.step())
             if backpressure.paused:
                 publisher.publish_done(block_s=0.05)
             else:

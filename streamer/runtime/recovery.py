@@ -48,14 +48,20 @@ _RESTORE_LOG_S = 5.0
 # Loop time a restore may take per iteration to install records, by default: the
 # partitions already held are scored between slices (60-100 us a record: ~100 a slice).
 _SLICE_S = 0.008
+# The same for a restore with nothing else to serve meanwhile (a start).
+_ALONE_S = 0.5
 
 
 class _Read:
     """One assignment's state read, on a thread of its own."""
 
-    def __init__(self, partitions: list[int], committed: Mapping[int, Committed]) -> None:
+    def __init__(
+        self, partitions: list[int], committed: Mapping[int, Committed], alone: bool
+    ) -> None:
         self.partitions = partitions
         self.committed = dict(committed)
+        # No partition was served when it began (a start): nothing waits on its installs.
+        self.alone = alone
         self.started = time.monotonic()
         self.stop = threading.Event()
         self.done = threading.Event()
@@ -69,11 +75,14 @@ class _Read:
 class _Install:
     """Installing one partition's latest records into the table, a slice at a time."""
 
-    def __init__(self, part: Partition, start: int, latest: LatestRecords, started: float) -> None:
+    def __init__(
+        self, part: Partition, start: int, latest: LatestRecords, started: float, alone: bool
+    ) -> None:
         self.part = part
         self.start = start
         self.latest = latest
         self.started = started
+        self.alone = alone
         self.restored = self.corrupt = self.anchors = 0
 
 
@@ -116,7 +125,7 @@ class Recovery:
 
     def begin(self, partitions: list[int], committed: Mapping[int, Committed]) -> None:
         """Start reading the partitions' state (the daemon has paused them)."""
-        read = _Read(list(partitions), committed)
+        read = _Read(list(partitions), committed, alone=not self.table.serving())
         read.thread = threading.Thread(
             target=self._read, args=(read,), name="state-restore", daemon=True
         )
@@ -191,6 +200,8 @@ class Recovery:
     def step(self, budget_s: float = _SLICE_S) -> list[tuple[int, int]]:
         """Install what finished reads brought, for about ``budget_s`` of loop time.
 
+        A restore that began with no partition served (a start) takes ``_ALONE_S`` slices
+        instead: the partitions it resumes first would otherwise hold up the rest.
         Returns (partition, offset) for each partition whose state is now in place: the
         daemon resumes it from that offset (its commit). KafkaError if a read failed or
         stalled for ``kafka.restore_timeout_s``.
@@ -202,7 +213,8 @@ class Recovery:
             self._finished(read)
         ready = []
         if self.installs:
-            deadline = time.perf_counter() + budget_s
+            alone = self.installs[0].alone
+            deadline = time.perf_counter() + (max(budget_s, _ALONE_S) if alone else budget_s)
             # A restore makes only long-lived objects (each sensor's state): collections
             # their allocations trigger free nothing, and at 100,000 sensors cost seconds.
             collecting = gc.isenabled()
@@ -249,7 +261,7 @@ class Recovery:
             )
             self.table.parts[p] = part
             latest = read.state.get(p, LatestRecords())
-            self.installs.append(_Install(part, start, latest, read.started))
+            self.installs.append(_Install(part, start, latest, read.started, read.alone))
 
     def _install(self, job: _Install, deadline: float) -> bool:
         """Install records of one partition until ``deadline``; True once all are in."""

@@ -8,6 +8,7 @@ partition table and stores are the real ones.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from streamer.kafka.source import Committed
 from streamer.metrics import Health, Metrics
 from streamer.runtime import recovery as recovery_module
 from streamer.runtime.counters import Counters
-from streamer.runtime.partitions import PartitionTable
+from streamer.runtime.partitions import Partition, PartitionTable
 from streamer.runtime.recovery import Recovery
 from streamer.sensors import encode_record
 from tests.runtime.conftest import CHANNELS, new_store
@@ -62,10 +63,13 @@ def read(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInRead]:
     stand_in.go.set()
 
 
-def recovery() -> tuple[Recovery, PartitionTable, Health, Metrics]:
+def recovery(serving: bool = True) -> tuple[Recovery, PartitionTable, Health, Metrics]:
+    """A recovery over a fresh table; ``serving``: the table serves partition 9 meanwhile."""
     stores = new_store()
     metrics, health = Metrics(), Health(30.0)
     table = PartitionTable(stores, StreamConfig(channels=CHANNELS), metrics, Counters())
+    if serving:
+        table.parts[9] = Partition(partition=9)
     kafka = KafkaConfig(restore_timeout_s=5.0)
     return Recovery(kafka, "state", table, health, Counters(), metrics), table, health, metrics
 
@@ -84,6 +88,9 @@ def until_ready(rec: Recovery, budget_s: float) -> tuple[list[tuple[int, int]], 
     """Step until nothing is pending; the partitions handed back and the steps it took."""
     ready: list[tuple[int, int]] = []
     steps = 0
+    deadline = time.monotonic() + 10
+    while rec.reads and not rec.installing and time.monotonic() < deadline:
+        time.sleep(0.001)  # the reading thread: not a step of the loop's
     while rec.pending:
         ready += rec.step(budget_s)
         steps += 1
@@ -109,6 +116,18 @@ def test_partitions_restore_a_slice_at_a_time_then_are_handed_back(read: StandIn
     assert health.restoring is None and metrics.partitions_restoring._value.get() == 0
 
 
+def test_a_start_installs_in_long_slices(read: StandInRead) -> None:
+    """Nothing served meanwhile: no slicing that would only hold up the later partitions."""
+    rec, _, _, _ = recovery(serving=False)
+    read.records = {
+        p: {f"s{p}-{i}".encode(): record(f"s{p}-{i}", p, 35) for i in range(300)} for p in (0, 1)
+    }
+    rec.begin([0, 1], committed(0, 1))
+    read.go.set()
+    ready, steps = until_ready(rec, budget_s=1e-6)
+    assert sorted(ready) == [(0, 30), (1, 30)] and steps <= 2
+
+
 def test_a_partition_is_not_served_while_it_restores(read: StandInRead) -> None:
     rec, table, _, _ = recovery()
     read.records = {0: {f"s{i}".encode(): record(f"s{i}", 0, 35) for i in range(200)}}
@@ -116,11 +135,11 @@ def test_a_partition_is_not_served_while_it_restores(read: StandInRead) -> None:
     read.go.set()
     while 0 not in table.parts:
         assert rec.step(1e-6) == []
-    assert table.parts[0].restoring and table.serving() == []
+    assert table.parts[0].restoring and table.serving() == [9]
     table.parts[0].consumed = 99
     assert table.snapshot(0) is None  # no round commits it
     until_ready(rec, 1.0)
-    assert table.serving() == [0] and table.snapshot(0) is not None
+    assert table.serving() == [9, 0] and table.snapshot(0) is not None
 
 
 def test_a_stalled_read_fails_the_loop_with_the_setting_named(read: StandInRead) -> None:
@@ -147,7 +166,7 @@ def test_a_partition_revoked_while_reading_stops_its_read(read: StandInRead) -> 
     rec.cancel([2])
     assert rec.pending == [] and health.restoring is None
     assert read.stopped.wait(5)
-    assert rec.step() == [] and table.parts == {}
+    assert rec.step() == [] and list(table.parts) == [9]
 
 
 def test_a_partition_revoked_while_installing_is_left_to_drop(read: StandInRead) -> None:
