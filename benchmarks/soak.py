@@ -55,9 +55,9 @@ from e2e_parts.daemons import log_events, start_daemon, stop_daemon, write_confi
 from e2e_parts.stream import (
     broker_and_tmp,
     client,
-    consumer_from_start,
     make_topics,
     produce_stream,
+    read_all,
     topic_records,
     train,
 )
@@ -198,14 +198,7 @@ def wait_restored(log: Path, partitions: int, timeout_s: float = 600) -> float:
 
 def rewrite_state(bootstrap: str, topic: str, records: int) -> int:
     """Write the topic's records again, in turn, until ``records`` more are written."""
-    consumer = consumer_from_start(bootstrap, topic, "soak-tail")
-    held: list[tuple[int, bytes | None, bytes | None]] = []
-    idle = 0
-    while idle < 3:
-        batch = consumer.consume(10_000, 1.0)
-        idle = 0 if batch else idle + 1
-        held += [(m.partition() or 0, m.key(), m.value()) for m in batch if m.error() is None]
-    consumer.close()
+    held = [(m.partition() or 0, m.key(), m.value()) for m in read_all(bootstrap, topic, "tail")]
     producer = Producer(client(bootstrap, **{"linger.ms": 50, "compression.type": "lz4"}))
     written = 0
     while held and written < records:
@@ -299,22 +292,14 @@ def cycles(
 
 def score_latencies(bootstrap: str, topic: str, partitions: set[int], since: float) -> Any:
     """(published, latency s) of every score of ``partitions`` published after ``since``."""
-    consumer = consumer_from_start(bootstrap, topic, "soak-latency")
     out: list[tuple[float, float]] = []
-    idle = 0
-    try:
-        while idle < 3:
-            batch = consumer.consume(10_000, 1.0)
-            idle = 0 if batch else idle + 1
-            for m in batch:
-                stamp = m.timestamp()[1] / 1000.0
-                if m.error() is not None or stamp < since:
-                    continue
-                rec = orjson.loads(m.value() or b"")
-                if rec["partition"] in partitions:
-                    out.append((stamp, stamp - rec["window_end"]))
-    finally:
-        consumer.close()
+    for m in read_all(bootstrap, topic, "soak-latency"):
+        stamp = m.timestamp()[1] / 1000.0
+        if stamp < since:
+            continue
+        rec = orjson.loads(m.value() or b"")
+        if rec["partition"] in partitions:
+            out.append((stamp, stamp - rec["window_end"]))
     return np.asarray(out, dtype=np.float64).reshape(-1, 2)
 
 

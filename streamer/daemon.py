@@ -62,7 +62,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -90,7 +89,7 @@ from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.publisher import Publisher
 from streamer.runtime.recovery import Recovery
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, CommitRounds
-from streamer.runtime.snapshot import snapshot_path, write_snapshot
+from streamer.runtime.snapshot import snapshot_dir
 from streamer.runtime.startup import check_state_topic, output_limits, require_grants
 
 __all__ = ["Daemon", "run_daemon"]
@@ -174,7 +173,7 @@ class Daemon:
             self.stats,
             limit_log_every_s=cfg.metrics.stats_interval_s,
         )
-        self.snapshot_dir = snapshot_dir(cfg)
+        self.snapshot_dir = snapshot_dir(cfg.kafka.state_snapshot_dir, os.environ)
         self.recovery = Recovery(
             cfg.kafka,
             self.topics.state,
@@ -435,38 +434,18 @@ class Daemon:
         return 0
 
     def _save_snapshots(self, source: Source) -> None:
-        """Leave each owned partition's state beside the daemon for the next start here.
-
-        Only partitions whose state is all committed (the shutdown round's commit went
-        through, no replay under way). A file that cannot be written costs the next start
-        a read of the state topic, never this stop: it is logged and skipped.
-        """
-        directory, writer = self.snapshot_dir, self.writer
-        if directory is None or writer is None:
+        """Leave each owned partition's state beside the daemon for the next start here."""
+        if self.snapshot_dir is None or self.writer is None:
             return
         started = time.perf_counter()
-        saved: dict[int, int] = {}
-        for p in self.table.serving():
-            part = self.table.parts[p]
-            if part.consumed < 0 or part.consumed != part.committed_h:
-                continue
-            path = snapshot_path(directory, self.cfg.kafka.group_id, self.topics.state, p)
-            try:
-                saved[p] = write_snapshot(
-                    path,
-                    group=self.cfg.kafka.group_id,
-                    state_topic=self.topics.state,
-                    partition=p,
-                    h=part.committed_h,
-                    state_end=source.end_offset(self.topics.state, p),
-                    records=writer.every_record(p),
-                )
-            except (OSError, StreamerError) as exc:
-                log.warning("state_snapshot_not_written", partition=p, error=str(exc))
+        state = self.topics.state
+        saved = self.writer.save_snapshots(
+            self.snapshot_dir, self.cfg.kafka.group_id, lambda p: source.end_offset(state, p)
+        )
         if saved:
             log.info(
                 "state_snapshot_written",
-                directory=str(directory),
+                directory=str(self.snapshot_dir),
                 records=saved,
                 seconds=round(time.perf_counter() - started, 3),
             )
@@ -549,14 +528,6 @@ class Daemon:
         self.table.drop(partitions)
         self.health.partitions = tuple(sorted(self.table.serving()))
         trim_heap()
-
-
-def snapshot_dir(cfg: Config) -> Path | None:
-    """Where clean stops leave the partitions' state: the config's, else systemd's state folder."""
-    if cfg.kafka.state_snapshot_dir is not None:
-        return cfg.kafka.state_snapshot_dir
-    state = os.environ.get("STATE_DIRECTORY")  # StateDirectory=; several are ':'-separated
-    return Path(state.split(":")[0]) / "snapshots" if state else None
 
 
 def run_daemon(cfg: Config) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from streamer.config import TrainConfig
@@ -170,6 +170,19 @@ def consumer_from_start(bootstrap: str, topic: str, purpose: str) -> Consumer:
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     return consumer
+
+
+def read_all(bootstrap: str, topic: str, purpose: str) -> Iterator[Message]:
+    """Every record of ``topic`` from the start, until three one-second polls bring nothing."""
+    consumer = consumer_from_start(bootstrap, topic, purpose)
+    try:
+        idle = 0
+        while idle < 3:
+            batch = consumer.consume(10_000, 1.0)
+            idle = 0 if batch else idle + 1
+            yield from (m for m in batch if m.error() is None)
+    finally:
+        consumer.close()
 
 
 def topic_records(bootstrap: str, topic: str) -> int:

@@ -9,18 +9,24 @@ the sensor's input partition, keyed by the sensor.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
-from streamer.codec import offset_of
+import structlog
+
+from streamer.errors import StreamerError
 from streamer.runtime.counters import Counters
 from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, Checkpoint, StateAtH
+from streamer.runtime.snapshot import snapshot_path, write_snapshot
 from streamer.runtime.state import commit_metadata
 from streamer.scoring.thresholds import Threshold
 from streamer.sensors import SensorState, SensorStore, encode_record
 
-__all__ = ["Checkpointer", "StateProducer"]
+__all__ = ["Checkpointer", "StateProducer", "ring_record"]
+
+log = structlog.get_logger("streamer.daemon")
 
 # State records produced between waits for delivery within one large round.
 _STATE_FLUSH_EVERY = 5000
@@ -36,6 +42,16 @@ class StateProducer(Protocol):
 
     def flush(self, timeout_s: float = ...) -> None:
         """Wait until everything produced is acknowledged."""
+
+
+def ring_record(
+    saved: dict[str, Any] | None, at_h: Checkpoint, sensor: str
+) -> dict[str, Any] | None:
+    """A sensor's ring in its state record: saved (parked), else anchored at H, else none."""
+    if saved is not None:
+        return {"saved": saved}
+    anchor = at_h.anchor(sensor)
+    return None if anchor is None else {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
 
 
 class Checkpointer:
@@ -86,15 +102,11 @@ class Checkpointer:
         dirty = sorted(s for s in part.dirty if s in at_h and s in part.sensors)
         part.dirty.difference_update(dirty)
         for s in dirty:
-            ring: dict[str, Any] | None = None
-            saved = parked.ring(s)
-            anchor = c.anchor(s) if saved is None else None
-            if saved is not None:
-                # Its ring as of the snapshot at H (PartitionTable.snapshot saved it then).
-                ring = {"saved": saved}
-            elif anchor is not None:
-                ring = {"anchor_offset": anchor[0], "anchor_count": anchor[1]}
-                anchor_offset[s] = anchor[0]
+            # A parked sensor's ring as of the snapshot at H (PartitionTable.snapshot saved
+            # it then), else its anchor at H, which the commit offset then follows.
+            ring = ring_record(parked.ring(s), c, s)
+            if ring is not None and "anchor_offset" in ring:
+                anchor_offset[s] = ring["anchor_offset"]
             records.append((s, ring))
         for n, (s, ring) in enumerate(records, 1):
             # Deferred, the threshold as of H is a copy, serialised later.
@@ -122,20 +134,42 @@ class Checkpointer:
         h = part.consumed
         live = sorted(part.sensors)
         rings = self.sensors.rings(live)
-        at = dict(zip(live, range(len(live)), strict=True))
+        at_h = Checkpoint(p, h, live, rings.oldest_pos, rings.oldest_count, set())
         for s in sorted(part.known):
-            ring: dict[str, Any] | None = None
-            i = at.get(s)
-            saved = self.table.parked.ring(s)
-            if saved is not None and i is not None:
-                ring = {"saved": saved}
-            elif i is not None and rings.oldest_count[i] > 0:
-                anchor = offset_of(int(rings.oldest_pos[i]))
-                ring = {"anchor_offset": anchor, "anchor_count": int(rings.oldest_count[i])}
+            ring = ring_record(self.table.parked.ring(s), at_h, s) if s in part.sensors else None
             state = self.sensors.snapshot(s, copy=False)
             value = self.value(s, p, h, ring, state.threshold, dict(state.alerts))
             if value is not None:
                 yield s.encode(), value
+
+    def save_snapshots(
+        self, directory: Path, group: str, end_offset: Callable[[int], int]
+    ) -> dict[int, int]:
+        """Leave each served partition's state in ``directory`` (``runtime.snapshot``).
+
+        Only partitions whose state is all committed (the shutdown round's commit went
+        through, no replay under way); ``end_offset(p)``: the state topic partition's end
+        now. A file that cannot be written costs the next start a read of the state
+        topic, never this stop: it is logged and skipped. Returns the records per file.
+        """
+        saved: dict[int, int] = {}
+        for p in self.table.serving():
+            part = self.table.parts[p]
+            if part.consumed < 0 or part.consumed != part.committed_h:
+                continue
+            try:
+                saved[p] = write_snapshot(
+                    snapshot_path(directory, group, self.topic, p),
+                    group=group,
+                    state_topic=self.topic,
+                    partition=p,
+                    h=part.committed_h,
+                    state_end=end_offset(p),
+                    records=self.every_record(p),
+                )
+            except (OSError, StreamerError) as exc:
+                log.warning("state_snapshot_not_written", partition=p, error=str(exc))
+        return saved
 
     def produce(self, state: StateAtH) -> None:
         """Serialise and produce one state record copied at H."""

@@ -60,6 +60,8 @@ class _Read:
     ) -> None:
         self.partitions = partitions
         self.committed = dict(committed)
+        # The H each commit was made at (its metadata), for the snapshot check and install.
+        self.heads = {p: commit_head(c.metadata, c.offset) for p, c in self.committed.items()}
         # No partition was served when it began (a start): nothing waits on its installs.
         self.alone = alone
         self.started = time.monotonic()
@@ -165,8 +167,7 @@ class Recovery:
             path.unlink(missing_ok=True)
             if snap is None:
                 continue
-            c = read.committed.get(p)
-            h = commit_head(c.metadata if c is not None else None, c.offset if c else -1)
+            h = read.heads.get(p, -1)
             if snap.h != h:
                 log.info("state_snapshot_stale", partition=p, snapshot_h=snap.h, committed_h=h)
                 continue
@@ -250,7 +251,7 @@ class Recovery:
         for p in read.partitions:
             c = read.committed.get(p)
             start = c.offset if c is not None and c.offset >= 0 else 0
-            h = commit_head(c.metadata if c is not None else None, c.offset if c else -1)
+            h = read.heads.get(p, -1)
             part = Partition(
                 partition=p,
                 committed_h=h,

@@ -24,7 +24,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,7 +32,14 @@ from typing import BinaryIO
 import orjson
 import structlog
 
-__all__ = ["FORMAT", "Snapshot", "read_snapshot", "snapshot_path", "write_snapshot"]
+__all__ = [
+    "FORMAT",
+    "Snapshot",
+    "read_snapshot",
+    "snapshot_dir",
+    "snapshot_path",
+    "write_snapshot",
+]
 
 log = structlog.get_logger("streamer.daemon")
 
@@ -49,6 +56,14 @@ class Snapshot:
     h: int  # H of the commit the records were written at
     state_end: int  # the state topic partition's end offset then
     values: dict[bytes, bytes]  # sensor -> its state record
+
+
+def snapshot_dir(configured: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """Where clean stops leave the partitions' state: the config's, else systemd's state folder."""
+    if configured is not None:
+        return configured
+    state = environ.get("STATE_DIRECTORY")  # StateDirectory=; several are ':'-separated
+    return Path(state.split(":")[0]) / "snapshots" if state else None
 
 
 def snapshot_path(directory: Path, group: str, state_topic: str, partition: int) -> Path:

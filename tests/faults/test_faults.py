@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from streamer.dev.broker import LocalBroker
 from tests.conftest import NewTopicFactory
@@ -60,20 +60,25 @@ def from_start(bootstrap: str, topic: str) -> Consumer:
     return consumer
 
 
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[bytes]:
-    """Every record value of a topic, from the beginning (stops when nothing new comes)."""
+def read_messages(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Message]:
+    """Every record of a topic, from the beginning (stops when nothing new comes)."""
     consumer = from_start(bootstrap, topic)
-    out: list[bytes] = []
+    out: list[Message] = []
     try:
         deadline = Timeout(timeout_s)
         idle = 0
         while not deadline.expired and idle < 3:
             batch = consumer.consume(5000, 0.5)
             idle = 0 if batch else idle + 1
-            out += [m.value() or b"" for m in batch if m.error() is None]
+            out += [m for m in batch if m.error() is None]
     finally:
         consumer.close()
     return out
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[bytes]:
+    """Every record value of a topic, from the beginning (stops when nothing new comes)."""
+    return [m.value() or b"" for m in read_messages(bootstrap, topic, timeout_s)]
 
 
 def wait_scores(
@@ -303,19 +308,10 @@ def fill_state_tail(bootstrap: str, topic: str, records_per_partition: int) -> N
 
 def score_times(bootstrap: str, topic: str) -> list[tuple[str, float]]:
     """(sensor, broker timestamp in epoch seconds) of every score record."""
-    consumer = from_start(bootstrap, topic)
-    out: list[tuple[str, float]] = []
-    try:
-        idle = 0
-        while idle < 3:
-            batch = consumer.consume(5000, 0.5)
-            idle = 0 if batch else idle + 1
-            for m in batch:
-                if m.error() is None:
-                    out.append((orjson.loads(m.value() or b"")["sensor"], m.timestamp()[1] / 1000))
-    finally:
-        consumer.close()
-    return out
+    return [
+        (orjson.loads(m.value() or b"")["sensor"], m.timestamp()[1] / 1000)
+        for m in read_messages(bootstrap, topic, timeout_s=60)
+    ]
 
 
 class TestInstanceFailures:
