@@ -27,7 +27,7 @@ import torch
 from streamer.config import AlertsConfig, InferenceConfig, ThresholdConfig, TrainConfig
 from streamer.dev.simulate import CHANNELS, simulate
 from streamer.engine import Engine
-from streamer.model.checkpoint import LoadedModel
+from streamer.model.checkpoint import LoadedModel, torch_module
 from streamer.model.train import train_model
 
 
@@ -67,7 +67,7 @@ def naive_run(
     window, stride = model.window, model.stride
     buffers: dict[int, list[np.ndarray]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)
-    module = model.module
+    module = torch_module(model)
     windows = 0
     alarms = 0
     started = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 
 from streamer.config import InferenceConfig
 from streamer.inference import InferenceWorker
-from streamer.model.checkpoint import LoadedModel
+from streamer.model.checkpoint import LoadedModel, torch_module
 from streamer.model.networks import Architecture, ScoringModel
 from streamer.model.train import score_windows
 
@@ -85,7 +85,7 @@ def main() -> None:
     print(f"bit-identical across batchings on {device}: {bool(np.array_equal(whole, pieces))}")
     if cuda:
         cpu_model = make_model(args.preset, args.window, args.channels)
-        ref, _ = score_windows(cpu_model.module, x)
+        ref, _ = score_windows(torch_module(cpu_model), x)
         rel = np.abs(whole - ref) / np.maximum(np.abs(ref), 1e-12)
         print(
             f"mixed precision vs CPU float32: median relative difference {np.median(rel):.2e}, "

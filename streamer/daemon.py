@@ -75,8 +75,8 @@ from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import Source
 from streamer.metrics import Health, Metrics
-from streamer.model.checkpoint import LoadedModel, fit_to_stream, load_checkpoint
-from streamer.model.device import resolve_device
+from streamer.model.artifact import LoadedModel, fit_to_stream
+from streamer.model.backend import load_model, resolve_device, worker_threads
 from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
 from streamer.runtime.checkpoint import Checkpointer
@@ -113,8 +113,11 @@ _DEFER_STATES_MAX = 20_000
 def _load_model(cfg: Config, device: str) -> tuple[LoadedModel, float]:
     """The checkpoint, and the seconds its load took; ConfigError if it does not fit the stream."""
     started = time.perf_counter()
-    model = load_checkpoint(cfg.model.path, device)
+    model, why = load_model(
+        cfg.model.path, cfg.model.backend, device, worker_threads(cfg.inference)
+    )
     load_s = time.perf_counter() - started
+    log.info("model_backend", backend=model.backend, device=device, why=why)
     stream = cfg.stream
     note = fit_to_stream(model, stream.window, stream.channels, stream.stride)
     if note is not None:

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from streamer.config import AlertsConfig, InferenceConfig, NoveltyConfig, ThresholdConfig
 from streamer.errors import ConfigError
 from streamer.inference import InferenceResult, InferenceWorker
-from streamer.model.checkpoint import LoadedModel
+from streamer.model.artifact import LoadedModel
 from streamer.records import ScoredBatch
 from streamer.scoring.alerts import AlertBank
 from streamer.scoring.novelty import NoveltyBank, NoveltySettings
@@ -50,9 +50,7 @@ def _novelty_bank(cfg: NoveltyConfig | None, model: LoadedModel) -> NoveltyBank 
         return None
     fields = cfg.model_dump(exclude={"enabled"})
     settings = NoveltySettings(**{**fields, "scales": tuple(cfg.scales)})
-    module = model.module
-    offset = module.offset.detach().cpu().numpy()
-    scale = module.scale.detach().cpu().numpy()
+    offset, scale = model.scaler()
     return NoveltyBank(settings, offset, scale)
 
 

@@ -11,25 +11,22 @@ pending future, latched, and re-raised by ``submit`` and ``raise_if_failed``.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
 import structlog
-import torch
 from numpy.typing import NDArray
 
 from streamer.config import InferenceConfig
 from streamer.errors import InferenceError
-from streamer.model.checkpoint import LoadedModel
+from streamer.model.artifact import LoadedModel
+from streamer.model.backend import make_runner
 
 __all__ = ["InferenceResult", "InferenceWorker"]
 
@@ -42,18 +39,6 @@ class InferenceResult(NamedTuple):
     scores: NDArray[np.float64]  # (n,)
     channel_errors: NDArray[np.float64]  # (n, channels)
     model_version: str
-
-
-def _host(t: torch.Tensor) -> NDArray[np.float64]:
-    return t.float().cpu().numpy().astype(np.float64)
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as systemd's CPUAffinity sets it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class _Item(NamedTuple):
@@ -78,7 +63,8 @@ class InferenceWorker:
         """``on_batch(windows, seconds)`` runs on the worker thread after each forward pass."""
         self._cfg = cfg
         self._on_batch = on_batch
-        self._device = torch.device(device)
+        # The backend's runner (torch or ONNX Runtime): this module never imports torch.
+        self._runner = make_runner(model.backend, cfg, device)
         self._model = model
         self._pending_model: LoadedModel | None = None
         self._model_lock = threading.Lock()
@@ -94,16 +80,7 @@ class InferenceWorker:
         self.windows = 0
         self.last_batch_size = 0
         self.last_batch_s = 0.0
-        model.module.to(self._device)
-        # The traced forward pass of the model in use (CPU only): built on the worker thread.
-        self._traced: tuple[LoadedModel, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] | None
-        self._traced = None
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        elif self._device.type == "cpu":
-            # The consumer thread needs a core of its own: intra-op threads that share it
-            # with a busy Python thread spin at their barriers and slow each other down.
-            torch.set_num_threads(max(1, _cpus() - 1))
+        self._runner.prepare(model)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -220,7 +197,11 @@ class InferenceWorker:
                 f"new model has window {model.window} and channels {list(model.channels)}; "
                 f"the running one has {expected[0]} and {list(expected[1])}"
             )
-        model.module.to(self._device)
+        if model.backend != self._runner.backend:
+            raise InferenceError(
+                f"new model runs on {model.backend}; this worker scores with {self._runner.backend}"
+            )
+        self._runner.prepare(model)
         with self._model_lock:
             self._pending_model = model
 
@@ -279,91 +260,15 @@ class InferenceWorker:
             self._windows_out += nxt.windows.shape[0]
         return items, stop
 
-    def _runner(self, model: LoadedModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-        """The callable that scores one chunk: a TorchScript trace on CPU, else the module.
-
-        An eager forward pass takes and releases the GIL around each of its ~20 operators;
-        while the consumer thread runs Python, each re-acquisition waits up to the
-        interpreter's switch interval (5 ms), which cut the worker's CPU throughput by an
-        order of magnitude in the daemon. A traced module runs the whole pass in C++
-        without the GIL. The trace is checked against the eager module, bit for bit, on a
-        sample chunk, and the eager module is used if they differ.
-        """
-        if self._device.type != "cpu" or not self._cfg.trace:
-            return model.module
-        if self._traced is not None and self._traced[0] is model:
-            return self._traced[1]
-        runner: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = model.module
-        gen = torch.Generator().manual_seed(0)
-        shape = (self._cfg.chunk, model.window, len(model.channels))
-        # Raw-unit windows around the scaler's offset; the check uses a second sample, so a
-        # network whose Python control flow depends on its input is caught.
-        example, check = (
-            torch.randn(shape, generator=gen) * model.module.scale + model.module.offset
-            for _ in range(2)
-        )
-        try:
-            with warnings.catch_warnings():
-                # Deprecation and "tensor to bool" notices: the window length is fixed per
-                # model and every call has the same chunk shape, so the trace is exact.
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(  # type: ignore[no-untyped-call]
-                    model.module, example, check_trace=False
-                )
-            want, got = model.module(check), traced(check)
-            if all(torch.equal(a, b) for a, b in zip(want, got, strict=True)):
-                runner = traced
-                log.info("model_traced", model=model.version, chunk=self._cfg.chunk)
-            else:
-                log.warning("model_trace_differs", model=model.version, using="eager")
-        except Exception as exc:
-            log.warning("model_trace_failed", model=model.version, error=repr(exc), using="eager")
-        self._traced = (model, runner)
-        return runner
+    @property
+    def backend(self) -> str:
+        """The backend that scores: ``torch`` or ``onnxruntime``."""
+        return self._runner.backend
 
     @property
     def traced(self) -> bool:
-        """Whether the model in use runs as a checked TorchScript trace."""
-        cached = self._traced
-        return (
-            cached is not None and cached[0] is self._model and cached[1] is not self._model.module
-        )
-
-    def _segments(
-        self, model: LoadedModel, windows: NDArray[np.float32]
-    ) -> Iterator[tuple[NDArray[np.float64], NDArray[np.float64]]]:
-        """Scores and channel errors of ``windows``, in order, a segment at a time.
-
-        On CPU each segment is one chunk, so the first windows of a large batch are
-        handed back (and published) while the rest are still computed. On CUDA the whole
-        batch is one segment: the copies back to the host would otherwise serialise it.
-        """
-        cuda = self._device.type == "cuda"
-        n = windows.shape[0]
-        chunk = self._cfg.chunk
-        # Pad to a whole number of fixed-size chunks: kernels pick algorithms by batch
-        # size, and a fixed size keeps each window's result independent of its batch.
-        padded = -(-n // chunk) * chunk
-        if padded != n:
-            buf = np.zeros((padded, *windows.shape[1:]), dtype=np.float32)
-            buf[:n] = windows
-            windows = buf
-        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
-        with torch.inference_mode(), autocast:
-            run = self._runner(model)
-            x_all = torch.from_numpy(windows)
-            if cuda:
-                # Pinned host memory lets the host-to-device copy run asynchronously.
-                x_all = x_all.pin_memory().to(self._device, non_blocking=True)
-                outs = [run(x_all[i : i + chunk]) for i in range(0, padded, chunk)]
-                score_t = torch.cat([s.float() for s, _ in outs])[:n]
-                error_t = torch.cat([e.float() for _, e in outs])[:n]
-                yield _host(score_t), _host(error_t)
-                return
-            for i in range(0, padded, chunk):
-                s, e = run(x_all[i : i + chunk])
-                k = min(chunk, n - i)
-                yield _host(s[:k]), _host(e[:k])
+        """Whether the model in use runs compiled (a checked trace, or an ONNX graph)."""
+        return self._runner.traced(self._model)
 
     def _run(self) -> None:
         try:
@@ -390,7 +295,7 @@ class InferenceWorker:
                 done = 0  # windows scored so far
                 lo = 0  # first window of the oldest piece not handed back yet
                 try:
-                    for seg_scores, seg_errors in self._segments(model, windows):
+                    for seg_scores, seg_errors in self._runner.segments(model, windows):
                         scores.append(seg_scores)
                         errors.append(seg_errors)
                         done += seg_scores.shape[0]

@@ -6,12 +6,12 @@ loop: two ``stat`` calls). A change counts only once the files have looked the
 same at two polls in a row, so a checkpoint copied file by file is not read half
 written; rotating by renaming a directory or swapping a symlink is atomic anyway.
 
-``ModelReloader`` loads in a background thread: ``load_checkpoint`` (safetensors
-only, SHA-256 checked against the sidecar), the same window and channels as the
-running model, and a threshold prototype calibrated on the new model's residuals
-(for sensors seen for the first time after the swap). The main loop takes the
-outcome with ``take()`` and swaps between batches; a failed outcome leaves the
-running model in place.
+``ModelReloader`` loads in a background thread, for the backend the worker runs
+(safetensors weights or the ONNX graph, SHA-256 checked against the sidecar), the
+same window and channels as the running model, and a threshold prototype calibrated
+on the new model's residuals (for sensors seen for the first time after the swap).
+The main loop takes the outcome with ``take()`` and swaps between batches; a failed
+outcome leaves the running model in place.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from pathlib import Path
 
 from streamer.config import ThresholdConfig
 from streamer.engine import calibrated_threshold
-from streamer.model.checkpoint import (
+from streamer.model.artifact import (
+    ONNX_FILE,
     SIDECAR_FILE,
     WEIGHTS_FILE,
     LoadedModel,
-    load_checkpoint,
     stream_mismatch,
 )
+from streamer.model.backend import load_model
 from streamer.scoring.thresholds import Threshold
 
 __all__ = ["CheckpointWatcher", "ModelReloader", "ReloadOutcome"]
@@ -43,7 +44,7 @@ class CheckpointWatcher:
     """Tells when the checkpoint files under ``path`` changed and then settled."""
 
     def __init__(self, path: Path) -> None:
-        self._files = (path / SIDECAR_FILE, path / WEIGHTS_FILE)
+        self._files = (path / SIDECAR_FILE, path / WEIGHTS_FILE, path / ONNX_FILE)
         self._baseline = self._signature()
         self._last = self._baseline
 
@@ -98,9 +99,14 @@ class ModelReloader:
         window: int,
         channels: tuple[str, ...],
         threshold: ThresholdConfig,
+        backend: str = "torch",
+        threads: int = 0,
     ) -> None:
+        """``backend``: the running worker's; a new model is loaded for it, or refused."""
         self.path = path
         self._device = device
+        self._backend = backend
+        self._threads = threads
         self._window = window
         self._channels = channels
         self._threshold = threshold
@@ -157,7 +163,7 @@ class ModelReloader:
             return ReloadOutcome(trigger, time.perf_counter() - started, error=why)
 
         try:
-            model = load_checkpoint(self.path, self._device)
+            model, _ = load_model(self.path, self._backend, self._device, self._threads)
         except Exception as exc:  # any failure keeps the old model; the reason is logged
             return failed(f"{type(exc).__name__}: {exc}")
         mismatch = stream_mismatch(model, self._window, self._channels)

@@ -24,7 +24,7 @@ from e2e_parts.stream import (
     steady_samples,
     train,
 )
-from streamer.model.checkpoint import load_checkpoint
+from streamer.model.checkpoint import load_checkpoint, torch_module
 
 
 def ceiling(bootstrap: str, topic: str, total: int) -> float:
@@ -51,7 +51,7 @@ def floor(
     the daemon's first-to-last-score rate.
     """
     model = load_checkpoint(model_dir)
-    module = model.module
+    module = torch_module(model)
     window, stride = model.window, model.stride
     consumer = consumer_from_start(bootstrap, topic, "floor")
     producer = Producer(client(bootstrap))

@@ -19,6 +19,7 @@ from streamer.config import Config, MetricsConfig
 from streamer.errors import InferenceError
 from streamer.kafka.source import CLUSTER_REFUSED, GROUP_REFUSED, TOPIC_REFUSED
 from streamer.metrics import Health, Metrics, MetricsServer
+from streamer.model.backend import worker_threads
 from streamer.notify import Notifier, Watchdog, watchdog_interval_s
 from streamer.reload import CheckpointWatcher, ModelReloader, ReloadOutcome
 from streamer.runtime.backpressure import Backpressure
@@ -149,7 +150,13 @@ class Reloads:
         self.metrics = metrics
         self.health = health
         self.reloader = ModelReloader(
-            cfg.model.path, device, model.window, model.channels, cfg.threshold
+            cfg.model.path,
+            device,
+            model.window,
+            model.channels,
+            cfg.threshold,
+            backend=model.backend,
+            threads=worker_threads(cfg.inference),
         )
         self.watcher = CheckpointWatcher(cfg.model.path) if cfg.model.watch_interval_s > 0 else None
         self.watch_every_s = cfg.model.watch_interval_s

@@ -1,0 +1,142 @@
+"""Scoring with ONNX Runtime on the CPU: a checkpoint's ``model.onnx``, without torch.
+
+``import onnxruntime`` and a session take a fraction of a second where ``import torch``
+takes seconds, and ONNX Runtime's CPU kernels run the presets' graphs faster; torch stays
+for training and for CUDA. The graph is the one ``streamer.model.onnx_export`` wrote
+and checked against torch; its SHA-256 is checked against the sidecar here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from streamer.config import InferenceConfig
+from streamer.errors import CheckpointError
+from streamer.model.artifact import (
+    ONNX_FILE,
+    SIDECAR_FILE,
+    LoadedModel,
+    calibration_scores,
+    checked_fields,
+    read_sidecar,
+    read_verified,
+    require,
+)
+from streamer.model.backend import Segments, pad_to_chunks
+from streamer.model.scaler import Scaler
+
+__all__ = ["OnnxNetwork", "OnnxRunner", "has_onnx", "load_onnx"]
+
+_INPUT = "windows"
+_OUTPUTS = ["score", "channel_errors"]
+
+
+class OnnxNetwork:
+    """An ONNX Runtime session over a checkpoint's graph: raw windows to scores.
+
+    ``threads`` intra-op threads (0: ONNX Runtime's choice). One session serves one
+    thread at a time here: the inference worker's.
+    """
+
+    def __init__(
+        self, blob: bytes, offset: NDArray[np.float64], scale: NDArray[np.float64], threads: int
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning intra-op threads would take the core the consumer thread needs between
+        # passes (the same reason the torch path leaves one core to Python).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # warnings about unused initialisers are noise
+        self._session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        self.offset = offset
+        self.scale = scale
+        self.bytes = len(blob)
+
+    def __call__(self, windows: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
+        """Scores ``(n,)`` and per-channel errors ``(n, channels)`` of ``windows``."""
+        score, errors = self._session.run(_OUTPUTS, {_INPUT: windows})
+        return score, errors
+
+
+def has_onnx(sidecar: dict[str, Any]) -> bool:
+    """Whether the checkpoint carries an ONNX graph."""
+    return isinstance(sidecar.get("onnx"), dict)
+
+
+def load_onnx(path: Path | str, threads: int = 0) -> LoadedModel:
+    """Load and validate a checkpoint's ONNX graph; CheckpointError says what is wrong."""
+    path, sidecar = read_sidecar(path)
+    where = path / SIDECAR_FILE
+    if not has_onnx(sidecar):
+        raise CheckpointError(
+            f"{path}: the checkpoint has no {ONNX_FILE} (written by `streamer train` for "
+            "every preset but FFT inputs); retrain, or set model.backend: torch"
+        )
+    blob = read_verified(path, sidecar, "onnx", ONNX_FILE)
+    channels, window, stride = checked_fields(path, sidecar)
+    scaler = Scaler.from_json(require(sidecar, "scaler", dict, where), len(channels))
+    try:
+        network = OnnxNetwork(blob, scaler.offset, scaler.scale, threads)
+    except Exception as exc:  # onnxruntime raises its own error types
+        raise CheckpointError(f"{path / ONNX_FILE}: not a valid ONNX graph: {exc}") from exc
+    return LoadedModel(
+        module=network,
+        version=str(require(sidecar, "model_version", str, where)),
+        channels=channels,
+        window=window,
+        stride=stride,
+        calibration=calibration_scores(sidecar),
+        sidecar=sidecar,
+        path=path,
+        backend="onnxruntime",
+    )
+
+
+class OnnxRunner:
+    """Scores windows with a model's ONNX Runtime session, a chunk at a time."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, cfg: InferenceConfig) -> None:
+        self._chunk = cfg.chunk
+
+    def prepare(self, model: LoadedModel) -> None:
+        """Nothing to move: the session was built for the CPU at load."""
+        _network(model)
+
+    def traced(self, model: LoadedModel) -> bool:
+        """An ONNX graph is compiled by construction."""
+        return True
+
+    def segments(self, model: LoadedModel, windows: NDArray[np.float32]) -> Segments:
+        """Scores and channel errors of ``windows``, in order, one chunk at a time.
+
+        Fixed-size chunks, as on the torch path: a window's score does not depend on the
+        windows batched with it, and the first chunks are handed back (and published)
+        while the rest are computed.
+        """
+        run = _network(model)
+        n = windows.shape[0]
+        chunk = self._chunk
+        windows = pad_to_chunks(windows, chunk)
+        for i in range(0, windows.shape[0], chunk):
+            score, errors = run(windows[i : i + chunk])
+            k = min(chunk, n - i)
+            yield (
+                np.asarray(score[:k], dtype=np.float64),
+                np.asarray(errors[:k], dtype=np.float64),
+            )
+
+
+def _network(model: LoadedModel) -> OnnxNetwork:
+    module = model.module
+    if not isinstance(module, OnnxNetwork):
+        raise TypeError(f"model {model.version} is a {model.backend} model, not an ONNX one")
+    return module
