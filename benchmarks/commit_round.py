@@ -64,6 +64,7 @@ def main() -> None:
             Path(tmp) / "c.yaml", "127.0.0.1:9", topics, model, window, stride, channels
         )
         daemon = Daemon(load_config(cfg_path))
+        daemon.build()
     try:
         n = args.sensors
         names = np.array([f"sensor-{i:06d}" for i in range(n)], dtype=object)

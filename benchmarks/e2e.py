@@ -25,6 +25,9 @@ One command runs the suite and prints a Markdown report (also written with
   exit, and from the new process's start until it is ready (its state restored),
   with the restore's own seconds (the partitions' state is read together; the
   longest ``state_restored`` line counts from the start of that read).
+* **startup** (only with ``--only startup``): process start to the first score with
+  the input waiting (``--sensors`` x ``--startup-rows``), ``--startup-runs`` times per
+  backend in ``--startup-backends``, with the daemon's own ``startup`` phases.
 * **tls** (only with ``--only tls``): the throughput run's daemon on a plaintext broker
   and on a second, SASL_SSL broker (SCRAM-SHA-512, ACLs enforced), in turns on the same
   stream, ``--pairs`` times each: the cost of TLS and SASL as ratios.
@@ -48,6 +51,7 @@ from e2e_parts import daemons
 from e2e_parts.fleet import restart, scale
 from e2e_parts.latency import latency
 from e2e_parts.paired import tls
+from e2e_parts.startup import startup
 from e2e_parts.stream import broker_and_tmp
 from e2e_parts.throughput import throughput
 
@@ -56,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line: the suites to run, their sizes, and the daemon's settings."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument(
-        "--only", choices=["throughput", "latency", "scale", "restart", "tls"], action="append"
+        "--only",
+        choices=["throughput", "latency", "scale", "restart", "tls", "startup"],
+        action="append",
     )
     ap.add_argument("--bootstrap", default=os.environ.get("STREAMER_BENCH_BOOTSTRAP"))
     _add_size_options(ap)
@@ -92,6 +98,9 @@ def _add_size_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--scale-windows", default="32,128,512")
     ap.add_argument("--scale-samples", type=int, default=1_000_000)
     ap.add_argument("--restart-sensors", default="100000", help="sensor counts, comma-separated")
+    ap.add_argument("--startup-rows", type=int, default=200, help="samples per sensor waiting")
+    ap.add_argument("--startup-runs", type=int, default=3)
+    ap.add_argument("--startup-backends", default="onnxruntime,torch")
 
 
 def _add_daemon_options(ap: argparse.ArgumentParser) -> None:
@@ -159,6 +168,8 @@ def run_suites(
         restart(bootstrap, tmp, args, report)
     if "tls" in suites:
         tls(bootstrap, tmp, args, report)
+    if "startup" in suites:
+        startup(bootstrap, tmp, args, report)
 
 
 def main() -> None:

@@ -75,8 +75,7 @@ from streamer.kafka.reachability import Reachability
 from streamer.kafka.sink import Sink
 from streamer.kafka.source import Source
 from streamer.metrics import Health, Metrics
-from streamer.model.artifact import LoadedModel, fit_to_stream
-from streamer.model.backend import load_model, resolve_device, worker_threads
+from streamer.model.artifact import LoadedModel
 from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
 from streamer.runtime.checkpoint import Checkpointer
@@ -84,8 +83,10 @@ from streamer.runtime.counters import Counters
 from streamer.runtime.heap import SensorGrowth, settle_heap, trim_heap
 from streamer.runtime.ingest import Ingest
 from streamer.runtime.logs import configure_logging
+from streamer.runtime.modelload import ModelLoad
 from streamer.runtime.ops import AccessWatch, Gauges, Reloads, Services
 from streamer.runtime.partitions import PartitionTable
+from streamer.runtime.phases import StartupPhases
 from streamer.runtime.publisher import Publisher
 from streamer.runtime.recovery import Recovery
 from streamer.runtime.rounds import FLUSH_TIMEOUT_S, CommitRounds
@@ -108,21 +109,6 @@ _COMMIT_SPACING = 9.0
 # evictions, an upper bound on the records) copies their state at H and serialises and
 # produces a slice of it per loop iteration; a larger one produces them all at H.
 _DEFER_STATES_MAX = 20_000
-
-
-def _load_model(cfg: Config, device: str) -> tuple[LoadedModel, float]:
-    """The checkpoint, and the seconds its load took; ConfigError if it does not fit the stream."""
-    started = time.perf_counter()
-    model, why = load_model(
-        cfg.model.path, cfg.model.backend, device, worker_threads(cfg.inference)
-    )
-    load_s = time.perf_counter() - started
-    log.info("model_backend", backend=model.backend, device=device, why=why)
-    stream = cfg.stream
-    note = fit_to_stream(model, stream.window, stream.channels, stream.stride)
-    if note is not None:
-        log.warning("stride_differs_from_model", model_stride=model.stride, why=note)
-    return model, load_s
 
 
 def _build_engine(cfg: Config, model: LoadedModel, device: str, metrics: Metrics) -> Engine:
@@ -150,14 +136,26 @@ class Daemon:
     loop that drives them, and answers signals and rebalances.
     """
 
+    # Built by build(), once the model is loaded (run() overlaps the load with the
+    # cluster checks and the group join).
+    engine: Engine
+    table: PartitionTable
+    recovery: Recovery
+    backpressure: Backpressure
+    reloads: Reloads
+    gauges: Gauges
+
     def __init__(self, cfg: Config) -> None:
+        """Starts loading the model on a thread; contacts no broker (``run`` does)."""
         self.cfg = cfg
         self.topics = cfg.topics
-        device = resolve_device(cfg.model.device)
-        model, load_s = _load_model(cfg, device)
-        self.channels = list(model.channels)
-        self.decoder = Decoder(cfg.stream)
         self.metrics = Metrics()
+        self.phases = StartupPhases(self.metrics)
+        self.phases.mark("imported")
+        self.model_load = ModelLoad(cfg, lambda: self.phases.mark("model_loaded"))
+        # The model's channels: fit_to_stream refuses a model whose channels differ.
+        self.channels = list(cfg.stream.channels)
+        self.decoder = Decoder(cfg.stream)
         self.health = Health(cfg.metrics.stall_after_s)
         self.metrics.track_health(self.health)
         # /readyz turns 503 after this long with no broker reachable (metrics.unready_after_s).
@@ -165,10 +163,40 @@ class Daemon:
         # Shared by consumer and producer: one kafka_unreachable line per outage, and Health.
         self.reachability = Reachability(on_change=self.health.set_broker_down_since)
         self.notifier = Notifier()
-        self.engine = _build_engine(cfg, model, device, self.metrics)
-        self.metrics.model_in_use(model.version, load_s)
-        self.health.model_version = model.version
         self.stats = Counters()
+        self.snapshot_dir = snapshot_dir(cfg.kafka.state_snapshot_dir, os.environ)
+        self.services = Services(self.metrics, self.health, self.notifier)
+        self.access = AccessWatch(self.health, cfg.kafka.group_id, self.topics.input)
+        self.growth = SensorGrowth()
+        self._built = False
+        self._reload_requested = False
+        self._stop_requested = False
+        # Set once the loop raised: from then on nothing is committed (see run).
+        self._failed = False
+        self._stop_signal = ""
+        self._signals = 0
+        # Built in run(), once the producer and consumer exist.
+        self.sink: Sink | None = None
+        self.source: Source | None = None
+        self.publisher: Publisher | None = None
+        self.rounds: CommitRounds | None = None
+        self.ingest: Ingest | None = None
+        self.writer: Checkpointer | None = None
+
+    def build(self) -> None:
+        """Wait for the model, then build the engine and what holds per-sensor state.
+
+        ``run`` calls it once the cluster is checked and the consumer subscribed; a
+        caller that wants the engine before ``run`` may call it first (it runs once).
+        """
+        if self._built:
+            return
+        cfg = self.cfg
+        loaded = self.model_load.wait()
+        model, device = loaded.model, loaded.device
+        self.engine = _build_engine(cfg, model, device, self.metrics)
+        self.metrics.model_in_use(model.version, loaded.seconds)
+        self.health.model_version = model.version
         self.table = PartitionTable(
             self.engine.sensors,
             cfg.stream,
@@ -176,7 +204,6 @@ class Daemon:
             self.stats,
             limit_log_every_s=cfg.metrics.stats_interval_s,
         )
-        self.snapshot_dir = snapshot_dir(cfg.kafka.state_snapshot_dir, os.environ)
         self.recovery = Recovery(
             cfg.kafka,
             self.topics.state,
@@ -193,8 +220,6 @@ class Daemon:
             self.table.serving,
             self._paused,
         )
-        self.services = Services(self.metrics, self.health, self.notifier)
-        self.access = AccessWatch(self.health, cfg.kafka.group_id, self.topics.input)
         self.reloads = Reloads(cfg, self.engine, device, self.notifier, self.metrics, self.health)
         self.gauges = Gauges(
             self.metrics,
@@ -205,21 +230,8 @@ class Daemon:
             self.stats,
             lambda: self.rounds.commits if self.rounds is not None else 0,
         )
-        self.growth = SensorGrowth()
-        self._reload_requested = False
-        self._stop_requested = False
-        # Set once the loop raised: from then on nothing is committed (see run).
-        self._failed = False
-        self._stop_signal = ""
-        self._signals = 0
-        # Built in run(), once the producer and consumer exist.
-        self.sink: Sink | None = None
-        self.source: Source | None = None
-        self.publisher: Publisher | None = None
-        self.rounds: CommitRounds | None = None
-        self.ingest: Ingest | None = None
-        self.writer: Checkpointer | None = None
-        self._log_configured(model, device, load_s)
+        self._built = True
+        self._log_configured(model, device, loaded.seconds)
 
     def _log_configured(self, model: LoadedModel, device: str, load_s: float) -> None:
         """The ``daemon_configured`` line: the model, the stream and the Kafka settings in use."""
@@ -227,6 +239,7 @@ class Daemon:
         log.info(
             "daemon_configured",
             model=model.version,
+            backend=model.backend,
             device=device,
             window=model.window,
             stride=cfg.stream.stride,
@@ -273,9 +286,16 @@ class Daemon:
         try:
             self.services.start(cfg.metrics)
             ensure_topics(cfg.kafka, self.topics, timeout_s=cfg.kafka.connect_timeout_s)
+            self.model_load.raise_if_failed()
+            # The group join runs in the client's threads while the rest is checked and
+            # the model loads; its assignment is served by the loop's first consume.
+            self._subscribe()
             check_state_topic(cfg.kafka, self.topics.state)
             require_grants(cfg.kafka, self.topics)
-            self._connect()
+            limits = output_limits(cfg.kafka, self.topics)
+            self.phases.mark("checked")
+            self.build()
+            self._connect(*limits)
             log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
             settle_heap("started")
             try:
@@ -290,19 +310,32 @@ class Daemon:
         finally:
             # Frozen objects are not freed at exit, and some extensions report them as leaks.
             gc.unfreeze()
-            self.recovery.close()
+            if self._built:
+                self.recovery.close()
+                self.engine.close()
             self.services.stop()
-            self.engine.close()
             if self.sink is not None:
                 self.sink.close()
             if self.source is not None:
                 with contextlib.suppress(StreamerError):
                     self.source.close()
 
-    def _connect(self) -> None:
-        """The producer and the consumer, and the pieces that use them."""
+    def _subscribe(self) -> None:
+        """The consumer, subscribed: it joins the group from here on."""
+        self.source = Source(
+            self.cfg.kafka,
+            self.topics.input,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+            reachability=self.reachability,
+        )
+        self.phases.mark("subscribed")
+
+    def _connect(self, max_batch: int, dlq_value_bytes: int) -> None:
+        """The producer, and the pieces that use it and the consumer."""
         cfg = self.cfg
-        max_batch, dlq_value_bytes = output_limits(cfg.kafka, self.topics)
+        assert self.source is not None
         sink = self.sink = Sink(
             cfg.kafka, max_batch_bytes=max_batch, reachability=self.reachability
         )
@@ -320,14 +353,6 @@ class Daemon:
         self.ingest = Ingest(
             cfg, self.decoder, self.table, self.engine, self.publisher, self.metrics, self.stats
         )
-        self.source = Source(
-            cfg.kafka,
-            self.topics.input,
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-            reachability=self.reachability,
-        )
         writer = self.writer = Checkpointer(
             self.table, self.engine.sensors, sink, self.topics.state, self.stats
         )
@@ -336,6 +361,8 @@ class Daemon:
         )
 
     def _batch_published(self) -> None:
+        if not self.phases.reported:
+            self.phases.scored(backend=self.engine.worker.backend)
         if self.rounds is not None:
             self.rounds.batch_published()
 
@@ -377,6 +404,8 @@ class Daemon:
                 self.notifier.ready(f"consuming {self.topics.input}")
                 log.info("daemon_ready", input=self.topics.input)
             if batch:
+                if self.phases.at("restored") is not None:
+                    self.phases.mark("fetched")
                 ingest.process(batch)
             if self.recovery.pending:
                 self._restored(source, self.recovery.step())
@@ -466,6 +495,7 @@ class Daemon:
             log.info("partitions_assigned_while_leaving", partitions=partitions)
             return
         assert self.source is not None
+        self.phases.mark("assigned")
         # Nothing of theirs is fetched until their state is in place; the partitions held
         # already go on meanwhile (the loop installs the state a slice at a time).
         self.source.pause(partitions)
@@ -490,6 +520,8 @@ class Daemon:
         owned = sorted(self.table.serving())
         self.health.partitions = tuple(owned)
         log.info("partitions_restored", partitions=[p for p, _ in ready], owned=owned)
+        if not self.recovery.pending:
+            self.phases.mark("restored")
         # The restored state is long-lived: out of the cyclic collector's way, walking
         # only what was made since the last settle (a full one would stall the loop).
         settle_heap("assigned", rethaw=False)

@@ -379,6 +379,13 @@ class Metrics:
     def _model_series(self, reg: CollectorRegistry) -> None:
         """The model in use, reloads, and health."""
         self.model = Info(_name("model"), "The model scoring now.", registry=reg)
+        self.startup_seconds = Gauge(
+            _name("startup_seconds"),
+            "Seconds each start-up phase took (the `startup` log line), and total: process "
+            "start to the first score published.",
+            ["phase"],
+            registry=reg,
+        )
         self.model_load_seconds = Gauge(
             _name("model_load_seconds"),
             "Duration of loading and validating the current model.",

@@ -131,6 +131,7 @@ def test_failure_at_any_stage_commits_nothing_unprocessed(
         kafka={"consume_batch": 40, "commit_interval_s": 0.5},
     )
     daemon = Daemon(load_config(cfg_path))
+    daemon.build()  # the engine, to patch before run()
     fired: list[int] = []
     done: dict[int, int] = {}  # partition -> last offset of a fully processed batch
     process = Ingest.process

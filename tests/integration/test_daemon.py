@@ -178,6 +178,7 @@ class TestModelFitsTheStream:
             tmp_path / "c.yaml", "127.0.0.1:9", topics, "g", model_dir, stream={"stride": 1}
         )
         daemon = Daemon(load_config(cfg))  # no Kafka contact before run()
+        daemon.build()  # waits for the model, loaded on a thread of its own
         daemon.engine.close()
         out = capsys.readouterr().out
         assert "stride_differs_from_model" in out and "alerts.open_after" in out
