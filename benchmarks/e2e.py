@@ -14,9 +14,10 @@ One command runs the suite and prints a Markdown report (also written with
   *floor*: a naive pipeline in the style of the original write-up (one message at
   a time, ``json.loads``, a Python list per sensor, one model call per window, one
   produce per score), run for ``--floor-seconds`` and reported as a rate.
-* **latency**: samples stamped with the wall clock are produced at half the
-  daemon's measured rate; latency = publish time of the score (broker
-  CreateTime set by the daemon's producer) minus the window's last sample time.
+* **latency**: samples stamped with the wall clock are produced at a third and at
+  half of the daemon's measured rate (``--latency-loads``), every sensor aligned on
+  one clock and staggered (``--latency-modes``); latency = publish time of the score
+  (broker CreateTime set by the daemon's producer) minus the window's last sample time.
 * **scale**: peak RSS (VmHWM) and throughput at several sensor counts and window
   sizes.
 * **restart** (only with ``--only restart``): ``--restart-sensors`` sensors are
@@ -85,7 +86,12 @@ def _add_size_options(ap: argparse.ArgumentParser) -> None:
         "--latency-rate",
         type=float,
         default=None,
-        help="samples/s for the latency run (default: half the measured throughput)",
+        help="samples/s for the latency run (default: --latency-loads of the measured rate)",
+    )
+    ap.add_argument(
+        "--latency-loads",
+        default="0.333,0.5",
+        help="fractions of the daemon's measured steady rate to run the latency suite at",
     )
     ap.add_argument(
         "--latency-modes",
@@ -149,19 +155,22 @@ def run_suites(
 ) -> None:
     """Each chosen suite in turn, appending its section to ``report``.
 
-    The latency suite produces at half the daemon's measured rate: from the throughput
-    suite when it ran, from ``--latency-rate`` when given, else from a throughput run of
-    its own whose section is not reported.
+    The latency suite produces at ``--latency-loads`` (a third and a half) of the daemon's
+    measured rate: from the throughput suite when it ran, else from a throughput run of
+    its own whose section is not reported; or at ``--latency-rate`` when given.
     """
     rate = None
     if "throughput" in suites:
         rate = throughput(bootstrap, tmp, args, report)
     if "latency" in suites:
         if args.latency_rate is not None:
-            rate = 2 * args.latency_rate
-        elif rate is None:
-            rate = throughput(bootstrap, tmp, args, [])
-        latency(bootstrap, tmp, args, rate, report)
+            latency(bootstrap, tmp, args, args.latency_rate, "set by --latency-rate", report)
+        else:
+            if rate is None:
+                rate = throughput(bootstrap, tmp, args, [])
+            for load in (float(f) for f in args.latency_loads.split(",")):
+                note = f"{load:.3g} of the daemon's steady rate, {rate:,.0f} samples/s"
+                latency(bootstrap, tmp, args, rate * load, note, report)
     if "scale" in suites:
         scale(bootstrap, tmp, args, report)
     if "restart" in suites:

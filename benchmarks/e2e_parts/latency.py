@@ -15,9 +15,14 @@ from e2e_parts.stream import expected_windows, make_topics, produce_stream, trai
 
 
 def latency(
-    bootstrap: str, tmp: Path, args: argparse.Namespace, rate: float, report: list[str]
+    bootstrap: str,
+    tmp: Path,
+    args: argparse.Namespace,
+    produce_rate: float,
+    rate_note: str,
+    report: list[str],
 ) -> None:
-    """p50/p95/p99 from sample time to score published, at half the measured rate.
+    """p50/p95/p99 from sample time to score published, producing ``produce_rate`` samples/s.
 
     Run twice: with every sensor online from the first row, every window of every sensor
     falls due on the same row (a burst of ``sensors`` windows every ``stride`` rows, the
@@ -26,17 +31,12 @@ def latency(
     """
     sensors, channels, window, stride = args.sensors, args.channels, args.window, args.stride
     model = train(tmp / "model-lat", window, stride, channels)
-    rows = max(window * 3, int(args.latency_seconds * rate / 2 / sensors))
-    rate_hz = rate / 2 / sensors  # rows per second so samples/s = rate / 2
-    rate_note = (
-        "set by --latency-rate"
-        if args.latency_rate is not None
-        else "half the daemon's steady rate"
-    )
+    rows = max(window * 3, int(args.latency_seconds * produce_rate / sensors))
+    rate_hz = produce_rate / sensors  # rows per second
     report += [
-        "## Latency",
+        f"## Latency at {produce_rate:,.0f} samples/s",
         "",
-        f"Produced at {rate / 2:,.0f} samples/s ({rate_note}) for {rows / rate_hz:.0f} s, "
+        f"Produced at {produce_rate:,.0f} samples/s ({rate_note}) for {rows / rate_hz:.0f} s, "
         f"{sensors:,} sensors, one row of all sensors at a time; latency = the score's "
         "produce time in the daemon minus the window's last sample time.",
         "",
@@ -47,7 +47,7 @@ def latency(
         first_row = None if mode == "aligned" else [s % stride for s in range(sensors)]
         topics = make_topics(bootstrap, args.partitions)
         cfg = write_config(
-            tmp / f"lat-{mode}.yaml",
+            tmp / f"lat-{mode}-{produce_rate:.0f}.yaml",
             bootstrap,
             topics,
             model,
