@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from streamer.config import TrainConfig
 from streamer.errors import DataError
-from streamer.model.device import resolve_device
+from streamer.model.backend import resolve_device
 from streamer.model.networks import Architecture, ScoringModel, fit_residual_model
 from streamer.model.scaler import Scaler
 
