@@ -26,12 +26,15 @@ def write_config(
     path: Path,
     bootstrap: str,
     topics: dict[str, str],
-    model: Path,
+    model_path: Path,
     window: int,
     stride: int,
     channels: int,
+    /,
     **extra: Any,
 ) -> Path:
+    """The daemon's config; ``extra`` sections are merged over the defaults section by
+    section (``model={"backend": "torch"}`` keeps the model path)."""
     data: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": bootstrap,
@@ -46,7 +49,7 @@ def write_config(
             "stride": stride,
             "max_gap_s": 1e9,
         },
-        "model": {"path": str(model), "device": "auto"},
+        "model": {"path": str(model_path), "device": "auto"},
         "threshold": {"method": "dspot", "risk": 1e-3, "level": 0.98},
         "metrics": {"enabled": False, "stats_interval_s": 5.0},
     }

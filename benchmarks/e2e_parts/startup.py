@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from e2e_parts import daemons
 from e2e_parts.daemons import log_events, merged, start_daemon, stop_daemon, write_config
 from e2e_parts.stream import consumer_from_start, make_topics, produce_stream, train
@@ -100,11 +98,8 @@ def startup(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[st
                 window,
                 stride,
                 channels,
-                **merged({}, args),
+                **merged({"model": {"backend": backend}}, args),
             )
-            data = yaml.safe_load(cfg.read_text())
-            data["model"]["backend"] = backend  # write_config's "model" is the path
-            cfg.write_text(yaml.safe_dump(data))
             first, line, _ = one_start(
                 bootstrap, cfg, logs / f"startup-{backend}-{i}.log", topics["scores"]
             )
