@@ -23,11 +23,15 @@ nothing::
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ import orjson
 from confluent_kafka import Producer
 
 # The helpers live in e2e_parts, beside this script (its folder is on the path when run).
-from e2e_parts.daemons import start_daemon, write_config
+from e2e_parts.daemons import REPO, log_events, start_daemon, write_config
 from e2e_parts.stream import (
     broker_and_tmp,
     client,
@@ -57,6 +61,9 @@ class Variant:
     instance_id: str | None
     restart: bool  # the killed daemon is started again (systemd's Restart=)
     note: str = ""
+    # As deploy/streamer.service does it: `streamer release` at once (ExecStopPost), and
+    # the restart after RestartSec runs `streamer check-config` first (ExecStartPre).
+    unit: bool = False
 
 
 VARIANTS = {
@@ -65,7 +72,8 @@ VARIANTS = {
     ),
     "classic-6s": Variant({}, None, False, "the daemon's default session, dynamic"),
     "consumer": Variant({"group.protocol": "consumer"}, None, False, "KIP-848, broker 45 s"),
-    "static": Variant({}, "auto", True, "shipped defaults: classic 6 s, static, restart"),
+    "static": Variant({}, "auto", True, "classic 6 s, static, restart"),
+    "unit": Variant({}, "auto", True, "shipped unit: release, then restart", unit=True),
     "static-norestart": Variant({}, "auto", False, "static, never restarted"),
     "consumer-static": Variant({"group.protocol": "consumer"}, "auto", True, "KIP-848 static"),
 }
@@ -218,10 +226,17 @@ def one_run(
         if args.action == "kill":
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
+            restarted = tmp / f"{cfgs[0].stem}-restarted.log"
+            if variant.unit:
+                streamer(cfgs[0], "release", tmp / f"{cfgs[0].stem}-release.log")
             if variant.restart:
                 time.sleep(args.restart_after)
-                procs[0] = start_daemon(cfgs[0], tmp / f"{cfgs[0].stem}-restarted.log")
+                if variant.unit:
+                    streamer(cfgs[0], "check-config", None)
+                procs[0] = start_daemon(cfgs[0], restarted)
             out["takeover_s"] = _takeover(scores, where, lost, event_at, args.timeout)
+            if variant.restart:
+                out.update(_restart_steps(restarted, event_at))
         else:
             procs[0].send_signal(signal.SIGTERM)
             handed = wait_until(lambda: lost <= owned(logs[1]), args.timeout)
@@ -257,6 +272,31 @@ def _takeover(
     if not wait_until(all_back, timeout_s, 0.1):
         return float("nan")
     return max(first.values()) - killed_at
+
+
+def streamer(cfg: Path, command: str, log: Path | None) -> None:
+    """``streamer COMMAND --config CFG``, waited for (its output to ``log``)."""
+    with open(log or os.devnull, "wb") as out:
+        subprocess.run(
+            [sys.executable, "-m", "streamer", command, "--config", str(cfg)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+
+
+def _restart_steps(log: Path, killed_at: float) -> dict[str, float]:
+    """Seconds from the kill to the restarted daemon's milestones (NaN: not reached)."""
+    out = {}
+    release = log.with_name(log.name.replace("-restarted", "-release"))
+    for event in ("predecessor_released",):
+        lines = log_events(log, event) + (log_events(release, event) if release.exists() else [])
+        stamp = lines[0]["timestamp"] if lines else None
+        out[f"{event}_s"] = (
+            datetime.fromisoformat(stamp).timestamp() - killed_at if stamp else float("nan")
+        )
+    return out
 
 
 def under_load(bootstrap: str, tmp: Path, model: Path, name: str, seconds: float) -> int:
@@ -312,7 +352,7 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=sorted(VARIANTS), default=None)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--action", choices=("kill", "stop"), default="kill")
-    ap.add_argument("--restart-after", type=float, default=0.1, help="RestartSec (s)")
+    ap.add_argument("--restart-after", type=float, default=1.0, help="RestartSec (s)")
     ap.add_argument("--settle", type=float, default=8.0, help="steady seconds before the event")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--load", type=float, default=0.0, help="seconds under full load instead")

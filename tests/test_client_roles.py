@@ -37,7 +37,7 @@ class TestRoles:
         assert all(read_by(r, "security.protocol") for r in ("consumer", "producer", "admin"))
 
     def test_each_role_gets_its_own_and_the_shared_settings_only(self) -> None:
-        cfg = KafkaConfig(client=CLIENT)
+        cfg = parse_config({"kafka": {"client": CLIENT}}).kafka
         shared = {"security.protocol", "message.max.bytes"}
         assert set(cfg.librdkafka("consumer")) == shared | {
             "session.timeout.ms",

@@ -31,7 +31,7 @@ from streamer.errors import KafkaError
 from streamer.kafka.access import held_operations
 from streamer.kafka.admin import admin_client
 from streamer.kafka.clientlog import client_logger
-from streamer.kafka.membership import Membership, classic, session_defaults
+from streamer.kafka.membership import Membership, classic, leave_group, session_defaults
 from streamer.kafka.reachability import Reachability
 
 __all__ = ["CommitResult", "Committed", "Consumed", "Source", "consumer_conf"]
@@ -529,13 +529,13 @@ class Source:
         """Leave the group at once (revoke callbacks run) and release the consumer.
 
         A static member does not leave on close alone (librdkafka keeps it in the group
-        until its session times out, awaiting a restart): unsubscribing first makes it
-        leave, so a stopped daemon's partitions move to the others at once. A crash
-        (SIGKILL) does neither, and the restarted daemon takes its place.
+        until its session times out, awaiting a restart): ``leave_group`` makes it leave
+        first, so a stopped daemon's partitions move to the others at once. A crash
+        (SIGKILL) does neither, and the restarted daemon releases them.
         """
         try:
-            if self._membership.instance_id is not None:
-                self._consumer.unsubscribe()
+            if self._membership.instance_id is not None and classic(self._cfg.librdkafka()):
+                leave_group(self._consumer)
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer_close_failed", error=str(exc))
