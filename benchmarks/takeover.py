@@ -11,13 +11,16 @@ partition. ``--load`` runs both daemons flat out on a backlog instead and counts
 partitions lost or revoked meanwhile (a false takeover).
 
 Each variant names the group protocol and session settings (``kafka.client``) and
-``kafka.instance_id``; run with ``--only NAME`` (repeatable). Prints figures, asserts
-nothing::
+``kafka.instance_id``; ``unit`` does what ``deploy/streamer.service`` does after a
+crash (``streamer release`` at once, ``check-config`` and the restart after
+``--restart-after`` seconds, its RestartSec). Run with ``--only NAME`` (repeatable).
+Prints figures, asserts nothing::
 
-    .venv/bin/python benchmarks/takeover.py --runs 3
+    .venv/bin/python benchmarks/takeover.py --only classic-45s --only classic-6s --runs 3
+    .venv/bin/python benchmarks/takeover.py --only unit --runs 3
     .venv/bin/python benchmarks/takeover.py --only static --restart-after 0.1 --runs 3
-    .venv/bin/python benchmarks/takeover.py --action stop --only static --only consumer-static
-    .venv/bin/python benchmarks/takeover.py --load 60 --only static
+    .venv/bin/python benchmarks/takeover.py --action stop --only static --only classic-6s
+    .venv/bin/python benchmarks/takeover.py --load 60 --only unit
 """
 
 from __future__ import annotations
