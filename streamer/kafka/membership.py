@@ -172,7 +172,9 @@ def release_predecessor(cfg: KafkaConfig, topic: str) -> list[int] | None:
     Returns the partitions it held (the stand-in was assigned), or None when there was
     nothing to do: no static id, the consumer protocol (under which the broker refuses
     a new member with an id still in use, until the session ends), no such member in
-    the group, or no answer within 5 s. Never raises: start-up goes on either way.
+    the group, or no answer within 5 s (logged: start-up goes on, and the session
+    ends the dead member). Raises ConfigError only for an explicit ``kafka.instance_id``
+    another daemon on this host holds, as the daemon's own consumer would.
     """
     client = cfg.librdkafka("consumer")
     if cfg.instance_id is None or not classic(client):
@@ -183,7 +185,7 @@ def release_predecessor(cfg: KafkaConfig, topic: str) -> list[int] | None:
         if iid is None or not _in_group(cfg, iid):
             return None
         return _stand_in(cfg, topic, client, iid)
-    except KafkaException as exc:
+    except (KafkaException, TimeoutError) as exc:
         log.warning(
             "predecessor_release_failed", instance_id=membership.instance_id, error=str(exc)
         )
