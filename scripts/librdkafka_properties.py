@@ -71,7 +71,9 @@ def properties_text() -> str:
 
 
 def parse(text: str) -> dict[str, tuple[Any, ...]]:
-    """name -> (kind, low, high, words) for every property in the table.
+    """name -> (kind, low, high, words, scope) for every property in the table.
+
+    ``scope``: librdkafka's C/P column: C (consumers only), P (producers only) or *.
 
     A topic property may be set in the global configuration too, and a name listed in
     both tables (``compression.codec``) is looked up globally first: the first row wins.
@@ -81,7 +83,7 @@ def parse(text: str) -> dict[str, tuple[Any, ...]]:
         cells = [c.strip() for c in line.split("|", 5)]
         if len(cells) != 6 or not re.fullmatch(r"[a-z][a-z0-9._]*", cells[0]):
             continue
-        name, _scope, rng, default, _importance, description = cells
+        name, scope, rng, default, _importance, description = cells
         tag = _TYPE.search(description)
         if tag is None:
             raise ValueError(f"{name}: no type in {description!r}")
@@ -97,19 +99,21 @@ def parse(text: str) -> dict[str, tuple[Any, ...]]:
             low, high = float(match.group(1)), float(match.group(2))
         elif kind in ("enum", "flags"):
             words = tuple(w.strip() for w in rng.split(",") if w.strip())
-        out.setdefault(name, (kind, low, high, words))
+        out.setdefault(name, (kind, low, high, words, scope))
     return out
 
 
 def render(props: dict[str, tuple[Any, ...]], version: str, client_version: str) -> str:
     """The generated module's source (``ruff format`` it afterwards)."""
     rows = []
-    for name, (kind, low, high, words) in sorted(props.items()):
+    for name, (kind, low, high, words, scope) in sorted(props.items()):
         args = [repr(kind)]
         if kind in ("integer", "float"):
             args += [f"low={_num(low)}", f"high={_num(high)}"]
         if kind in ("enum", "flags"):
             args.append(f"words={words!r}")
+        if scope != "*":
+            args.append(f"scope={scope!r}")
         rows.append(f"    {name!r}: Property({', '.join(args)}),")
     return _TEMPLATE.format(version=version, client_version=client_version, rows="\n".join(rows))
 
@@ -145,12 +149,15 @@ class Property(NamedTuple):
     ``kind``: integer or float (within ``low`` .. ``high``), boolean, enum (one of
     ``words``, any case), flags (a comma-separated subset of ``words``), string (any
     text) or api (set through a dedicated C or client API, never from a config file).
+    ``scope``: the clients that read it: C (consumers), P (producers; the admin client
+    is a producer to librdkafka) or * (both); the others warn that they ignore it.
     """
 
     kind: str
     low: float = 0
     high: float = 0
     words: tuple[str, ...] = ()
+    scope: str = "*"
 
 
 LIBRDKAFKA_VERSION: Final = {version!r}

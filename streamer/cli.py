@@ -112,6 +112,7 @@ _EXAMPLES = {
     "--set kafka.bootstrap_servers=broker-1:9092",
     "check-access": "streamer check-access --config /etc/streamer/config.yaml",
     "run": "streamer run --config /etc/streamer/config.yaml --log-level info",
+    "release": "streamer release --config /etc/streamer/config.yaml",
     "train": "streamer train --config config.yaml --data normal-1.csv normal-2.csv --out model",
     "score": "streamer score --config config.yaml --model model --data live.csv --out scores.csv",
     "produce": "streamer produce --config dev.yaml --data live.csv --rate 100",
@@ -157,6 +158,13 @@ def _daemon_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> 
     _add_config(p)
 
     p = command("run", "run the daemon: consume samples, publish scores and alerts")
+    _add_config(p)
+
+    p = command(
+        "release",
+        "hand a crashed daemon's partitions to the group's other members at once (its "
+        "static kafka.instance_id is taken and left); run by systemd after the daemon exits",
+    )
     _add_config(p)
 
 
@@ -449,11 +457,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from streamer.daemon import run_daemon
+    from streamer.kafka.membership import release_predecessor
+    from streamer.runtime.logs import configure_logging
 
     cfg = _load(args)
+    # Before the daemon (and torch) loads, which takes seconds: a crashed predecessor's
+    # partitions go to the group's other members now, not when this daemon has joined.
+    configure_logging(level=cfg.logging.level)
+    release_predecessor(cfg.kafka, cfg.topics.input)
+    from streamer.daemon import run_daemon
+
     code: int = run_daemon(cfg)
     return code
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from streamer.kafka.membership import release_predecessor
+    from streamer.runtime.logs import configure_logging
+
+    cfg = _load(args)
+    configure_logging(level=cfg.logging.level)
+    release_predecessor(cfg.kafka, cfg.topics.input)
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -488,6 +513,7 @@ COMMANDS = {
     "produce": _cmd_produce,
     "eval": _cmd_eval,
     "run": _cmd_run,
+    "release": _cmd_release,
     "demo": _cmd_demo,
     "broker": _cmd_broker,
 }

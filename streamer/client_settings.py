@@ -17,10 +17,12 @@ import re
 from streamer.librdkafka_properties import LIBRDKAFKA_VERSION, PROPERTIES
 
 __all__ = [
+    "CLIENT_ROLES",
     "MANAGED_CLIENT_KEYS",
     "SECRET_CLIENT_KEYS",
     "is_secret_client_key",
     "name_problem",
+    "read_by",
     "setting_number",
     "value_problem",
 ]
@@ -42,7 +44,26 @@ SECRET_CLIENT_KEYS = frozenset(
 )
 _SECRET_WORDS = ("password", "secret", "passphrase")
 # Settings streamer sets itself (the daemon relies on their values).
-MANAGED_CLIENT_KEYS = frozenset({"bootstrap.servers", "group.id", "enable.auto.offset.store"})
+MANAGED_CLIENT_KEYS = frozenset(
+    {"bootstrap.servers", "group.id", "enable.auto.offset.store", "group.instance.id"}
+)
+# Where a managed setting is set instead, when streamer has a key of its own for it.
+_MANAGED_BY = {"group.instance.id": "kafka.instance_id"}
+# The scopes (librdkafka's C/P column) of the settings each kind of client reads. The
+# admin client is a producer to librdkafka, but it produces nothing: it gets only the
+# settings of every client (connection, security), none of either role's.
+_SCOPES = {"consumer": ("C", "*"), "producer": ("P", "*"), "admin": ("*",)}
+CLIENT_ROLES = frozenset(_SCOPES)
+
+
+def read_by(role: str, key: str) -> bool:
+    """Whether a client of ``role`` (consumer, producer or admin) reads setting ``key``.
+
+    librdkafka warns at creation (CONFWARN) about every setting of the other role, so
+    each client is handed only its own. An unknown name counts as read by every client.
+    """
+    prop = PROPERTIES.get(key)
+    return prop is None or prop.scope in _SCOPES[role]
 
 
 def is_secret_client_key(key: str) -> bool:
@@ -137,6 +158,8 @@ def name_problem(key: str) -> str | None:
     Unknown to librdkafka (names are case-sensitive: a mis-cased one is named with the
     right spelling), set by streamer itself, or settable only through a client API.
     """
+    if key in _MANAGED_BY:
+        return f"{key!r} is managed by streamer; set {_MANAGED_BY[key]} instead"
     if key in MANAGED_CLIENT_KEYS:
         return f"{key!r} is managed by streamer; set it elsewhere or not at all"
     prop = PROPERTIES.get(key)

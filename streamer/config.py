@@ -27,6 +27,7 @@ from pydantic import (
 from streamer.client_settings import (
     is_secret_client_key,
     name_problem,
+    read_by,
     setting_number,
     value_problem,
 )
@@ -124,6 +125,18 @@ class KafkaConfig(_Section):
     # which discards the prefetched messages (fetched again on resume) but lets consume
     # serve rebalances while the worker is stalled. 0 pauses at once.
     pause_after_s: NonNegativeFloat = 5.0
+    # Static group membership (group.instance.id): a daemon restarted within the session
+    # timeout gets its partitions back at once, without a rebalance. "auto": one per
+    # daemon, stable across its restarts (streamer.kafka.membership); null: none. Two
+    # live daemons of a group with the same id fence each other.
+    instance_id: str | None = "auto"
+
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+            raise ValueError(f"must be 1 to 200 of A-Z a-z 0-9 . _ - (or null), got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _pause_within_poll_interval(self) -> KafkaConfig:
@@ -181,11 +194,16 @@ class KafkaConfig(_Section):
             raise ValueError("; ".join(problems))
         return out
 
-    def librdkafka(self) -> dict[str, Any]:
-        """The client settings with secrets revealed, for handing to confluent-kafka only."""
+    def librdkafka(self, role: str | None = None) -> dict[str, Any]:
+        """The client settings with secrets revealed, for handing to confluent-kafka only.
+
+        ``role`` (consumer, producer or admin): only the settings such a client reads,
+        since librdkafka warns at every start about each one it ignores.
+        """
         return {
             key: (val.get_secret_value() if isinstance(val, SecretStr) else val)
             for key, val in self.client.items()
+            if role is None or read_by(role, key)
         }
 
 

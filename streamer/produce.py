@@ -157,8 +157,8 @@ def produce_csv(
     topic, bootstrap = cfg.topics.input, cfg.kafka.bootstrap_servers
     ensure_input_topic(cfg.kafka, topic, timeout_s=cfg.kafka.connect_timeout_s)
     # librdkafka's errors only, unless kafka.client says otherwise: its warnings are
-    # transient here (a fresh broker's "coordinator load in progress", the daemon's
-    # consumer settings that a producer ignores), and every failure ends in our own line.
+    # transient here (a fresh broker's "coordinator load in progress"), and every failure
+    # ends in our own line.
     quiet = cfg.kafka.model_copy(update={"client": {"log_level": 3, **cfg.kafka.client}})
     sink = Sink(quiet, client_id="streamer-produce")
 

@@ -95,17 +95,13 @@ def admin_client(
     ``quiet``: librdkafka logs only critical lines, for a client whose every failure the
     caller reports itself (a refused connection is one ``FAIL`` line per attempt).
     """
-    conf: dict[str, Any] = {**cfg.librdkafka(), "bootstrap.servers": cfg.bootstrap_servers}
+    conf: dict[str, Any] = {**cfg.librdkafka("admin"), "bootstrap.servers": cfg.bootstrap_servers}
     if quiet:
         conf["log_level"] = 2  # syslog's LOG_CRIT
     # librdkafka's own lines through structlog, not raw to stderr (delivered on poll).
     conf["logger"] = client_logger()
     if causes is not None:
         conf["error_cb"] = causes
-    # Consumer/producer-only settings make the admin client warn; drop the obvious ones.
-    for key in list(conf):
-        if key.startswith(("enable.auto", "auto.offset", "partition.assignment", "acks")):
-            del conf[key]
     return AdminClient(conf)
 
 

@@ -85,7 +85,7 @@ class Sink:
         that accepts less refuses a whole batch of records that each fit. Below that
         default, the batches are kept under the topic's limit.
         """
-        conf: dict[str, Any] = {**_DEFAULTS, "client.id": client_id, **cfg.librdkafka()}
+        conf: dict[str, Any] = {**_DEFAULTS, "client.id": client_id, **cfg.librdkafka("producer")}
         if max_batch_bytes is not None:
             current = int(conf.get("batch.size", _BATCH_SIZE_DEFAULT))
             room = max_batch_bytes - _BATCH_FRAMING - max_batch_bytes // 200

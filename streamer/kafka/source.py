@@ -31,6 +31,7 @@ from streamer.errors import KafkaError
 from streamer.kafka.access import held_operations
 from streamer.kafka.admin import admin_client
 from streamer.kafka.clientlog import client_logger
+from streamer.kafka.membership import Membership, classic, leave_group, session_defaults
 from streamer.kafka.reachability import Reachability
 
 __all__ = ["CommitResult", "Committed", "Consumed", "Source", "consumer_conf"]
@@ -40,8 +41,10 @@ log = structlog.get_logger(__name__)
 _REQUIRED: dict[str, Any] = {
     "enable.auto.commit": False,
     "enable.auto.offset.store": False,
-    "partition.assignment.strategy": "cooperative-sticky",
 }
+# Classic protocol only: under the consumer protocol (KIP-848) the broker assigns, and
+# librdkafka refuses the setting; its rebalances are incremental anyway.
+_CLASSIC_REQUIRED: dict[str, Any] = {"partition.assignment.strategy": "cooperative-sticky"}
 _DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",
     # Bound what librdkafka prefetches: this is most of the daemon's memory under backlog.
@@ -161,7 +164,7 @@ def consumer_conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
     Later ones win; the bootstrap servers are always ``cfg``'s, and the client's own log
     goes to structlog.
     """
-    conf: dict[str, Any] = {**_DEFAULTS, **cfg.librdkafka(), **extra}
+    conf: dict[str, Any] = {**_DEFAULTS, **cfg.librdkafka("consumer"), **extra}
     conf["bootstrap.servers"] = cfg.bootstrap_servers
     # librdkafka's own log lines as rate-limited structlog events (served by consume/poll)
     # rather than raw "%3|...|FAIL|" lines on stderr.
@@ -187,8 +190,24 @@ class Source:
         *,
         reachability: Reachability | None = None,
     ) -> None:
-        conf = consumer_conf(cfg, {"group.id": cfg.group_id, "client.id": client_id})
+        client = cfg.librdkafka("consumer")
+        conf = consumer_conf(
+            cfg, {**session_defaults(client), "group.id": cfg.group_id, "client.id": client_id}
+        )
         conf.update(_REQUIRED)
+        if classic(client):
+            conf.update(_CLASSIC_REQUIRED)
+        # Held until close: no other daemon on this host takes the same static id meanwhile.
+        self._membership = Membership(cfg)
+        if self._membership.instance_id is not None:
+            conf["group.instance.id"] = self._membership.instance_id
+        log.info(
+            "group_membership",
+            group=cfg.group_id,
+            protocol="classic" if classic(client) else "consumer",
+            instance_id=self._membership.instance_id,
+            session_timeout_ms=conf.get("session.timeout.ms"),
+        )
         conf["error_cb"] = self._on_error
         # Broker outages: one line when one starts and ends, not one per failed connection.
         self._reachability = reachability if reachability is not None else Reachability()
@@ -212,6 +231,7 @@ class Source:
         try:
             self._consumer = Consumer(conf)
         except KafkaException as exc:
+            self._membership.release()
             raise KafkaError(f"cannot create consumer: {exc}") from exc
         self._consumer.subscribe(
             [topic], on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._lost_cb
@@ -247,6 +267,12 @@ class Source:
     def _on_error(self, err: Any) -> None:
         if err.fatal():
             self._fatal = f"consumer fatal error: {err}"
+            if self._membership.instance_id is not None and "fenced" in str(err).lower():
+                self._fatal += (
+                    f" (another member of group {self._cfg.group_id} has this daemon's "
+                    f"instance id {self._membership.instance_id!r}: give each daemon its own "
+                    "kafka.instance_id, or set it to null)"
+                )
         else:
             self._note_refusal(None, err)
             self._reachability.on_error(_CLIENT, err)
@@ -500,11 +526,20 @@ class Source:
         return int(hi)
 
     def close(self) -> None:
-        """Leave the group (revoke callbacks run) and release the consumer."""
+        """Leave the group at once (revoke callbacks run) and release the consumer.
+
+        A static member does not leave on close alone (librdkafka keeps it in the group
+        until its session times out, awaiting a restart): ``leave_group`` makes it leave
+        first, so a stopped daemon's partitions move to the others at once. A crash
+        (SIGKILL) does neither, and the restarted daemon releases them.
+        """
         try:
+            if self._membership.instance_id is not None and classic(self._cfg.librdkafka()):
+                leave_group(self._consumer)
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer_close_failed", error=str(exc))
+        self._membership.release()
         self._admin = None  # the refusal checks' client, if one was made
         self._reachability.forget(_CLIENT)
         self._raise()

@@ -1,0 +1,151 @@
+"""Takeover with the shipped group settings: a crash-restart and a clean stop.
+
+The session timeout is set to 45 s here (librdkafka's default), so that a takeover
+within the bound below can only come from the mechanism under test (the restarted
+daemon releasing its dead predecessor's partitions; a stopping static member leaving),
+never from the session ending. The bounds are generous: they tell those mechanisms
+from the 45 s session, not how fast they are (``benchmarks/takeover.py`` measures that).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NewTopicFactory
+from tests.faults.test_faults import (
+    DSPOT,
+    S,
+    W,
+    assert_complete,
+    logs,
+    owned,
+    wait_balanced,
+    wait_scores,
+)
+from tests.helpers import Timeout
+from tests.integration.helpers import (
+    DaemonProcess,
+    Topics,
+    expected_windows,
+    make_topics,
+    plant_samples,
+    produce,
+    write_config,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+LONG_SESSION = {"session.timeout.ms": 45000}
+# Far below the 45 s session, far above what the mechanisms take on a loaded machine.
+BOUND_S = 25.0
+
+
+def config(tmp: Path, name: str, bootstrap: str, topics: Topics, group: str, model: Path) -> Path:
+    """The shipped group settings (instance_id auto), but a 45 s session."""
+    return write_config(
+        tmp / f"{name}.yaml",
+        bootstrap,
+        topics,
+        group,
+        model,
+        kafka={"client": dict(LONG_SESSION)},
+        threshold=DSPOT,
+    )
+
+
+def wait_owned(daemon: DaemonProcess, partitions: set[int], timeout: Timeout) -> float:
+    """Seconds until ``daemon`` owns every one of ``partitions`` (fails after ``timeout``)."""
+    started = time.monotonic()
+    while not timeout.expired and not partitions <= owned(daemon):
+        time.sleep(0.05)
+    assert partitions <= owned(daemon), f"{partitions} never taken\n{logs([daemon])}"
+    return time.monotonic() - started
+
+
+class TestTakeover:
+    def test_a_killed_daemon_restarted_hands_its_partitions_over_at_once(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """SIGKILL, then a restart with the same config (as systemd does): the restarted
+        daemon releases its dead self's partitions before it loads, the other member
+        serves them long before the session would end, and every window is scored."""
+        timeout = Timeout(240)
+        topics = make_topics(new_topic, 4)
+        samples = plant_samples(12, 300, seed=11)
+        cfgs = [
+            config(tmp_path, f"m{i}", kafka_bootstrap, topics, group_id, model_dir)
+            for i in range(2)
+        ]
+        daemons += [DaemonProcess(c).start() for c in cfgs]
+        wait_balanced(daemons, 4, timeout)
+        half = len(samples) // 2
+        produce(kafka_bootstrap, topics.input, samples[:half])
+        victim, other = daemons
+        lost = owned(victim)
+        (membership,) = victim.seen("group_membership")
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        restarted = DaemonProcess(cfgs[0]).start()
+        daemons.append(restarted)
+        took_s = wait_owned(other, lost, timeout)
+        assert took_s < BOUND_S, f"took {took_s:.1f} s\n{logs(daemons)}"
+        (released,) = restarted.seen("predecessor_released")
+        assert released["instance_id"] == membership["instance_id"]
+        assert set(released["partitions"]) == lost
+        # The restarted daemon joins under the same id without fencing anyone, and the
+        # group shares the partitions again.
+        wait_balanced([other, restarted], 4, timeout)
+        produce(kafka_bootstrap, topics.input, samples[half:])
+        expected = set(expected_windows(topics.input, samples, W, S))
+        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [other, restarted])
+        for d in (other, restarted):
+            assert d.stop() == 0, d.tail()
+        assert_complete(by_id, expected, daemons)
+
+    def test_a_stopped_daemon_leaves_the_group_at_once(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """SIGTERM of a static member: the other member gets its partitions without waiting
+        for the session, and every window is scored exactly once."""
+        timeout = Timeout(240)
+        topics = make_topics(new_topic, 4)
+        samples = plant_samples(12, 300, seed=12)
+        daemons += [
+            DaemonProcess(
+                config(tmp_path, f"m{i}", kafka_bootstrap, topics, group_id, model_dir)
+            ).start()
+            for i in range(2)
+        ]
+        wait_balanced(daemons, 4, timeout)
+        stopping, other = daemons
+        assert stopping.seen("group_membership")[0]["instance_id"] is not None
+        half = len(samples) // 2
+        produce(kafka_bootstrap, topics.input, samples[:half])
+        lost = owned(stopping)
+        stopping.proc.send_signal(signal.SIGTERM)
+        took_s = wait_owned(other, lost, timeout)
+        assert stopping.stop() == 0, stopping.tail()
+        assert took_s < BOUND_S, f"took {took_s:.1f} s\n{logs(daemons)}"
+        produce(kafka_bootstrap, topics.input, samples[half:])
+        expected = set(expected_windows(topics.input, samples, W, S))
+        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [other])
+        assert other.stop() == 0, other.tail()
+        assert_complete(by_id, expected, daemons)
+        dupes = [k for k, v in by_id.items() if len(v) > 1]
+        assert not dupes, f"{len(dupes)} windows published twice\n{logs(daemons)}"
