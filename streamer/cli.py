@@ -457,16 +457,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from streamer.kafka.membership import release_predecessor
-    from streamer.runtime.logs import configure_logging
-
-    cfg = _load(args)
-    # Before the daemon (and torch) loads, which takes seconds: a crashed predecessor's
-    # partitions go to the group's other members now, not when this daemon has joined.
-    configure_logging(level=cfg.logging.level)
-    release_predecessor(cfg.kafka, cfg.topics.input)
+    # No release of a crashed predecessor here: the unit's ExecStopPost runs `streamer
+    # release` as soon as the process is gone, and a daemon restarted by hand joins under
+    # the same static id within its first second or so, which takes the dead member's
+    # place (and partitions) at once. A release here would cost every start a group
+    # lookup and move a crashed daemon's partitions twice.
     from streamer.daemon import run_daemon
 
+    cfg = _load(args)
     code: int = run_daemon(cfg)
     return code
 
