@@ -1,15 +1,18 @@
 """Takeover with the shipped group settings: a crash-restart and a clean stop.
 
 The session timeout is set to 45 s here (librdkafka's default), so that a takeover
-within the bound below can only come from the mechanism under test (the restarted
-daemon releasing its dead predecessor's partitions; a stopping static member leaving),
-never from the session ending. The bounds are generous: they tell those mechanisms
+within the bound below can only come from the mechanism under test (a release of the
+dead member, a restarted static member taking its place, a stopping static member
+leaving), never from the session ending. The bounds are generous: they tell those mechanisms
 from the 45 s session, not how fast they are (``benchmarks/takeover.py`` measures that).
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from tests.faults.test_faults import (
 )
 from tests.helpers import Timeout
 from tests.integration.helpers import (
+    REPO,
     DaemonProcess,
     Topics,
     expected_windows,
@@ -67,7 +71,7 @@ def wait_owned(daemon: DaemonProcess, partitions: set[int], timeout: Timeout) ->
 
 
 class TestTakeover:
-    def test_a_killed_daemon_restarted_hands_its_partitions_over_at_once(
+    def test_a_killed_daemon_is_released_at_once_as_the_unit_does(
         self,
         kafka_bootstrap: str,
         new_topic: NewTopicFactory,
@@ -76,9 +80,10 @@ class TestTakeover:
         tmp_path: Path,
         daemons: list[DaemonProcess],
     ) -> None:
-        """SIGKILL, then a restart with the same config (as systemd does): the restarted
-        daemon releases its dead self's partitions before it loads, the other member
-        serves them long before the session would end, and every window is scored."""
+        """SIGKILL, then ``streamer release`` (the unit's ExecStopPost) and a restart: the
+        other member serves the dead one's partitions long before the session would end,
+        the restarted daemon joins under the same id without fencing anyone, and every
+        window is scored."""
         timeout = Timeout(240)
         topics = make_topics(new_topic, 4)
         samples = plant_samples(12, 300, seed=11)
@@ -95,16 +100,69 @@ class TestTakeover:
         (membership,) = victim.seen("group_membership")
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(10)
-        restarted = DaemonProcess(cfgs[0]).start()
-        daemons.append(restarted)
+        release = subprocess.run(
+            [sys.executable, "-m", "streamer", "release", "--config", str(cfgs[0])],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert release.returncode == 0, release.stdout + release.stderr
+        released = [
+            json.loads(line)
+            for line in release.stdout.splitlines()
+            if '"predecessor_released"' in line
+        ]
+        assert len(released) == 1, release.stdout
+        assert released[0]["instance_id"] == membership["instance_id"]
+        assert set(released[0]["partitions"]) == lost
         took_s = wait_owned(other, lost, timeout)
         assert took_s < BOUND_S, f"took {took_s:.1f} s\n{logs(daemons)}"
-        (released,) = restarted.seen("predecessor_released")
-        assert released["instance_id"] == membership["instance_id"]
-        assert set(released["partitions"]) == lost
-        # The restarted daemon joins under the same id without fencing anyone, and the
-        # group shares the partitions again.
+        restarted = DaemonProcess(cfgs[0]).start()
+        daemons.append(restarted)
         wait_balanced([other, restarted], 4, timeout)
+        produce(kafka_bootstrap, topics.input, samples[half:])
+        expected = set(expected_windows(topics.input, samples, W, S))
+        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [other, restarted])
+        for d in (other, restarted):
+            assert d.stop() == 0, d.tail()
+        assert_complete(by_id, expected, daemons)
+
+    def test_a_killed_daemon_restarted_takes_its_own_place_back(
+        self,
+        kafka_bootstrap: str,
+        new_topic: NewTopicFactory,
+        group_id: str,
+        model_dir: Path,
+        tmp_path: Path,
+        daemons: list[DaemonProcess],
+    ) -> None:
+        """SIGKILL and a restart with no release: the new process joins under the dead
+        one's static id and gets its partitions back without waiting for the session."""
+        timeout = Timeout(240)
+        topics = make_topics(new_topic, 4)
+        samples = plant_samples(12, 300, seed=13)
+        cfgs = [
+            config(tmp_path, f"m{i}", kafka_bootstrap, topics, group_id, model_dir)
+            for i in range(2)
+        ]
+        daemons += [DaemonProcess(c).start() for c in cfgs]
+        wait_balanced(daemons, 4, timeout)
+        half = len(samples) // 2
+        produce(kafka_bootstrap, topics.input, samples[:half])
+        victim, other = daemons
+        lost = owned(victim)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        killed_at = time.monotonic()
+        restarted = DaemonProcess(cfgs[0]).start()
+        daemons.append(restarted)
+        while not timeout.expired and not lost <= owned(restarted) | owned(other):
+            time.sleep(0.05)
+        took_s = time.monotonic() - killed_at
+        assert lost <= owned(restarted) | owned(other), logs(daemons)
+        assert took_s < BOUND_S, f"took {took_s:.1f} s\n{logs(daemons)}"
+        assert not restarted.seen("predecessor_released")
         produce(kafka_bootstrap, topics.input, samples[half:])
         expected = set(expected_windows(topics.input, samples, W, S))
         by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [other, restarted])
