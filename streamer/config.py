@@ -314,9 +314,8 @@ class ModelConfig(_Section):
 
     path: Path = Path("models/current")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Which library scores: ONNX Runtime (CPU only; imports in a fraction of a second and
-    # runs the presets faster) or torch (CPU or CUDA). auto: ONNX Runtime on the CPU when
-    # the checkpoint carries an ONNX graph, else torch.
+    # ONNX Runtime (CPU only, imports in a fraction of torch's time) or torch (CPU, CUDA);
+    # auto: ONNX Runtime on the CPU when the checkpoint has a graph (streamer.model.backend).
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     # The daemon reloads the model when the checkpoint files change (checked this often)
     # and on SIGHUP; 0 turns the file watch off (SIGHUP still reloads).

@@ -80,7 +80,7 @@ from streamer.notify import Notifier
 from streamer.runtime.backpressure import Backpressure
 from streamer.runtime.checkpoint import Checkpointer
 from streamer.runtime.counters import Counters
-from streamer.runtime.heap import SensorGrowth, settle_heap, trim_heap
+from streamer.runtime.heap import settle_heap, trim_heap
 from streamer.runtime.ingest import Ingest
 from streamer.runtime.logs import configure_logging
 from streamer.runtime.modelload import ModelLoad
@@ -127,6 +127,24 @@ def _build_engine(cfg: Config, model: LoadedModel, device: str, metrics: Metrics
     )
 
 
+def _log_configured(cfg: Config, model: LoadedModel, device: str, load_s: float) -> None:
+    """The ``daemon_configured`` line: the model, the stream and the Kafka settings in use."""
+    log.info(
+        "daemon_configured",
+        model=model.version,
+        backend=model.backend,
+        device=device,
+        window=model.window,
+        stride=cfg.stream.stride,
+        channels=list(cfg.stream.channels),
+        input=cfg.topics.input,
+        group=cfg.kafka.group_id,
+        bootstrap=cfg.kafka.bootstrap_servers,
+        kafka_client=cfg.redacted()["kafka"]["client"],  # secrets masked
+        load_s=round(load_s, 3),
+    )
+
+
 class Daemon:
     """One streamer instance: the wiring of consume, score, publish, checkpoint, commit.
 
@@ -167,7 +185,6 @@ class Daemon:
         self.snapshot_dir = snapshot_dir(cfg.kafka.state_snapshot_dir, os.environ)
         self.services = Services(self.metrics, self.health, self.notifier)
         self.access = AccessWatch(self.health, cfg.kafka.group_id, self.topics.input)
-        self.growth = SensorGrowth()
         self._built = False
         self._reload_requested = False
         self._stop_requested = False
@@ -231,25 +248,7 @@ class Daemon:
             lambda: self.rounds.commits if self.rounds is not None else 0,
         )
         self._built = True
-        self._log_configured(model, device, loaded.seconds)
-
-    def _log_configured(self, model: LoadedModel, device: str, load_s: float) -> None:
-        """The ``daemon_configured`` line: the model, the stream and the Kafka settings in use."""
-        cfg = self.cfg
-        log.info(
-            "daemon_configured",
-            model=model.version,
-            backend=model.backend,
-            device=device,
-            window=model.window,
-            stride=cfg.stream.stride,
-            channels=self.channels,
-            input=self.topics.input,
-            group=cfg.kafka.group_id,
-            bootstrap=cfg.kafka.bootstrap_servers,
-            kafka_client=cfg.redacted()["kafka"]["client"],  # secrets masked
-            load_s=round(load_s, 3),
-        )
+        _log_configured(cfg, model, device, loaded.seconds)
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -429,21 +428,13 @@ class Daemon:
                     # loop's time. Space rounds so that they take at most a tenth of it.
                     next_commit = time.monotonic() + max(commit_every, _COMMIT_SPACING * stalled)
             if now >= next_gauges:
-                self._refresh_gauges(source)
+                self.gauges.refresh(source)
+                self.access.check(source.refusals())
                 next_gauges = now + _GAUGE_REFRESH_S
             if now >= next_stats:
                 self.gauges.log_stats(source)
                 next_stats = now + stats_every
         return self._shut_down(sink, source, publisher, rounds)
-
-    def _refresh_gauges(self, source: Source) -> None:
-        """The gauges and the access refusals; the heap settled if the sensors grew enough."""
-        self.gauges.refresh(source)
-        self.access.check(source.refusals())
-        sensors = len(self.engine.thresholds)
-        if self.growth.due(sensors):
-            settle_heap("sensors", rethaw=False, sensors=sensors)
-            self.growth.settled = sensors
 
     def _shut_down(
         self, sink: Sink, source: Source, publisher: Publisher, rounds: CommitRounds
@@ -456,7 +447,12 @@ class Daemon:
         self.recovery.close()
         rounds.abandon()
         rounds.run(list(self.table.parts), reason="shutdown", drain=publisher.drain)
-        self._save_snapshots(source)
+        if self.snapshot_dir is not None and self.writer is not None:
+            # Each owned partition's state, beside the daemon, for the next start here.
+            state = self.topics.state
+            self.writer.save_snapshots(
+                self.snapshot_dir, self.cfg.kafka.group_id, lambda p: source.end_offset(state, p)
+            )
         # Leaving the group revokes everything: the callback finds nothing left to commit.
         source.close()
         self.source = None
@@ -464,23 +460,6 @@ class Daemon:
         self.gauges.log_stats(None)
         log.info("shutdown_complete")
         return 0
-
-    def _save_snapshots(self, source: Source) -> None:
-        """Leave each owned partition's state beside the daemon for the next start here."""
-        if self.snapshot_dir is None or self.writer is None:
-            return
-        started = time.perf_counter()
-        state = self.topics.state
-        saved = self.writer.save_snapshots(
-            self.snapshot_dir, self.cfg.kafka.group_id, lambda p: source.end_offset(state, p)
-        )
-        if saved:
-            log.info(
-                "state_snapshot_written",
-                directory=str(self.snapshot_dir),
-                records=saved,
-                seconds=round(time.perf_counter() - started, 3),
-            )
 
     # -- rebalances ------------------------------------------------------------------------
 

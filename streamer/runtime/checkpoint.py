@@ -8,6 +8,7 @@ the sensor's input partition, keyed by the sensor.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -150,8 +151,10 @@ class Checkpointer:
         Only partitions whose state is all committed (the shutdown round's commit went
         through, no replay under way); ``end_offset(p)``: the state topic partition's end
         now. A file that cannot be written costs the next start a read of the state
-        topic, never this stop: it is logged and skipped. Returns the records per file.
+        topic, never this stop: it is logged and skipped. Returns the records per file
+        (and logs ``state_snapshot_written`` when there are any).
         """
+        started = time.perf_counter()
         saved: dict[int, int] = {}
         for p in self.table.serving():
             part = self.table.parts[p]
@@ -169,6 +172,13 @@ class Checkpointer:
                 )
             except (OSError, StreamerError) as exc:
                 log.warning("state_snapshot_not_written", partition=p, error=str(exc))
+        if saved:
+            log.info(
+                "state_snapshot_written",
+                directory=str(directory),
+                records=saved,
+                seconds=round(time.perf_counter() - started, 3),
+            )
         return saved
 
     def produce(self, state: StateAtH) -> None:

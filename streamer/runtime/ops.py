@@ -24,7 +24,7 @@ from streamer.notify import Notifier, Watchdog, watchdog_interval_s
 from streamer.reload import CheckpointWatcher, ModelReloader, ReloadOutcome
 from streamer.runtime.backpressure import Backpressure
 from streamer.runtime.counters import Counters
-from streamer.runtime.heap import settle_heap
+from streamer.runtime.heap import SensorGrowth, settle_heap
 from streamer.runtime.partitions import PartitionTable
 
 if TYPE_CHECKING:  # the engine imports torch
@@ -232,6 +232,7 @@ class Gauges:
         self.counters = counters
         self.commits = commits
         self._last = (time.monotonic(), 0, 0)
+        self.growth = SensorGrowth()
 
     def lag(self, source: Watermarks | None) -> dict[int, int]:
         """Messages behind the partition's high watermark, per owned partition (cached)."""
@@ -256,6 +257,11 @@ class Gauges:
         m.partitions_paused.set(len(parts) if self.backpressure.paused else 0)
         m.alerts_open.set(self.engine.alerts.open_count())
         m.sensors.set(len(self.table.sensor_part))
+        sensors = len(self.engine.thresholds)
+        if self.growth.due(sensors):
+            # Many new sensors' long-lived state: out of the cyclic collector's way.
+            settle_heap("sensors", rethaw=False, sensors=sensors)
+            self.growth.settled = sensors
 
     def log_stats(self, source: Watermarks | None) -> None:
         """The ``stats`` line (rates since the last one) and the systemd status text."""
