@@ -62,6 +62,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import structlog
@@ -127,6 +128,20 @@ def _build_engine(cfg: Config, model: LoadedModel, device: str, metrics: Metrics
     )
 
 
+def _start_kafka(
+    cfg: Config, model_load: ModelLoad, subscribe: Callable[[], None]
+) -> tuple[int, int]:
+    """Topics, subscription and cluster checks; the output limits (``output_limits``)."""
+    ensure_topics(cfg.kafka, cfg.topics, timeout_s=cfg.kafka.connect_timeout_s)
+    model_load.raise_if_failed()
+    # The group join runs in the client's threads while the rest is checked and the model
+    # loads; its assignment is served by the loop's first consume.
+    subscribe()
+    check_state_topic(cfg.kafka, cfg.topics.state)
+    require_grants(cfg.kafka, cfg.topics)
+    return output_limits(cfg.kafka, cfg.topics)
+
+
 def _log_configured(cfg: Config, model: LoadedModel, device: str, load_s: float) -> None:
     """The ``daemon_configured`` line: the model, the stream and the Kafka settings in use."""
     log.info(
@@ -170,6 +185,7 @@ class Daemon:
         self.metrics = Metrics()
         self.phases = StartupPhases(self.metrics)
         self.phases.mark("imported")
+        log.info("daemon_starting", input=cfg.topics.input, group=cfg.kafka.group_id)
         self.model_load = ModelLoad(cfg, lambda: self.phases.mark("model_loaded"))
         # The model's channels: fit_to_stream refuses a model whose channels differ.
         self.channels = list(cfg.stream.channels)
@@ -201,10 +217,9 @@ class Daemon:
         self.writer: Checkpointer | None = None
 
     def build(self) -> None:
-        """Wait for the model, then build the engine and what holds per-sensor state.
+        """Wait for the model; build the engine and what holds per-sensor state (once).
 
-        ``run`` calls it once the cluster is checked and the consumer subscribed; a
-        caller that wants the engine before ``run`` may call it first (it runs once).
+        ``run`` calls it once the cluster is checked and the consumer subscribed.
         """
         if self._built:
             return
@@ -235,7 +250,7 @@ class Daemon:
             cfg.kafka.pause_after_s,
             # Restoring partitions stay paused whatever the queue does (Recovery resumes them).
             self.table.serving,
-            self._paused,
+            self.stats.count_pause,
         )
         self.reloads = Reloads(cfg, self.engine, device, self.notifier, self.metrics, self.health)
         self.gauges = Gauges(
@@ -271,9 +286,6 @@ class Daemon:
         """Ask the main loop to drain, commit and return (as SIGTERM does)."""
         self._stop_requested = True
 
-    def _paused(self) -> None:
-        self.stats.pauses += 1
-
     # -- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -284,15 +296,16 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
             self.services.start(cfg.metrics)
-            ensure_topics(cfg.kafka, self.topics, timeout_s=cfg.kafka.connect_timeout_s)
-            self.model_load.raise_if_failed()
-            # The group join runs in the client's threads while the rest is checked and
-            # the model loads; its assignment is served by the loop's first consume.
-            self._subscribe()
-            check_state_topic(cfg.kafka, self.topics.state)
-            require_grants(cfg.kafka, self.topics)
-            limits = output_limits(cfg.kafka, self.topics)
-            self.phases.mark("checked")
+            try:
+                limits = _start_kafka(cfg, self.model_load, self._subscribe)
+                self.phases.mark("checked")
+            except BaseException as exc:
+                self._failed = True  # nothing was processed: nothing may be committed
+                # A broken model is the error to report, not what Kafka said meanwhile.
+                model_failure = self.model_load.failure(wait_s=30.0)
+                if model_failure is not None and model_failure is not exc:
+                    raise model_failure from None
+                raise
             self.build()
             self._connect(*limits)
             log.info("daemon_started", input=self.topics.input, group=cfg.kafka.group_id)
@@ -466,7 +479,7 @@ class Daemon:
     def _on_assign(self, partitions: list[int]) -> None:
         if not partitions:
             return
-        if self._stop_requested or self._failed:
+        if self._stop_requested or self._failed or not self._built:
             # Leaving the group (SIGTERM, or after a failure) can still bring an incremental
             # assignment, revoked again a moment later. Restoring it would ask the busy
             # coordinator for commits (a 30 s timeout seen while the group rebalanced);
@@ -507,6 +520,8 @@ class Daemon:
         trim_heap()
 
     def _on_revoke(self, partitions: list[int]) -> None:
+        if not self._built:  # a start-up that failed before the model: nothing held
+            return
         self.recovery.cancel(partitions)
         mine = [p for p in partitions if p in self.table.parts]
         if not mine:
@@ -525,6 +540,8 @@ class Daemon:
         log.info("partitions_revoked", partitions=mine, owned=sorted(self.table.parts))
 
     def _on_lost(self, partitions: list[int]) -> None:
+        if not self._built:
+            return
         self.recovery.cancel(partitions)
         mine = [p for p in partitions if p in self.table.parts]
         if not mine:

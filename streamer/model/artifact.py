@@ -44,6 +44,7 @@ __all__ = [
     "read_verified",
     "require",
     "sha256",
+    "shape_mismatch",
     "stream_mismatch",
     "stride_note",
 ]
@@ -196,11 +197,18 @@ def stream_mismatch(model: LoadedModel, window: int, channels: Sequence[str]) ->
     A window of another length or other channels is input the network cannot take.
     The stride may differ (``stride_note``): it only sets how often a window is cut.
     """
+    return shape_mismatch(model.window, model.channels, window, channels)
+
+
+def shape_mismatch(
+    model_window: int, model_channels: Sequence[str], window: int, channels: Sequence[str]
+) -> list[str]:
+    """``stream_mismatch`` from the model's window and channels alone (its sidecar's)."""
     out = []
-    if model.window != window:
-        out.append(f"model window {model.window}, stream.window {window}")
-    if tuple(model.channels) != tuple(channels):
-        out.append(f"model channels {list(model.channels)}, stream.channels {list(channels)}")
+    if model_window != window:
+        out.append(f"model window {model_window}, stream.window {window}")
+    if tuple(model_channels) != tuple(channels):
+        out.append(f"model channels {list(model_channels)}, stream.channels {list(channels)}")
     return out
 
 

@@ -1,5 +1,8 @@
 """Scoring with ONNX Runtime on the CPU: a checkpoint's ``model.onnx``, without torch.
 
+The graph gives each window's residuals; ``Scoring`` reduces them to channel errors and
+a score in numpy, one window at a time, as ``ScoringModel.forward`` does in torch.
+
 ``import onnxruntime`` and a session take a fraction of a second where ``import torch``
 takes seconds, and ONNX Runtime's CPU kernels run the presets' graphs faster; torch stays
 for training and for CUDA. The graph is the one ``streamer.model.onnx_export`` wrote
@@ -8,6 +11,7 @@ and checked against torch; its SHA-256 is checked against the sidecar here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from streamer.errors import CheckpointError
 from streamer.model.artifact import (
     ONNX_FILE,
     SIDECAR_FILE,
+    WEIGHTS_FILE,
     LoadedModel,
     calibration_scores,
     checked_fields,
@@ -29,10 +34,49 @@ from streamer.model.artifact import (
 from streamer.model.backend import Segments, pad_to_chunks
 from streamer.model.scaler import Scaler
 
-__all__ = ["OnnxNetwork", "OnnxRunner", "has_onnx", "load_onnx"]
+__all__ = ["OnnxNetwork", "OnnxRunner", "Scoring", "has_onnx", "load_onnx"]
 
 _INPUT = "windows"
-_OUTPUTS = ["score", "channel_errors"]
+_OUTPUTS = ["residuals"]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How residuals become channel errors and a score (``ScoringModel.forward``'s steps)."""
+
+    kind: str  # mean | max | mahalanobis
+    channel_scale: NDArray[np.float32]
+    residual_mean: NDArray[np.float32] | None = None
+    precision: NDArray[np.float32] | None = None
+    score_scale: float = 1.0
+
+    def __call__(self, diff: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
+        """Scores ``(n,)`` and channel errors ``(n, channels)`` of residuals ``(n, T, C)``.
+
+        Every sum adds one slice at a time along its axis (``_sum``), so each window's
+        additions come in one fixed order and its result does not depend on its row in
+        the batch (numpy's own reductions may reorder them, and a BLAS product may too).
+        """
+        steps = np.float32(diff.shape[1])
+        channel_errors = _sum(diff * diff, 1) / steps / self.channel_scale
+        if self.kind == "mahalanobis":
+            assert self.residual_mean is not None and self.precision is not None
+            d = _sum(diff, 1) / steps - self.residual_mean
+            dp = _sum(d[:, :, None] * self.precision[None, :, :], 1)  # d @ P, row by row
+            score = _sum(dp * d, 1) / np.float32(self.score_scale)
+            return score, channel_errors
+        if self.kind == "max":
+            return np.asarray(channel_errors.max(axis=1)), channel_errors
+        return _sum(channel_errors, 1) / np.float32(channel_errors.shape[1]), channel_errors
+
+
+def _sum(x: NDArray[np.float32], axis: int) -> NDArray[np.float32]:
+    """``x`` summed over ``axis`` (1 or more), adding its slices in index order."""
+    parts = np.moveaxis(x, axis, 0)
+    acc: NDArray[np.float32] = np.array(parts[0], dtype=np.float32)
+    for part in parts[1:]:
+        acc += part
+    return acc
 
 
 class OnnxNetwork:
@@ -43,7 +87,12 @@ class OnnxNetwork:
     """
 
     def __init__(
-        self, blob: bytes, offset: NDArray[np.float64], scale: NDArray[np.float64], threads: int
+        self,
+        blob: bytes,
+        offset: NDArray[np.float64],
+        scale: NDArray[np.float64],
+        scoring: Scoring,
+        threads: int,
     ) -> None:
         import onnxruntime as ort
 
@@ -57,12 +106,34 @@ class OnnxNetwork:
         self._session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         self.offset = offset
         self.scale = scale
+        self.scoring = scoring
         self.bytes = len(blob)
 
     def __call__(self, windows: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
         """Scores ``(n,)`` and per-channel errors ``(n, channels)`` of ``windows``."""
-        score, errors = self._session.run(_OUTPUTS, {_INPUT: windows})
-        return score, errors
+        (diff,) = self._session.run(_OUTPUTS, {_INPUT: windows})
+        return self.scoring(diff)
+
+
+def _scoring(sidecar: dict[str, Any], channels: int, where: Path) -> Scoring:
+    """The sidecar's score kind, channel error scale and residual model, checked."""
+    arch = require(sidecar, "architecture", dict, where)
+    kind = str(arch.get("score", "mean"))
+    scale = np.asarray(sidecar.get("channel_error_scale", [1.0] * channels), dtype=np.float32)
+    if kind not in ("mean", "max", "mahalanobis") or scale.shape != (channels,):
+        raise CheckpointError(f"{where}: architecture.score or channel_error_scale is malformed")
+    if kind != "mahalanobis":
+        return Scoring(kind, scale)
+    found = require(sidecar, "residual_model", dict, where)
+    try:
+        mean = np.asarray(found["mean"], dtype=np.float32)
+        precision = np.asarray(found["precision"], dtype=np.float32)
+        score_scale = float(found["score_scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: residual_model is malformed: {exc!r}") from exc
+    if mean.shape != (channels,) or precision.shape != (channels, channels):
+        raise CheckpointError(f"{where}: residual_model does not fit {channels} channels")
+    return Scoring(kind, scale, mean, precision, score_scale)
 
 
 def has_onnx(sidecar: dict[str, Any]) -> bool:
@@ -80,10 +151,14 @@ def load_onnx(path: Path | str, threads: int = 0) -> LoadedModel:
             "every preset but FFT inputs); retrain, or set model.backend: torch"
         )
     blob = read_verified(path, sidecar, "onnx", ONNX_FILE)
+    # The weights are not read here, but a checkpoint is one unit: tampered weights mean
+    # a tampered checkpoint, refused as the torch backend refuses it.
+    read_verified(path, sidecar, "weights", WEIGHTS_FILE)
     channels, window, stride = checked_fields(path, sidecar)
     scaler = Scaler.from_json(require(sidecar, "scaler", dict, where), len(channels))
+    scoring = _scoring(sidecar, len(channels), where)
     try:
-        network = OnnxNetwork(blob, scaler.offset, scaler.scale, threads)
+        network = OnnxNetwork(blob, scaler.offset, scaler.scale, scoring, threads)
     except Exception as exc:  # onnxruntime raises its own error types
         raise CheckpointError(f"{path / ONNX_FILE}: not a valid ONNX graph: {exc}") from exc
     return LoadedModel(

@@ -22,3 +22,7 @@ class Counters:
     state_corrupt: int = 0
     evicted: int = 0
     pauses: int = 0
+
+    def count_pause(self) -> None:
+        """One pause of consumption (backpressure)."""
+        self.pauses += 1

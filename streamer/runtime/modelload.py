@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import structlog
 
 from streamer.config import Config
-from streamer.model.artifact import LoadedModel, fit_to_stream
+from streamer.errors import ConfigError
+from streamer.model.artifact import (
+    LoadedModel,
+    checked_fields,
+    fit_to_stream,
+    read_sidecar,
+    shape_mismatch,
+)
 from streamer.model.backend import load_model, resolve_device, worker_threads
 
 __all__ = ["Loaded", "ModelLoad"]
@@ -38,7 +45,21 @@ class ModelLoad:
     """Loads ``cfg.model`` on a thread started at once; ``wait`` hands over the result."""
 
     def __init__(self, cfg: Config, on_loaded: Callable[[], None] | None = None) -> None:
-        """``on_loaded`` runs on the loader's thread once the model is loaded and checked."""
+        """``on_loaded`` runs on the loader's thread once the model is loaded and checked.
+
+        What the sidecar alone tells (a missing or foreign checkpoint, another window or
+        other channels than the stream's) is checked here, at once, before any broker is
+        contacted: those errors never wait behind a Kafka timeout.
+        """
+        path, sidecar = read_sidecar(cfg.model.path)
+        channels, window, _ = checked_fields(path, sidecar)
+        stream = cfg.stream
+        mismatch = shape_mismatch(window, channels, stream.window, stream.channels)
+        if mismatch:
+            raise ConfigError(
+                f"model {cfg.model.path} does not fit the stream: {'; '.join(mismatch)} "
+                "(they must match)"
+            )
         self._cfg = cfg
         self._on_loaded = on_loaded
         self._result: Loaded | None = None
@@ -70,6 +91,15 @@ class ModelLoad:
         """Re-raise the load's error now if it has failed already (no waiting)."""
         if not self._thread.is_alive() and self._error is not None:
             raise self._error
+
+    def failure(self, wait_s: float) -> BaseException | None:
+        """The load's error, waiting up to ``wait_s`` for the load to end; else None.
+
+        A start-up step that failed asks first: a broken model is the error to report
+        (exit code 2, the file named), not what the Kafka side ran into meanwhile.
+        """
+        self._thread.join(wait_s)
+        return None if self._thread.is_alive() else self._error
 
     def wait(self) -> Loaded:
         """The loaded model, once loaded; the load's own exception if it failed."""

@@ -331,7 +331,7 @@ class TestCausesNamed:
         daemon = DaemonProcess(plant.config).start()
         try:
             failed = daemon.wait_event("daemon_failed", timeout)
-            ready = daemon.wait_event("daemon_configured", timeout)
+            ready = daemon.wait_event("daemon_starting", timeout)
         finally:
             daemon.__exit__()
         for word in words:

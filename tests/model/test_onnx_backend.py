@@ -73,6 +73,33 @@ def test_backends_agree_on_every_preset(tmp_path: Path, preset: str, score: str)
         assert float(np.max(np.abs(want - got))) <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("channels", [3, 5, 8])
+@pytest.mark.parametrize("score", SCORES)
+def test_an_onnx_score_does_not_depend_on_its_row(
+    tmp_path: Path, channels: int, score: str
+) -> None:
+    """A window scores bit for bit alike at every row of a chunk, whatever its neighbours
+    (replays reproduce byte-identical records); ONNX Runtime's own reductions did not."""
+    names = [f"c{i}" for i in range(channels)]
+    torch.manual_seed(3)
+    rng = np.random.default_rng(4)
+    scaler = Scaler.fit(rng.normal(5.0, 3.0, size=(200, channels)), "standard")
+    arch = Architecture("conv1d", WINDOW, channels, 16, 4, False, score)
+    module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
+    module.eval()
+    save_checkpoint(tmp_path / "m", module, scaler, names, 4, {}, rng.random(50))
+    model, _ = load_model(tmp_path / "m", "onnxruntime", "cpu", 1)
+    network = model.module
+    window = rng.normal(5.0, 3.0, size=(WINDOW, channels)).astype(np.float32)
+    seen = set()
+    for row in range(64):
+        chunk = rng.normal(5.0, 3.0, size=(64, WINDOW, channels)).astype(np.float32)
+        chunk[row] = window
+        score, errors = network(chunk)  # type: ignore[operator]
+        seen.add((float(score[row]), errors[row].tobytes()))
+    assert len(seen) == 1
+
+
 def test_onnx_scores_do_not_depend_on_batching(tmp_path: Path) -> None:
     """A window's ONNX score is bit-identical however the windows around it were batched."""
     model, _ = load_model(_checkpoint(tmp_path / "m", "conv1d"), "onnxruntime", "cpu", 1)
