@@ -273,6 +273,13 @@ class Source:
                     f"instance id {self._membership.instance_id!r}: give each daemon its own "
                     "kafka.instance_id, or set it to null)"
                 )
+        elif err.code() == RdKafkaError.FENCED_INSTANCE_ID:
+            # Not fatal: seen once as a group coordinator came back from a restart and
+            # still held this static member's previous registration; the client joins
+            # again by itself. Part of the outage, not an error of its own.
+            log.info(
+                "group_member_rejoining", instance_id=self._membership.instance_id, error=str(err)
+            )
         else:
             self._note_refusal(None, err)
             self._reachability.on_error(_CLIENT, err)

@@ -274,7 +274,9 @@ class TestBrokerRestart:
                     _spin(source, sink, 0.2)
                 # Nothing else: no line per failed connection, no kafka_client_error.
                 told = [e["event"] for e in captured.events()]
-                assert told == ["kafka_unreachable", "kafka_reachable_again"]
+                assert told == ["kafka_unreachable", "kafka_reachable_again"], [
+                    (e.get("code"), e.get("error")) for e in captured.events("kafka_client_error")
+                ]
                 assert captured.events("kafka_reachable_again")[0]["down_s"] > 2.0
                 assert health.ready and health.broker_down_s is None
             finally:
