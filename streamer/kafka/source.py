@@ -82,6 +82,9 @@ _PASSING_CODES = frozenset(
         RdKafkaError.REQUEST_TIMED_OUT,
         RdKafkaError._TIMED_OUT,
         RdKafkaError._TRANSPORT,
+        # The client has no coordinator yet (a broker restarting, the coordinator moving):
+        # seen failing a commit round a moment after a broker restart; the next one retries.
+        RdKafkaError._WAIT_COORD,
     }
 )
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from tests.helpers import Timeout
 from tests.integration.helpers import (
     REPO,
     DaemonProcess,
+    Sample,
     Topics,
     expected_windows,
     make_topics,
@@ -70,6 +72,65 @@ def wait_owned(daemon: DaemonProcess, partitions: set[int], timeout: Timeout) ->
     return time.monotonic() - started
 
 
+@dataclass
+class Killed:
+    """Two daemons sharing 4 partitions, half the samples produced; one to be killed."""
+
+    bootstrap: str
+    topics: Topics
+    samples: list[Sample]
+    configs: list[Path]
+    daemons: list[DaemonProcess]
+    lost: set[int] = field(default_factory=set)
+
+    @classmethod
+    def start(
+        cls,
+        bootstrap: str,
+        new_topic: NewTopicFactory,
+        group: str,
+        model: Path,
+        tmp: Path,
+        seed: int,
+    ) -> Killed:
+        topics = make_topics(new_topic, 4)
+        cfgs = [config(tmp, f"m{i}", bootstrap, topics, group, model) for i in range(2)]
+        return cls(
+            bootstrap,
+            topics,
+            plant_samples(12, 300, seed=seed),
+            cfgs,
+            [DaemonProcess(c).start() for c in cfgs],
+        )
+
+    @property
+    def victim(self) -> DaemonProcess:
+        return self.daemons[0]
+
+    @property
+    def other(self) -> DaemonProcess:
+        return self.daemons[1]
+
+    def kill(self, timeout: Timeout) -> None:
+        """Once balanced and fed the first half: SIGKILL the victim, noting what it owned."""
+        wait_balanced(self.daemons, 4, timeout)
+        produce(self.bootstrap, self.topics.input, self.samples[: len(self.samples) // 2])
+        self.lost = owned(self.victim)
+        self.victim.proc.send_signal(signal.SIGKILL)
+        self.victim.proc.wait(10)
+
+    def finish(
+        self, survivors: list[DaemonProcess], every: list[DaemonProcess], timeout: Timeout
+    ) -> None:
+        """The second half produced: every window scored, repeats byte-identical."""
+        produce(self.bootstrap, self.topics.input, self.samples[len(self.samples) // 2 :])
+        expected = set(expected_windows(self.topics.input, self.samples, W, S))
+        by_id = wait_scores(self.bootstrap, self.topics.scores, expected, timeout, survivors)
+        for d in survivors:
+            assert d.stop() == 0, d.tail()
+        assert_complete(by_id, expected, every)
+
+
 class TestTakeover:
     def test_a_killed_daemon_is_released_at_once_as_the_unit_does(
         self,
@@ -85,21 +146,11 @@ class TestTakeover:
         the restarted daemon joins under the same id without fencing anyone, and every
         window is scored."""
         timeout = Timeout(240)
-        topics = make_topics(new_topic, 4)
-        samples = plant_samples(12, 300, seed=11)
-        cfgs = [
-            config(tmp_path, f"m{i}", kafka_bootstrap, topics, group_id, model_dir)
-            for i in range(2)
-        ]
-        daemons += [DaemonProcess(c).start() for c in cfgs]
-        wait_balanced(daemons, 4, timeout)
-        half = len(samples) // 2
-        produce(kafka_bootstrap, topics.input, samples[:half])
-        victim, other = daemons
-        lost = owned(victim)
-        (membership,) = victim.seen("group_membership")
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait(10)
+        run = Killed.start(kafka_bootstrap, new_topic, group_id, model_dir, tmp_path, 11)
+        daemons += run.daemons
+        run.kill(timeout)
+        cfgs, other, lost = run.configs, run.other, run.lost
+        (membership,) = run.victim.seen("group_membership")
         release = subprocess.run(
             [sys.executable, "-m", "streamer", "release", "--config", str(cfgs[0])],
             cwd=REPO,
@@ -121,12 +172,7 @@ class TestTakeover:
         restarted = DaemonProcess(cfgs[0]).start()
         daemons.append(restarted)
         wait_balanced([other, restarted], 4, timeout)
-        produce(kafka_bootstrap, topics.input, samples[half:])
-        expected = set(expected_windows(topics.input, samples, W, S))
-        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [other, restarted])
-        for d in (other, restarted):
-            assert d.stop() == 0, d.tail()
-        assert_complete(by_id, expected, daemons)
+        run.finish([other, restarted], daemons, timeout)
 
     def test_a_killed_daemon_restarted_takes_its_own_place_back(
         self,
@@ -140,22 +186,12 @@ class TestTakeover:
         """SIGKILL and a restart with no release: the new process joins under the dead
         one's static id and gets its partitions back without waiting for the session."""
         timeout = Timeout(240)
-        topics = make_topics(new_topic, 4)
-        samples = plant_samples(12, 300, seed=13)
-        cfgs = [
-            config(tmp_path, f"m{i}", kafka_bootstrap, topics, group_id, model_dir)
-            for i in range(2)
-        ]
-        daemons += [DaemonProcess(c).start() for c in cfgs]
-        wait_balanced(daemons, 4, timeout)
-        half = len(samples) // 2
-        produce(kafka_bootstrap, topics.input, samples[:half])
-        victim, other = daemons
-        lost = owned(victim)
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait(10)
+        run = Killed.start(kafka_bootstrap, new_topic, group_id, model_dir, tmp_path, 13)
+        daemons += run.daemons
+        run.kill(timeout)
+        other, lost = run.other, run.lost
         killed_at = time.monotonic()
-        restarted = DaemonProcess(cfgs[0]).start()
+        restarted = DaemonProcess(run.configs[0]).start()
         daemons.append(restarted)
         while not timeout.expired and not lost <= owned(restarted) | owned(other):
             time.sleep(0.05)
@@ -163,12 +199,7 @@ class TestTakeover:
         assert lost <= owned(restarted) | owned(other), logs(daemons)
         assert took_s < BOUND_S, f"took {took_s:.1f} s\n{logs(daemons)}"
         assert not restarted.seen("predecessor_released")
-        produce(kafka_bootstrap, topics.input, samples[half:])
-        expected = set(expected_windows(topics.input, samples, W, S))
-        by_id = wait_scores(kafka_bootstrap, topics.scores, expected, timeout, [other, restarted])
-        for d in (other, restarted):
-            assert d.stop() == 0, d.tail()
-        assert_complete(by_id, expected, daemons)
+        run.finish([other, restarted], daemons, timeout)
 
     def test_a_stopped_daemon_leaves_the_group_at_once(
         self,
