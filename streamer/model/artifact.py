@@ -40,9 +40,11 @@ __all__ = [
     "WEIGHTS_FILE",
     "LoadedModel",
     "fit_to_stream",
+    "has_onnx",
     "read_sidecar",
     "read_verified",
     "require",
+    "require_fit",
     "sha256",
     "shape_mismatch",
     "stream_mismatch",
@@ -238,9 +240,25 @@ def fit_to_stream(
     Raises:
         ConfigError: naming every difference (the CLI exits 2, as for a bad config).
     """
-    mismatch = stream_mismatch(model, window, channels)
+    require_fit(model.path, model.window, model.channels, window, channels)
+    return stride_note(model, stride)
+
+
+def require_fit(
+    path: object,
+    model_window: int,
+    model_channels: Sequence[str],
+    window: int,
+    channels: Sequence[str],
+) -> None:
+    """ConfigError naming every difference between the model's shape and the stream's."""
+    mismatch = shape_mismatch(model_window, model_channels, window, channels)
     if mismatch:
         raise ConfigError(
-            f"model {model.path} does not fit the stream: {'; '.join(mismatch)} (they must match)"
+            f"model {path} does not fit the stream: {'; '.join(mismatch)} (they must match)"
         )
-    return stride_note(model, stride)
+
+
+def has_onnx(sidecar: dict[str, Any]) -> bool:
+    """Whether the checkpoint carries an ONNX graph."""
+    return isinstance(sidecar.get("onnx"), dict)

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from streamer.config import InferenceConfig
 from streamer.errors import ConfigError
-from streamer.model.artifact import LoadedModel, read_sidecar
+from streamer.model.artifact import LoadedModel, has_onnx, read_sidecar
 
 __all__ = [
     "BACKENDS",
@@ -118,7 +118,7 @@ def _onnxruntime_installed() -> bool:
 
 def choose_backend(backend: str, device: str, sidecar: dict[str, Any]) -> tuple[str, str]:
     """The backend that scores on ``device`` (already resolved), and why it was chosen."""
-    has_graph = isinstance(sidecar.get("onnx"), dict)
+    has_graph = has_onnx(sidecar)
     if backend == "torch":
         return "torch", "model.backend: torch"
     if backend == "onnxruntime":

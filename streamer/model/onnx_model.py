@@ -27,6 +27,7 @@ from streamer.model.artifact import (
     LoadedModel,
     calibration_scores,
     checked_fields,
+    has_onnx,
     read_sidecar,
     read_verified,
     require,
@@ -34,7 +35,7 @@ from streamer.model.artifact import (
 from streamer.model.backend import Segments, pad_to_chunks
 from streamer.model.scaler import Scaler
 
-__all__ = ["OnnxNetwork", "OnnxRunner", "Scoring", "has_onnx", "load_onnx"]
+__all__ = ["OnnxNetwork", "OnnxRunner", "Scoring", "load_onnx"]
 
 _INPUT = "windows"
 _OUTPUTS = ["residuals"]
@@ -134,11 +135,6 @@ def _scoring(sidecar: dict[str, Any], channels: int, where: Path) -> Scoring:
     if mean.shape != (channels,) or precision.shape != (channels, channels):
         raise CheckpointError(f"{where}: residual_model does not fit {channels} channels")
     return Scoring(kind, scale, mean, precision, score_scale)
-
-
-def has_onnx(sidecar: dict[str, Any]) -> bool:
-    """Whether the checkpoint carries an ONNX graph."""
-    return isinstance(sidecar.get("onnx"), dict)
 
 
 def load_onnx(path: Path | str, threads: int = 0) -> LoadedModel:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import structlog
 
 from streamer.config import Config
-from streamer.errors import ConfigError
 from streamer.model.artifact import (
     LoadedModel,
     checked_fields,
     fit_to_stream,
     read_sidecar,
-    shape_mismatch,
+    require_fit,
 )
 from streamer.model.backend import load_model, resolve_device, worker_threads
 
@@ -53,13 +52,7 @@ class ModelLoad:
         """
         path, sidecar = read_sidecar(cfg.model.path)
         channels, window, _ = checked_fields(path, sidecar)
-        stream = cfg.stream
-        mismatch = shape_mismatch(window, channels, stream.window, stream.channels)
-        if mismatch:
-            raise ConfigError(
-                f"model {cfg.model.path} does not fit the stream: {'; '.join(mismatch)} "
-                "(they must match)"
-            )
+        require_fit(path, window, channels, cfg.stream.window, cfg.stream.channels)
         self._cfg = cfg
         self._on_loaded = on_loaded
         self._result: Loaded | None = None
