@@ -179,3 +179,37 @@ print(model.backend, out.scores.shape[0], "torch" in sys.modules)
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.split() == ["onnxruntime", "5", "False"], done.stderr
+
+
+@pytest.mark.parametrize("window", [16, 30])
+def test_the_conv_graph_runs_a_chunk_as_one_image(tmp_path: Path, window: int) -> None:
+    """conv1d is exported as 2-D convolutions of kernel height 1 over all of a chunk's
+    windows at once (ONNX Runtime's fast path), with torch's scores to 1e-5 of their scale,
+    also when the reconstruction is resampled to a window the strides do not divide."""
+    import onnx
+
+    torch.manual_seed(5)
+    rng = np.random.default_rng(6)
+    scaler = Scaler.fit(rng.normal(5.0, 3.0, size=(200, len(CHANNELS))), "standard")
+    arch = Architecture("conv1d", window, len(CHANNELS), 16, 4, False, "mean")
+    module = ScoringModel(arch, torch.from_numpy(scaler.offset), torch.from_numpy(scaler.scale))
+    module.eval()
+    save_checkpoint(tmp_path / "m", module, scaler, CHANNELS, 4, {}, rng.random(50))
+    graph = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
+    kernels = [
+        list(a.ints)
+        for n in graph.node
+        if n.op_type in ("Conv", "ConvTranspose")
+        for a in n.attribute
+        if a.name == "kernel_shape"
+    ]
+    assert len(kernels) == 6 and all(len(k) == 2 and k[0] == 1 for k in kernels), kernels
+    x = rng.normal(5.0, 3.0, size=(100, window, len(CHANNELS))).astype(np.float32)
+    with torch.inference_mode():
+        want_s, want_e = (t.numpy() for t in module(torch.from_numpy(x)))
+    model, _ = load_model(tmp_path / "m", "onnxruntime", "cpu", 1)
+    got_s, got_e = model.module(x)  # type: ignore[operator]
+    for want, got in ((want_s, got_s), (want_e, got_e)):
+        assert float(np.max(np.abs(want - got))) <= 1e-5 * float(np.max(np.abs(want)))
+    alone = np.concatenate([model.module(x[i : i + 1])[0] for i in range(5)])  # type: ignore[operator]
+    np.testing.assert_array_equal(alone, got_s[:5])
