@@ -96,7 +96,6 @@ def main() -> None:
             channels,
             model={"backend": args.backend},
             inference={
-                "max_wait_ms": 2.0,
                 "threads": args.threads,
                 **({"chunk": args.chunk} if args.chunk else {}),
             },

@@ -330,7 +330,7 @@ class InferenceConfig(_Section):
     # window's score is bit-identical however the windows around it were batched
     # (replays after a crash then reproduce byte-identical records).
     chunk: PositiveInt = 64
-    max_wait_ms: Annotated[float, Field(ge=0)] = 5.0
+    max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     queue_size: PositiveInt = 64
     # Windows waiting for the worker, at most (each holds window x channels float32s):
     # consumption pauses at this many as at queue_size batches. A batch's windows vary

@@ -2,8 +2,8 @@
 
 The caller submits window batches and gets a ``Future`` per batch. The worker
 gathers queued batches into one forward pass of up to ``max_batch`` windows,
-waiting at most ``max_wait_ms`` for more to arrive, so a trickle is scored
-promptly and a flood is scored in large, efficient batches.
+waiting at most ``max_wait_ms`` for more to fill its last chunk, so a trickle is
+scored promptly and a flood is scored in large, efficient batches.
 
 Failure never hangs the caller: an exception in the worker is set on every
 pending future, latched, and re-raised by ``submit`` and ``raise_if_failed``.
@@ -237,12 +237,20 @@ class InferenceWorker:
                         fut.set_exception(exc)
 
     def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
+        """``first`` and what else is queued, up to ``max_batch`` windows.
+
+        Waits (up to ``max_wait_ms``) only while the last chunk is partly filled: every
+        pass runs on whole zero-padded chunks, so a window that completes a chunk costs
+        nothing, and once the chunks are full more waiting would only delay the windows
+        already taken.
+        """
         items = [first]
         total = first.windows.shape[0]
+        chunk = self._cfg.chunk
         deadline = time.monotonic() + self._cfg.max_wait_ms / 1000.0
         stop = False
         while total < self._cfg.max_batch:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.monotonic() if total % chunk else 0.0
             try:
                 nxt = (
                     self._queue.get(timeout=remaining)

@@ -117,6 +117,32 @@ class TestInferenceWorker:
         assert worker.batches < len(batches)
         worker.close()
 
+    def test_waits_only_to_fill_the_last_chunk(self) -> None:
+        """Whole chunks are scored without waiting out max_wait_ms; a partly filled last
+        chunk waits for the windows that fill it, and they share its pass."""
+        rng = np.random.default_rng(12)
+        x = rng.normal(size=(8, 8, 2)).astype(np.float32)
+        cfg = InferenceConfig(chunk=4, max_batch=64, max_wait_ms=20_000, trace=False)
+        passes: list[int] = []  # windows per forward pass
+        worker = InferenceWorker(make_model(), cfg, on_batch=lambda n, _s: passes.append(n))
+        worker.start()
+        try:
+            started = time.monotonic()
+            worker.submit(x[:4]).result(timeout=10)  # one whole chunk: no wait
+            assert time.monotonic() - started < 10
+            first = worker.submit(x[:3])  # 3 of 4: waits for more
+            time.sleep(0.3)
+            assert not first.done()
+            second = worker.submit(x[3:8])  # fills the chunk (and one more whole chunk)
+            first.result(timeout=10)
+            second.result(timeout=10)
+            deadline = time.monotonic() + 10  # the pass is counted after its results
+            while len(passes) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert passes == [4, 8]  # the whole chunk, then the two submissions as one
+        finally:
+            worker.close()
+
     def test_pieces_match_one_submission(self) -> None:
         """A batch split into pieces (one future each) scores as one submission does."""
         rng = np.random.default_rng(11)

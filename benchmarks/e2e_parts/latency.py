@@ -54,7 +54,7 @@ def latency(
             window,
             stride,
             channels,
-            **merged({"inference": {"max_wait_ms": 2.0}, "kafka": {"poll_timeout_ms": 20}}, args),
+            **merged({"kafka": {"poll_timeout_ms": 20}}, args),
         )
         proc = start_daemon(cfg)
         try:
