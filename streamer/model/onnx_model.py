@@ -1,7 +1,7 @@
 """Scoring with ONNX Runtime on the CPU: a checkpoint's ``model.onnx``, without torch.
 
 The graph gives each window's residuals; ``Scoring`` reduces them to channel errors and
-a score in numpy, one window at a time, as ``ScoringModel.forward`` does in torch.
+a score in numpy, in one fixed order per window, as ``ScoringModel.forward`` does in torch.
 
 ``import onnxruntime`` and a session take a fraction of a second where ``import torch``
 takes seconds, and ONNX Runtime's CPU kernels run the presets' graphs faster; torch stays
@@ -54,8 +54,8 @@ class Scoring:
     def __call__(self, diff: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
         """Scores ``(n,)`` and channel errors ``(n, channels)`` of residuals ``(n, T, C)``.
 
-        Every sum adds one slice at a time along its axis (``_sum``), so each window's
-        additions come in one fixed order and its result does not depend on its row in
+        Every sum adds whole slices along its axis in a fixed order (``_sum``), so each
+        window's additions come in one order and its result does not depend on its row in
         the batch (numpy's own reductions may reorder them, and a BLAS product may too).
         """
         steps = np.float32(diff.shape[1])
@@ -72,12 +72,19 @@ class Scoring:
 
 
 def _sum(x: NDArray[np.float32], axis: int) -> NDArray[np.float32]:
-    """``x`` summed over ``axis`` (1 or more), adding its slices in index order."""
+    """``x`` summed over ``axis`` (1 or more) by halves: slice i of the first half plus
+    slice i of the second, until one is left (an odd one out joins the next round).
+
+    Every addition is elementwise, so each window's order of additions is fixed by the
+    axis length alone; a few whole-array additions instead of one per slice.
+    """
     parts = np.moveaxis(x, axis, 0)
-    acc: NDArray[np.float32] = np.array(parts[0], dtype=np.float32)
-    for part in parts[1:]:
-        acc += part
-    return acc
+    while parts.shape[0] > 1:
+        half = parts.shape[0] // 2
+        summed = parts[:half] + parts[half : 2 * half]
+        parts = summed if parts.shape[0] % 2 == 0 else np.concatenate((summed, parts[-1:]))
+    out: NDArray[np.float32] = np.array(parts[0], dtype=np.float32)
+    return out
 
 
 class OnnxNetwork:
