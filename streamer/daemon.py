@@ -104,6 +104,11 @@ _GAUGE_REFRESH_S = 1.0
 # With scores in flight and no new message, wait this long for the oldest batch's scores
 # before polling Kafka again (short: messages arriving meanwhile wait in librdkafka).
 _RESULT_WAIT_S = 0.002
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
+# The inference thread needs the GIL briefly after each chunk's forward pass (to hand its
+# scores back) while the consumer thread decodes and publishes in Python; waiting out
+# 5 ms each time halved the worker's pace in a burst (aligned p99 69 -> 60 ms at 0.5 ms).
+_GIL_SWITCH_S = 0.0005
 # The next commit round starts at least this many times the last round's duration later.
 _COMMIT_SPACING = 9.0
 # An interval round over at most this many sensors (its partitions' sensors and
@@ -568,6 +573,7 @@ def run_daemon(cfg: Config) -> int:
     propagate: the CLI turns them into exit code 2.
     """
     configure_logging(level=cfg.logging.level)
+    sys.setswitchinterval(_GIL_SWITCH_S)
     try:
         daemon = Daemon(cfg)
         return daemon.run()
