@@ -1,9 +1,13 @@
-"""Start-up: process start to the first score with the input already waiting, by backend.
+"""Start-up: process start to the first score with the input already waiting, by backend,
+and the takeover after a SIGKILL.
 
 Each run starts ``streamer run`` on a fresh group (the input topic holds
 ``--sensors`` x ``--startup-rows`` samples already) and takes the first score's
 broker timestamp (CreateTime, set by the daemon's producer) minus the wall clock just
 before the process was started. The daemon's own ``startup`` line gives the phases.
+The takeover runs ``benchmarks/takeover.py``'s ``unit`` variant ``--startup-runs``
+times: two daemons on a live stream, one SIGKILLed and handled as the shipped unit
+handles it; from the kill until each of its partitions has a window scored again.
 """
 
 from __future__ import annotations
@@ -119,5 +123,26 @@ def startup(bootstrap: str, tmp: Path, args: argparse.Namespace, report: list[st
         f"{args.partitions} partitions, a fresh group each run. " + "; ".join(medians) + ".",
         "",
         *rows_out,
+        "",
+        *takeover_after_kill(bootstrap, tmp, args.startup_runs),
+    ]
+
+
+def takeover_after_kill(bootstrap: str, tmp: Path, runs: int) -> list[str]:
+    """The report's lines on ``runs`` takeovers after SIGKILL with the shipped unit."""
+    # benchmarks/takeover.py, beside e2e.py: the script's folder is on the path.
+    import takeover
+
+    model = train(tmp / "m-takeover", takeover.WINDOW, takeover.STRIDE, takeover.CHANNELS)
+    opts = argparse.Namespace(action="kill", restart_after=1.0, settle=8.0, timeout=120.0)
+    seconds = []
+    for _ in range(runs):
+        seconds.append(takeover.one_run(bootstrap, tmp, model, "unit", opts)["takeover_s"])
+        print(f"takeover after SIGKILL: {seconds[-1]:.2f} s", file=sys.stderr)
+    shown = ", ".join(f"{s:.2f}" for s in seconds)
+    return [
+        "Takeover after SIGKILL (two daemons, 4 partitions, 40 sensors at 20 Hz; the killed "
+        "one released and restarted after 1 s, as `deploy/streamer.service` does): "
+        f"median **{statistics.median(seconds):.2f} s** ({shown}).",
         "",
     ]
