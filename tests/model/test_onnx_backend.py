@@ -184,8 +184,9 @@ print(model.backend, out.scores.shape[0], "torch" in sys.modules)
 @pytest.mark.parametrize("window", [16, 30])
 def test_the_conv_graph_runs_a_chunk_as_one_image(tmp_path: Path, window: int) -> None:
     """conv1d is exported as 2-D convolutions of kernel height 1 over all of a chunk's
-    windows at once (ONNX Runtime's fast path), with torch's scores to 1e-5 of their scale,
-    also when the reconstruction is resampled to a window the strides do not divide."""
+    windows at once (ONNX Runtime's fast path; no transposed convolution), with torch's
+    scores to 1e-5 of their scale, also when the reconstruction is resampled to a window
+    the strides do not divide."""
     import onnx
 
     torch.manual_seed(5)
@@ -203,7 +204,9 @@ def test_the_conv_graph_runs_a_chunk_as_one_image(tmp_path: Path, window: int) -
         for a in n.attribute
         if a.name == "kernel_shape"
     ]
-    assert len(kernels) == 6 and all(len(k) == 2 and k[0] == 1 for k in kernels), kernels
+    # Four convolutions, and each transposed one as two 2-tap convolutions.
+    assert len(kernels) == 8 and all(len(k) == 2 and k[0] == 1 for k in kernels), kernels
+    assert not [n for n in graph.node if n.op_type == "ConvTranspose"]
     x = rng.normal(5.0, 3.0, size=(100, window, len(CHANNELS))).astype(np.float32)
     with torch.inference_mode():
         want_s, want_e = (t.numpy() for t in module(torch.from_numpy(x)))
