@@ -523,7 +523,9 @@ class TestPoisonAndOverload:
             group_id,
             model_dir,
             stream={"stride": 1},
-            inference={"queue_size": 2, "max_batch": 256, "threads": 1},
+            # A consumed batch completes more windows than may wait for the worker, so the
+            # daemon must hold consumption however fast the model scores.
+            inference={"queue_size": 2, "max_batch": 256, "threads": 1, "max_queued_windows": 256},
             metrics={"enabled": False, "stats_interval_s": 1.0},
         )
         daemon = DaemonProcess(cfg)
