@@ -9,6 +9,7 @@ the next owner of the partition reads back.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 PartitionsCallback = Callable[[list[int]], None]
+# A static member fenced by its own earlier registration gets a new client, at most once
+# in this long: after an outage longer than its session librdkafka joins under a new
+# member id while a request under the old one is in flight, and the answer to that is
+# fatal (confluentinc/librdkafka#3437). Fenced again so soon: another member has the id.
+_REJOIN_GUARD_S = 300.0
 # A refusal is reported once by the client, not at every refused fetch or join, and there
 # is no event for "granted again": while one is held, the broker is asked this often
 # whether it now allows the operation (for at most _RECHECK_TIMEOUT_S).
@@ -231,14 +237,46 @@ class Source:
         self._admin: AdminClient | None = None
         # Watermarks asked of the broker (no fetch told them): partition -> (when, them).
         self._asked: dict[int, tuple[float, tuple[int, int]]] = {}
+        self._fenced = False
+        self._rejoined_at: float | None = None
+        self._owned: set[int] = set()  # as the rebalance callbacks told
+        self._conf = conf
         try:
-            self._consumer = Consumer(conf)
+            self._consumer = self._subscribed()
         except KafkaException as exc:
             self._membership.release()
             raise KafkaError(f"cannot create consumer: {exc}") from exc
-        self._consumer.subscribe(
-            [topic], on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._lost_cb
+
+    def _subscribed(self) -> Consumer:
+        """A new client with this source's settings, subscribed to the topic."""
+        consumer = Consumer(self._conf)
+        consumer.subscribe(
+            [self.topic],
+            on_assign=self._assign_cb,
+            on_revoke=self._revoke_cb,
+            on_lost=self._lost_cb,
         )
+        return consumer
+
+    def _rejoin(self) -> bool:
+        """Replace a client fenced by its own earlier registration; False if not allowed."""
+        now, lost = time.monotonic(), sorted(self._owned)
+        if not self._fenced or now - (self._rejoined_at or -_REJOIN_GUARD_S) < _REJOIN_GUARD_S:
+            return False
+        self._owned.clear()
+        log.warning(
+            "group_member_fenced_rejoining",
+            instance_id=self._membership.instance_id,
+            partitions=lost,
+            error=self._fatal,
+        )
+        # Whatever it held, another member may own now: nothing of it is committed.
+        self._on_lost(lost)
+        old, self._consumer = self._consumer, self._subscribed()
+        with contextlib.suppress(KafkaException, RuntimeError):
+            old.close()  # fatal already: it may refuse
+        self._fatal, self._fenced, self._rejoined_at = None, False, now
+        return True
 
     # Rebalance callbacks run inside consume(), on the main thread. An exception raised
     # in one would be swallowed by the client, so it is latched and raised after.
@@ -259,23 +297,22 @@ class Source:
             if self._failure is None:
                 self._failure = KafkaError(f"cannot take assigned partitions: {exc}")
             return
+        self._owned.update(tp.partition for tp in parts if tp.topic == self.topic)
         self._guard(self._on_assign, parts)
 
     def _revoke_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._owned.difference_update(tp.partition for tp in parts)
         self._guard(self._on_revoke, parts)
 
     def _lost_cb(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._owned.difference_update(tp.partition for tp in parts)
         self._guard(self._on_lost, parts)
 
     def _on_error(self, err: Any) -> None:
-        if err.fatal():
+        if err.fatal() or err.code() == RdKafkaError._FATAL:  # error_cb's copy is not flagged
             self._fatal = f"consumer fatal error: {err}"
-            if self._membership.instance_id is not None and "fenced" in str(err).lower():
-                self._fatal += (
-                    f" (another member of group {self._cfg.group_id} has this daemon's "
-                    f"instance id {self._membership.instance_id!r}: give each daemon its own "
-                    "kafka.instance_id, or set it to null)"
-                )
+            # The client reports it as _FATAL; the fencing is told in the text only.
+            self._fenced = self._membership.instance_id is not None and "fenced" in str(err).lower()
         elif err.code() == RdKafkaError.FENCED_INSTANCE_ID:
             # Not fatal: seen once as a group coordinator came back from a restart and
             # still held this static member's previous registration; the client joins
@@ -368,7 +405,12 @@ class Source:
             failure, self._failure = self._failure, None
             raise failure
         if self._fatal is not None:
-            raise KafkaError(self._fatal)
+            hint = (
+                f" (another member of group {self._cfg.group_id} has this daemon's instance id "
+                f"{self._membership.instance_id!r}: give each daemon its own kafka.instance_id, "
+                "or set it to null)"
+            )
+            raise KafkaError(self._fatal + (hint if self._fenced else ""))
 
     def consume(self, max_messages: int, timeout_s: float) -> Consumed:
         """Up to ``max_messages`` messages; waits up to ``timeout_s`` only for the first one.
@@ -389,7 +431,6 @@ class Source:
                     msgs = [first, *more]
         except KafkaException as exc:
             raise KafkaError(f"consume failed: {exc}") from exc
-        self._raise()
         out = []
         for m in msgs:
             err = m.error()
@@ -397,11 +438,15 @@ class Source:
                 out.append(m)
             elif err.code() == RdKafkaError._PARTITION_EOF:
                 continue
-            elif err.fatal():
-                raise KafkaError(f"consume failed: {err}")
+            elif err.fatal() or err.code() == RdKafkaError._FATAL:
+                self._on_error(err)  # a fenced static member comes this way
             else:
                 self._note_refusal(m.partition(), err)
                 self._reachability.on_error(_CLIENT, err)  # one line per kind, rate-limited
+        if self._failure is None and self._fatal is not None and self._rejoin():
+            # What this client fetched, the new one fetches again from the commits.
+            return Consumed.empty()
+        self._raise()
         if self._refused and out:
             # Messages came: the group is joined and the topic readable, and these
             # partitions are fetched.

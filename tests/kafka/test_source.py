@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka import KafkaError as RdKafkaError
-from confluent_kafka import Producer, TopicPartition
 
 from streamer.config import KafkaConfig
 from streamer.errors import KafkaError
@@ -164,3 +165,55 @@ class TestCommitAsync:
         source.on_commit(denied, [TopicPartition(topic, 1, 7)])
         with pytest.raises(KafkaError, match=rf"commit of {topic}\[1\] failed:.*AUTHORIZATION"):
             source.consume(10, 0)
+
+
+class TestFencedStaticMember:
+    def test_fenced_once_it_rejoins_and_fenced_again_it_stops(
+        self, kafka_bootstrap: str, new_topic: NewTopicFactory, group_id: str
+    ) -> None:
+        """A static member fenced by a client with its instance id (as its own earlier
+        registration fences it after an outage longer than its session) gets a new client
+        and its partitions back, its old ones reported lost; fenced again at once, the
+        error stands and names the instance id."""
+        topic = new_topic(partitions=1)
+        cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap, group_id=group_id, instance_id="x1")
+        assigned: list[list[int]] = []
+        lost: list[list[int]] = []
+        source = Source(cfg, topic, assigned.append, lambda _p: None, lost.append)
+
+        def other() -> Consumer:
+            c = Consumer(
+                {
+                    "bootstrap.servers": kafka_bootstrap,
+                    "group.id": group_id,
+                    "group.instance.id": "x1",
+                    "session.timeout.ms": 6000,
+                    "partition.assignment.strategy": "cooperative-sticky",
+                }
+            )
+            c.subscribe([topic])
+            return c
+
+        def spin_until(done: Callable[[], bool], *others: Consumer) -> None:
+            deadline = time.monotonic() + 60
+            while not done() and time.monotonic() < deadline:
+                source.consume(100, 0.1)
+                for c in others:
+                    c.poll(0.05)
+            assert done(), (assigned, lost)
+
+        intruders = []
+        try:
+            spin_until(lambda: assigned == [[0]])
+            intruders.append(other())
+            spin_until(lambda: len(assigned) == 2, intruders[0])
+            assert lost == [[0]] and assigned[1] == [0]
+            intruders.append(other())
+            with pytest.raises(KafkaError, match="x1"):
+                spin_until(lambda: False, intruders[1])
+        finally:
+            for c in intruders:
+                with contextlib.suppress(Exception):
+                    c.close()
+            with contextlib.suppress(KafkaError):
+                source.close()
