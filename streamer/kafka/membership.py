@@ -71,6 +71,11 @@ _UNASSIGN_WAIT_S = 5.0
 _LEAVE_SEND_S = 0.3
 # Daemons of one group on one host that get an automatic id; more run without one.
 _SLOTS = 64
+# A static member fenced by its own earlier registration gets a new client, at most once
+# in this long: after an outage longer than its session librdkafka joins under a new
+# member id while a request under the old one is in flight, and the answer to that is
+# fatal (confluentinc/librdkafka#3437). Fenced again so soon: another member has the id.
+_REJOIN_GUARD_S = 300.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -133,6 +138,8 @@ class Membership:
     def __init__(self, cfg: KafkaConfig) -> None:
         self.instance_id: str | None = None
         self._lock: IO[bytes] | None = None
+        self._group = cfg.group_id
+        self._rejoined_at: float | None = None
         wanted = cfg.instance_id
         if wanted is None:
             return
@@ -157,6 +164,26 @@ class Membership:
         log.warning(
             "static_membership_off",
             reason=f"{_SLOTS} daemons of group {cfg.group_id} run on this host already",
+        )
+
+    def fenced(self, fatal: str | None) -> bool:
+        """Whether the client's fatal error is this static member fenced by another with
+        its id (the client reports it as _FATAL: the fencing is told in the text only)."""
+        return self.instance_id is not None and fatal is not None and "fenced" in fatal.lower()
+
+    def may_rejoin(self) -> bool:
+        """Whether a fenced member may take a new client now; if so, that counts as done."""
+        now = time.monotonic()
+        if self._rejoined_at is not None and now - self._rejoined_at < _REJOIN_GUARD_S:
+            return False
+        self._rejoined_at = now
+        return True
+
+    def conflict(self) -> str:
+        """What a fencing that stands means, to add to the fatal error."""
+        return (
+            f" (another member of group {self._group} has this daemon's instance id "
+            f"{self.instance_id!r}: give each daemon its own kafka.instance_id, or set it to null)"
         )
 
     def release(self) -> None:

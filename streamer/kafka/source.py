@@ -53,11 +53,6 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 PartitionsCallback = Callable[[list[int]], None]
-# A static member fenced by its own earlier registration gets a new client, at most once
-# in this long: after an outage longer than its session librdkafka joins under a new
-# member id while a request under the old one is in flight, and the answer to that is
-# fatal (confluentinc/librdkafka#3437). Fenced again so soon: another member has the id.
-_REJOIN_GUARD_S = 300.0
 # A refusal is reported once by the client, not at every refused fetch or join, and there
 # is no event for "granted again": while one is held, the broker is asked this often
 # whether it now allows the operation (for at most _RECHECK_TIMEOUT_S).
@@ -93,6 +88,11 @@ _PASSING_CODES = frozenset(
         RdKafkaError._WAIT_COORD,
     }
 )
+
+
+def _is_fatal(err: Any) -> bool:
+    """Whether a client error is fatal (a copy in a message or error_cb is not flagged)."""
+    return bool(err.fatal()) or err.code() == RdKafkaError._FATAL
 
 
 def _passing(err: Any) -> bool:
@@ -181,6 +181,26 @@ def consumer_conf(cfg: KafkaConfig, extra: dict[str, Any]) -> dict[str, Any]:
     return conf
 
 
+def _answer(
+    topic: str, err: Any, parts: list[TopicPartition]
+) -> tuple[CommitResult, KafkaError | None]:
+    """Sort a commit's answer for ``topic`` (request error ``err``, else each partition's) out."""
+    committed: dict[int, int] = {}
+    deferred: dict[int, str] = {}
+    failure = None
+    for tp in parts:
+        if tp.topic != topic:
+            continue
+        error = err if err is not None else tp.error
+        if error is None:
+            committed[tp.partition] = tp.offset
+        elif _passing(error):
+            deferred[tp.partition] = str(error)
+        elif failure is None:
+            failure = KafkaError(f"commit of {topic}[{tp.partition}] failed: {error}")
+    return CommitResult(committed, deferred), failure
+
+
 class Source:
     """Subscribes to one topic in the configured group; partitions are reported as ints.
 
@@ -237,8 +257,6 @@ class Source:
         self._admin: AdminClient | None = None
         # Watermarks asked of the broker (no fetch told them): partition -> (when, them).
         self._asked: dict[int, tuple[float, tuple[int, int]]] = {}
-        self._fenced = False
-        self._rejoined_at: float | None = None
         self._owned: set[int] = set()  # as the rebalance callbacks told
         self._conf = conf
         try:
@@ -260,9 +278,9 @@ class Source:
 
     def _rejoin(self) -> bool:
         """Replace a client fenced by its own earlier registration; False if not allowed."""
-        now, lost = time.monotonic(), sorted(self._owned)
-        if not self._fenced or now - (self._rejoined_at or -_REJOIN_GUARD_S) < _REJOIN_GUARD_S:
+        if not self._membership.fenced(self._fatal) or not self._membership.may_rejoin():
             return False
+        lost = sorted(self._owned)
         self._owned.clear()
         log.warning(
             "group_member_fenced_rejoining",
@@ -275,7 +293,7 @@ class Source:
         old, self._consumer = self._consumer, self._subscribed()
         with contextlib.suppress(KafkaException, RuntimeError):
             old.close()  # fatal already: it may refuse
-        self._fatal, self._fenced, self._rejoined_at = None, False, now
+        self._fatal = None
         return True
 
     # Rebalance callbacks run inside consume(), on the main thread. An exception raised
@@ -309,10 +327,8 @@ class Source:
         self._guard(self._on_lost, parts)
 
     def _on_error(self, err: Any) -> None:
-        if err.fatal() or err.code() == RdKafkaError._FATAL:  # error_cb's copy is not flagged
+        if _is_fatal(err):
             self._fatal = f"consumer fatal error: {err}"
-            # The client reports it as _FATAL; the fencing is told in the text only.
-            self._fenced = self._membership.instance_id is not None and "fenced" in str(err).lower()
         elif err.code() == RdKafkaError.FENCED_INSTANCE_ID:
             # Not fatal: seen once as a group coordinator came back from a restart and
             # still held this static member's previous registration; the client joins
@@ -376,41 +392,18 @@ class Source:
         Runs on the thread serving ``consume``; an error that does not pass by itself is
         raised by the next ``consume`` (raised here, it would be lost in the client).
         """
-        result, failure = self._answer(err, parts)
+        result, failure = _answer(self.topic, err, parts)
         if failure is not None and self._failure is None:
             self._failure = failure  # raised by the next consume (a callback's would be lost)
         self._commit_results.append(result)
-
-    def _answer(
-        self, err: Any, parts: list[TopicPartition]
-    ) -> tuple[CommitResult, KafkaError | None]:
-        """Sort a commit's answer (request error ``err``, else each partition's) out."""
-        committed: dict[int, int] = {}
-        deferred: dict[int, str] = {}
-        failure = None
-        for tp in parts:
-            if tp.topic != self.topic:
-                continue
-            error = err if err is not None else tp.error
-            if error is None:
-                committed[tp.partition] = tp.offset
-            elif _passing(error):
-                deferred[tp.partition] = str(error)
-            elif failure is None:
-                failure = KafkaError(f"commit of {self.topic}[{tp.partition}] failed: {error}")
-        return CommitResult(committed, deferred), failure
 
     def _raise(self) -> None:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
         if self._fatal is not None:
-            hint = (
-                f" (another member of group {self._cfg.group_id} has this daemon's instance id "
-                f"{self._membership.instance_id!r}: give each daemon its own kafka.instance_id, "
-                "or set it to null)"
-            )
-            raise KafkaError(self._fatal + (hint if self._fenced else ""))
+            fenced = self._membership.fenced(self._fatal)
+            raise KafkaError(self._fatal + (self._membership.conflict() if fenced else ""))
 
     def consume(self, max_messages: int, timeout_s: float) -> Consumed:
         """Up to ``max_messages`` messages; waits up to ``timeout_s`` only for the first one.
@@ -438,7 +431,7 @@ class Source:
                 out.append(m)
             elif err.code() == RdKafkaError._PARTITION_EOF:
                 continue
-            elif err.fatal() or err.code() == RdKafkaError._FATAL:
+            elif _is_fatal(err):
                 self._on_error(err)  # a fenced static member comes this way
             else:
                 self._note_refusal(m.partition(), err)
@@ -540,7 +533,7 @@ class Source:
         answer = self._send(offsets, asynchronous=False)
         if answer is None:
             return False
-        result, failure = self._answer(None, answer)
+        result, failure = _answer(self.topic, None, answer)
         if failure is not None:
             raise failure
         for p, error in result.deferred.items():
