@@ -137,6 +137,8 @@ def main() -> None:
         t2 = time.perf_counter()
         if profile is not None:
             profile.disable()
+        # As the daemon's loop does once nothing is in flight, before the next row.
+        engine.thresholds.settle(1.0)
         if due and r > window:  # the first burst also traces and warms the model
             before.append(t1 - t0)
             wait.append(waited)

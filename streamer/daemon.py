@@ -109,6 +109,10 @@ _RESULT_WAIT_S = 0.002
 # scores back) while the consumer thread decodes and publishes in Python; waiting out
 # 5 ms each time halved the worker's pace in a burst (aligned p99 69 -> 60 ms at 0.5 ms).
 _GIL_SWITCH_S = 0.0005
+# Owed threshold refits (``ThresholdBank.settle``) done per loop pass while no scores
+# are in flight: a message arriving meanwhile waits at most about this long (plus one
+# refit, 0.05-0.5 ms) in librdkafka.
+_SETTLE_S = 0.001
 # The next commit round starts at least this many times the last round's duration later.
 _COMMIT_SPACING = 9.0
 # An interval round over at most this many sensors (its partitions' sensors and
@@ -426,10 +430,10 @@ class Daemon:
                 ingest.process(batch)
             if self.recovery.pending:
                 self._restored(source, self.recovery.step())
-            if backpressure.paused:
-                publisher.publish_done(block_s=0.05)
-            else:
-                publisher.publish_done(block_s=0.0 if batch else _RESULT_WAIT_S)
+            wait_s = 0.05 if backpressure.paused else 0.0 if batch else _RESULT_WAIT_S
+            publisher.publish_done(block_s=wait_s)
+            if not publisher.pending:  # between bursts: the refits their new peaks owe
+                self.engine.thresholds.settle(_SETTLE_S)
             sink.poll(0)
             if self._reload_requested:
                 self._reload_requested = False

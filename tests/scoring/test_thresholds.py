@@ -723,6 +723,52 @@ class TestThresholdBank:
             assert same_result(ThresholdResult(*(a[rows] for a in mixed)), alone), sensor
             assert state_of(bank, sensor) == single.state_dict(), sensor
 
+    @pytest.mark.parametrize("kind", ["spot", "dspot"])
+    def test_refits_owed_by_a_burst_are_settled_later_with_the_same_results(
+        self, kind: str
+    ) -> None:
+        """A burst (one row per sensor) leaves each new peak's refit owed; settling it at
+        any point, or never, gives every sensor the results and state of stepping alone."""
+        proto = calibrated(kind)
+        rng = np.random.default_rng(11)
+        sensors = [f"s{i:02d}" for i in range(40)]
+        rounds = 60
+        scores = rng.exponential(size=(rounds, len(sensors)))
+        bank = ThresholdBank(proto)
+        owed_after_bursts = []
+        thresholds, likelihood = np.empty_like(scores), np.empty_like(scores)
+        for k in range(rounds):
+            order = rng.permutation(len(sensors))
+            res = bank.step([sensors[i] for i in order], scores[k, order])
+            thresholds[k, order], likelihood[k, order] = res.threshold, res.likelihood
+            owed_after_bursts.append(bank.unsettled)
+            if k % 3 == 1:
+                left = bank.settle(0.0)  # one refit, then the budget is spent
+                assert left == max(owed_after_bursts[-1] - 1, 0)
+        assert max(owed_after_bursts) > 1
+        for j, sensor in enumerate(sensors):
+            single = proto.clone()
+            alone = single.step(scores[:, j])
+            assert np.array_equal(thresholds[:, j], alone.threshold), sensor
+            assert np.array_equal(likelihood[:, j], alone.likelihood), sensor
+            assert state_of(bank, sensor) == single.state_dict(), sensor
+        bank.settle(60.0)
+        assert bank.unsettled == 0
+
+    def test_a_dropped_or_restored_sensor_owes_nothing(self) -> None:
+        """Dropping or restoring a sensor forgets the refit its old threshold owed."""
+        bank = ThresholdBank(calibrated("dspot"))
+        names = [f"s{i}" for i in range(30)]
+        peak = float(np.quantile(CALIBRATION, 0.99))  # above t, below z_q: a peak each
+        res = bank.step(names, np.full(30, peak))
+        assert not res.anomalous.any()
+        assert bank.unsettled == 30
+        exported = bank.export("s0")
+        bank.drop(["s1", "s2"])
+        bank.restore("s0", exported)
+        assert bank.unsettled == 27
+        assert bank.settle(60.0) == 0
+
     @pytest.mark.parametrize("kind", sorted(FACTORIES))
     def test_overflowing_scores_across_sensors_export_and_restore(self, kind: str) -> None:
         """Sensors stepped together through inf and NaN scores export, restore, continue."""

@@ -6,7 +6,8 @@ JSON (``Serialisable``). Two capabilities serve ``ThresholdBank`` at 100,000 sen
 and every implementation declares them, trivially where they do not apply:
 ``BatchStepping`` (one score of each of many sensors in one vectorised call) and
 ``SharedReference`` (the calibration sample its likelihood reads, shared between the
-clones of one prototype instead of copied per sensor).
+clones of one prototype instead of copied per sensor) and ``DeferredFit`` (the tail refit
+a batch step owes, done when the daemon is idle instead of on a burst's path).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "READABLE_VERSIONS",
     "STATE_VERSION",
     "BatchStepping",
+    "DeferredFit",
     "Serialisable",
     "SharedReference",
     "Stepping",
@@ -133,7 +135,24 @@ class SharedReference(Protocol):
         ...
 
 
-class Threshold(Stepping, Serialisable, BatchStepping, SharedReference, Protocol):
+class DeferredFit(Protocol):
+    """A refit that ``step_each`` may leave owed, to be done later with the same result.
+
+    Every read of the fit (the next step, ``value``, ``state_dict``) does an owed refit
+    first, so when it runs changes nothing but where its time is spent.
+    """
+
+    @property
+    def unsettled(self) -> bool:
+        """True while a refit is owed."""
+        ...
+
+    def settle(self) -> None:
+        """Do an owed refit now (a no-op when none is owed)."""
+        ...
+
+
+class Threshold(Stepping, Serialisable, BatchStepping, SharedReference, DeferredFit, Protocol):
     """What ``ThresholdBank`` and the daemon hold per sensor: every capability above."""
 
 

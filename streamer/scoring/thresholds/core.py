@@ -52,6 +52,7 @@ class _SpotCore:
         "ref",
         "risk",
         "sigma",
+        "stale",
         "t",
         "z",
     )
@@ -74,6 +75,8 @@ class _SpotCore:
         self.rate = 1.0
         self.floor = 1e-12
         self.ref = _NO_REFERENCE
+        # True while a peak learned in a batch across sensors awaits its refit (``settle``).
+        self.stale = False
 
     def calibrate(self, values: NDArray[np.float64]) -> None:
         t = float(np.quantile(values, self.level))
@@ -105,12 +108,18 @@ class _SpotCore:
             gamma, sigma = 0.0, float(y.mean()) if y.size else 0.0
         sigma = max(sigma, self.floor)
         self.gamma, self.sigma = gamma, sigma
+        self.stale = False
         # Without any peak yet, count one so that the rate (and z_q) stays defined.
         self.rate = min(max(self.nt, 1) / self.n, 1.0)
         z = _tail_quantile(self.t, gamma, sigma, self.risk / self.rate)
         self.z = max(z, self.t + self.floor)
 
-    def add_peak(self, excess: float) -> None:
+    def add_peak(self, excess: float, *, defer: bool = False) -> None:
+        """Learn a peak and refit the tail; ``defer``: leave the refit to ``settle``.
+
+        A deferred refit gives the same fit whenever it runs, since nothing else
+        changes the peaks or counts before the series' next point, which settles first.
+        """
         if self.head >= self.peaks.size:
             # Still filling (head == npk < max_peaks): grow by a quarter, up to max_peaks.
             # A sensor starts with the calibration's peaks (100 at the defaults) and learns
@@ -127,7 +136,15 @@ class _SpotCore:
         self.head = (self.head + 1) % self.max_peaks
         self.npk = min(self.npk + 1, self.max_peaks)
         self.nt += 1
-        self.refit()
+        if defer:
+            self.stale = True
+        else:
+            self.refit()
+
+    def settle(self) -> None:
+        """Refit now if a deferred refit is owed."""
+        if self.stale:
+            self.refit()
 
     def likelihood(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
         """GPD tail above t, scaled empirical CDF of the calibration sample below it."""
@@ -147,6 +164,7 @@ class _SpotCore:
         return new
 
     def state(self, reference: bool = True) -> dict[str, Any]:
+        self.settle()
         state = {
             "risk": self.risk,
             "level": self.level,
@@ -201,10 +219,20 @@ def _core_params(cores: Sequence[_SpotCore]) -> tuple[NDArray[np.float64], ...]:
 
 
 class CoreReference:
-    """``SharedReference`` for a threshold built on a ``_SpotCore`` (SPOT, DSPOT)."""
+    """``SharedReference`` and ``DeferredFit`` for a threshold built on a ``_SpotCore``."""
 
     __slots__ = ()
     _core: _SpotCore | None
+
+    @property
+    def unsettled(self) -> bool:
+        """True while a refit deferred by ``step_each`` is owed."""
+        return self._core is not None and self._core.stale
+
+    def settle(self) -> None:
+        """Do the deferred refit now (a no-op when none is owed)."""
+        if self._core is not None:
+            self._core.settle()
 
     @property
     def reference(self) -> NDArray[np.float64] | None:
@@ -218,6 +246,9 @@ class CoreReference:
 
 
 def _ensure(core: _SpotCore | None, kind: str) -> _SpotCore:
+    """The calibrated core with its tail fit up to date (StateError before a calibration)."""
     if core is None:
         raise StateError(f"{kind} threshold is not calibrated: call calibrate() or load a state")
+    if core.stale:
+        core.refit()
     return core

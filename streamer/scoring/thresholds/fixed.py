@@ -106,6 +106,14 @@ class FixedThreshold:
         """Read ``sample``, equal to the own one, from now on."""
         self._ref = sample
 
+    @property
+    def unsettled(self) -> bool:
+        """False: nothing is ever refitted later."""
+        return False
+
+    def settle(self) -> None:
+        """Nothing is owed (see ``unsettled``)."""
+
     @classmethod
     def step_each(
         cls, items: Sequence[FixedThreshold], scores: NDArray[np.floating]

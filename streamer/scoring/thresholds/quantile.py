@@ -173,6 +173,14 @@ class QuantileThreshold:
     def share_reference(self, sample: NDArray[np.float64]) -> None:
         """Nothing to share (see ``reference``)."""
 
+    @property
+    def unsettled(self) -> bool:
+        """False: nothing is ever refitted later."""
+        return False
+
+    def settle(self) -> None:
+        """Nothing is owed (see ``unsettled``)."""
+
     @classmethod
     def step_each(
         cls, items: Sequence[QuantileThreshold], scores: NDArray[np.floating]

@@ -136,5 +136,6 @@ class SpotThreshold(CoreReference):
             cores[i].n += 1
         for i in np.flatnonzero(peak).tolist():
             core = cores[i]
-            core.add_peak(float(x[i]) - core.t)
+            # Deferred: the bank refits in idle time, or the next step of the series does.
+            core.add_peak(float(x[i]) - core.t, defer=True)
         return ThresholdResult(z, anom, lik)
