@@ -90,7 +90,7 @@ from streamer.runtime.partitions import PartitionTable
 from streamer.runtime.phases import StartupPhases
 from streamer.runtime.publisher import Publisher
 from streamer.runtime.recovery import Recovery
-from streamer.runtime.rounds import FLUSH_TIMEOUT_S, CommitRounds
+from streamer.runtime.rounds import BUSY_WAIT_S, FLUSH_TIMEOUT_S, CommitRounds
 from streamer.runtime.snapshot import snapshot_dir
 from streamer.runtime.startup import check_state_topic, output_limits, require_grants
 
@@ -432,7 +432,8 @@ class Daemon:
                 self._restored(source, self.recovery.step())
             wait_s = 0.05 if backpressure.paused else 0.0 if batch else _RESULT_WAIT_S
             publisher.publish_done(block_s=wait_s)
-            if not publisher.pending:  # between bursts: the refits their new peaks owe
+            idle = not publisher.pending
+            if idle:  # between bursts: the refits their new peaks owe
                 self.engine.thresholds.settle(_SETTLE_S)
             sink.poll(0)
             if self._reload_requested:
@@ -440,11 +441,11 @@ class Daemon:
                 self.reloads.request("signal")
             now = time.monotonic()
             self.reloads.poll(now)
-            if rounds.round is None and now >= next_commit:
+            if rounds.round is None and now >= next_commit + (0.0 if idle else BUSY_WAIT_S):
                 writer.tombstones(self.table.expire_evicted())
                 rounds.start(list(self.table.parts), "interval", waiting=len(publisher.pending))
             if rounds.round is not None:
-                stalled = rounds.advance()
+                stalled = rounds.advance(busy=not idle)
                 if stalled is not None:
                     # With many changed sensors a round's checkpoint takes seconds of the
                     # loop's time. Space rounds so that they take at most a tenth of it.

@@ -54,6 +54,10 @@ log = structlog.get_logger("streamer.daemon")
 FLUSH_TIMEOUT_S = 60.0
 # State records serialised and produced per loop iteration by an interval round.
 STATE_SLICE = 100
+# An interval round starts, and serialises each slice of its state, in a loop pass with
+# no scores in flight (between bursts, where it delays no window), but waits for one at
+# most this long: a daemon that is never idle still commits, this much later.
+BUSY_WAIT_S = 0.5
 
 
 @dataclass(slots=True)
@@ -254,15 +258,17 @@ class CommitRounds:
         r.serialise_s = time.perf_counter() - started
         r.stalled_s += r.serialise_s
 
-    def advance(self) -> float | None:
+    def advance(self, *, busy: bool = False) -> float | None:
         """Step 3: produce a slice of the round's state; commit once it is all delivered.
 
-        Returns the loop time the round took, once it is done (None before).
+        ``busy``: scores are in flight, so the slice waits for a later pass, unless the
+        round is older than ``BUSY_WAIT_S``. Returns the loop time the round took, once
+        it is done (None before).
         """
         r = self.round
         if r is None or r.commits is None:
             return None
-        if r.token < 0:
+        if r.token < 0 and (not busy or time.perf_counter() - r.started >= BUSY_WAIT_S):
             started = time.perf_counter()
             for _ in range(min(STATE_SLICE, len(r.unsent))):
                 self.writer.produce(r.unsent.popleft())

@@ -14,7 +14,7 @@ import pytest
 from streamer.errors import KafkaError
 from streamer.kafka.source import CommitResult
 from streamer.runtime.partitions import Partition
-from streamer.runtime.rounds import Checkpoint, CommitSent, Round
+from streamer.runtime.rounds import BUSY_WAIT_S, Checkpoint, CommitSent, Round
 from tests.runtime.conftest import STATE_TOPIC, Rig
 
 
@@ -43,6 +43,23 @@ class TestIntervalRound:
         assert rig.table.parts[0].committed_h == -1  # booked only on the answer
         rig.rounds.answered(CommitResult({0: 10}, {}))
         assert rig.table.parts[0].committed_h == h and rig.rounds.commits == 1
+
+    def test_state_waits_for_an_idle_pass_for_at_most_the_busy_wait(self, rig: Rig) -> None:
+        """With scores in flight a round produces no state (it would delay them), until it
+        is BUSY_WAIT_S old; an idle pass produces at once."""
+        rig.assign(0)
+        rig.consume(0, ["s1", "s2"], first_offset=0)
+        rig.rounds.start([0], "interval", waiting=0)
+        r = rig.rounds.round
+        assert r is not None and len(r.unsent) == 2
+        assert rig.rounds.advance(busy=True) is None and not rig.producer.records
+        r.started -= BUSY_WAIT_S  # as if the daemon had been busy for that long
+        assert rig.rounds.advance(busy=True) is not None
+        assert sorted(rig.producer.state_keys()) == ["s1", "s2"]
+        rig.consume(0, ["s3"], first_offset=2)
+        rig.rounds.start([0], "interval", waiting=0)
+        assert rig.rounds.advance(busy=False) is not None  # idle: at once
+        assert sorted(rig.producer.state_keys()) == ["s1", "s2", "s3"]
 
     def test_sensor_arriving_after_h_is_written_by_the_next_round(self, rig: Rig) -> None:
         rig.assign(0)
