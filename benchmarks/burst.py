@@ -21,6 +21,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,22 @@ class _CountingSink:
         self.records = 0
 
     def produce(self, *_args: Any, on_delivered: Any = None, **_kwargs: Any) -> None:
+        """Count one record and report it delivered."""
         self.records += 1
         if on_delivered is not None:
             on_delivered()
+
+    def produce_many(
+        self,
+        topic: str,
+        values: Sequence[bytes],
+        keys: Sequence[str],
+        on_last_delivered: Callable[[], None] | None = None,
+    ) -> None:
+        """``produce`` of each record, the last one with ``on_last_delivered``."""
+        for i, (value, key) in enumerate(zip(values, keys, strict=True)):
+            last = i == len(values) - 1
+            self.produce(topic, value, key=key, on_delivered=on_last_delivered if last else None)
 
 
 def _rows(sensors: int, channels: int, rows: int) -> list[Consumed]:

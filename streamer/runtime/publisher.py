@@ -50,6 +50,15 @@ class RecordProducer(Protocol):
     ) -> None:
         """Queue one record."""
 
+    def produce_many(
+        self,
+        topic: str,
+        values: Sequence[bytes],
+        keys: Sequence[str],
+        on_last_delivered: Callable[[], None] | None = ...,
+    ) -> None:
+        """Queue records in order, hooking ``on_last_delivered`` on the last one."""
+
 
 class Publisher:
     """Publishes scored batches in order and dead letters at once.
@@ -126,9 +135,7 @@ class Publisher:
             # batches, so one acknowledgement times them all, at one callback per batch.
             e2e.observe(np.maximum(time.time() - end_ts, 0.0))
 
-        last = n - 1
-        for i, (record, sensor) in enumerate(zip(records, sensors, strict=True)):
-            produce(topic_out, record, key=sensor, on_delivered=delivered if i == last else None)
+        self.producer.produce_many(topic_out, records, sensors, on_last_delivered=delivered)
         for ev in b.events:
             produce(self.topics.alerts, encode_alert(ev), key=ev.sensor)
             (self.metrics.alerts_opened if ev.state == "open" else self.metrics.alerts_closed).inc()

@@ -45,6 +45,33 @@ class TestMarks:
         values = {m.value() for m in consume_all(kafka_bootstrap, topic, expected=2010)}
         assert values == {b"%d" % i for i in range(2010)}
 
+    def test_many_records_through_a_full_queue_are_all_delivered_in_order(
+        self, kafka_bootstrap: str, new_topic: NewTopicFactory
+    ) -> None:
+        """``produce_many`` waits for room like ``produce``: a burst ten times the client's
+        queue arrives whole and in order, and the hook runs once, after the last record."""
+        topic = new_topic(partitions=1)
+        cfg = KafkaConfig(
+            bootstrap_servers=kafka_bootstrap, client={"queue.buffering.max.messages": 100}
+        )
+        sink = Sink(cfg)
+        hooked: list[int] = []
+        try:
+            values = [b"%d" % i for i in range(1000)]
+            keys = [f"k{i % 7}" for i in range(1000)]
+            sink.produce_many(
+                topic, values, keys, on_last_delivered=lambda: hooked.append(sink.delivered)
+            )
+            assert sink.produced == 1000
+            _wait_acknowledged(sink, sink.mark())
+            assert sink.delivered == 1000
+        finally:
+            sink.close()
+        assert len(hooked) == 1 and hooked[0] >= 999  # the last record's own report follows
+        got = consume_all(kafka_bootstrap, topic, expected=1000)
+        assert [m.value() for m in got] == values
+        assert [m.key() for m in got] == [k.encode() for k in keys]
+
     def test_marks_with_nothing_produced_are_acknowledged_at_once(
         self, kafka_bootstrap: str
     ) -> None:
