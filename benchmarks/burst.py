@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=5)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--chunk", type=int, default=None, help="inference.chunk override")
-    ap.add_argument("--threads", type=int, default=0, help="inference.threads (0: CPUs - 1)")
+    ap.add_argument("--threads", type=int, default=0, help="inference.threads (0: the default)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     window, stride, channels = args.window, args.stride, args.channels

@@ -339,8 +339,8 @@ class InferenceConfig(_Section):
     # work for a small CPU model, enough to keep the worker busy across a burst of windows
     # that fall due together (held consumption keeps the input prefetched meanwhile).
     max_queued_windows: PositiveInt = 8192
-    # torch CPU threads; 0: one fewer than the CPUs the process may use (at least 1), so
-    # the consumer thread keeps a core.
+    # Model threads; 0: every usable CPU with ONNX Runtime (its threads sleep between
+    # passes), one fewer with torch (its threads spin; the consumer thread keeps a core).
     threads: Annotated[int, Field(ge=0)] = 0
     # On CPU, run the model as a TorchScript trace (checked bit for bit against the
     # module): the whole forward pass then runs without holding the GIL.

@@ -14,7 +14,7 @@ import torch
 from streamer.config import InferenceConfig
 from streamer.errors import CheckpointError, ConfigError
 from streamer.inference import InferenceWorker
-from streamer.model.backend import choose_backend, load_model
+from streamer.model.backend import choose_backend, load_model, usable_cpus, worker_threads
 from streamer.model.checkpoint import load_checkpoint, save_checkpoint
 from streamer.model.networks import PRESETS, SCORES, Architecture, ScoringModel
 from streamer.model.onnx_model import load_onnx
@@ -147,6 +147,12 @@ class TestChoice:
 
     def test_auto_on_cuda_is_torch(self) -> None:
         assert choose_backend("auto", "cuda", {"onnx": {}})[0] == "torch"
+
+    def test_onnx_threads_default_to_every_usable_cpu(self) -> None:
+        """0 gives ONNX Runtime every CPU of the process (its threads sleep between
+        passes); a set number is kept as it is."""
+        assert worker_threads(InferenceConfig()) == usable_cpus()
+        assert worker_threads(InferenceConfig(threads=3)) == 3
 
     def test_tampered_graph_is_refused(self, tmp_path: Path) -> None:
         model_dir = _checkpoint(tmp_path / "m", "dense")
