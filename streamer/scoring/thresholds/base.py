@@ -2,9 +2,9 @@
 
 A threshold is calibrated once from the model's training residual scores, then stepped
 over one sensor's live scores in order (``Stepping``); its state round-trips through
-JSON (``Serialisable``). Two capabilities serve ``ThresholdBank`` at 100,000 sensors,
+JSON (``Serialisable``). Three capabilities serve ``ThresholdBank`` at 100,000 sensors,
 and every implementation declares them, trivially where they do not apply:
-``BatchStepping`` (one score of each of many sensors in one vectorised call) and
+``BatchStepping`` (one score of each of many sensors in one vectorised call),
 ``SharedReference`` (the calibration sample its likelihood reads, shared between the
 clones of one prototype instead of copied per sensor) and ``DeferredFit`` (the tail refit
 a batch step owes, done when the daemon is idle instead of on a burst's path).

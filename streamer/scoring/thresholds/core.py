@@ -108,11 +108,11 @@ class _SpotCore:
             gamma, sigma = 0.0, float(y.mean()) if y.size else 0.0
         sigma = max(sigma, self.floor)
         self.gamma, self.sigma = gamma, sigma
-        self.stale = False
         # Without any peak yet, count one so that the rate (and z_q) stays defined.
         self.rate = min(max(self.nt, 1) / self.n, 1.0)
         z = _tail_quantile(self.t, gamma, sigma, self.risk / self.rate)
         self.z = max(z, self.t + self.floor)
+        self.stale = False
 
     def add_peak(self, excess: float, *, defer: bool = False) -> None:
         """Learn a peak and refit the tail; ``defer``: leave the refit to ``settle``.
