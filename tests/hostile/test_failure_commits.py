@@ -165,6 +165,20 @@ def test_failure_at_any_stage_commits_nothing_unprocessed(
             original(self, *args, **kwargs)
 
         monkeypatch.setattr(Sink, "produce", refusing)
+        original_many = Sink.produce_many
+
+        def refusing_many(
+            self: Sink, topic: str, values: Any, keys: Any, on_last_delivered: Any = None
+        ) -> None:
+            # A batch of score records: those before the refused one are produced.
+            k = at_call - self.produced - 1
+            if len(fired) == 0 and 0 <= k < len(values):
+                original_many(self, topic, values[:k], keys[:k])
+                fired.append(at_call)
+                raise KafkaError("cannot produce: Broker: Message size too large (injected)")
+            original_many(self, topic, values, keys, on_last_delivered)
+
+        monkeypatch.setattr(Sink, "produce_many", refusing_many)
     # Should the stage never be reached, stop instead of hanging (the assertion names it).
     stopper = threading.Timer(60.0, daemon.request_stop)
     stopper.start()
