@@ -217,6 +217,9 @@ class SensorStore:
         """What the sensor learned; ``copy``: a threshold copy, unaffected by later scores."""
         threshold = self.thresholds.get(sensor)
         if copy and threshold is not None:
+            # An owed refit done once here serves the sensor and its copy alike; left
+            # owed, the copy's export and the sensor's next step would each do it.
+            threshold.settle()
             threshold = threshold.clone()
         return SensorState(sensor, threshold, self.alerts.export(sensor))
 

@@ -66,6 +66,24 @@ def test_a_snapshot_copy_does_not_move_with_later_scores() -> None:
     assert s.export(live) != before
 
 
+def test_a_snapshot_copy_settles_an_owed_refit_once_for_sensor_and_copy() -> None:
+    """A threshold owing a refit from a batch step refits before it is copied, so that
+    neither the copy's export nor the sensor's next step does it again."""
+    s = store()
+    proto = s.thresholds.prototype
+    names = [f"s{i}" for i in range(20)]
+    # Between t (the 0.95 quantile) and z_q: a peak for every sensor, each refit owed.
+    peak = float(np.quantile(np.random.default_rng(1).exponential(size=500), 0.97))
+    assert not s.thresholds.step(names, np.full(20, peak)).anomalous.any()
+    owing = s.thresholds.get("s0")
+    assert owing is not None and owing.unsettled
+    copied = s.snapshot("s0", copy=True).threshold
+    assert copied is not None and not copied.unsettled and not owing.unsettled
+    alone = proto.clone()
+    alone.step(np.array([peak]))
+    assert s.export(s.snapshot("s0", copy=False)) == s.thresholds.export("s0", of=alone)
+
+
 def test_restore_is_all_or_nothing_and_reports_a_stale_threshold() -> None:
     s = store()
     s.thresholds.step(["x"], np.array([0.1]))
